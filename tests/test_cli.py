@@ -1,0 +1,58 @@
+"""The command line: synth and info end to end, and one clear line for every user error."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from tinyoss.cli import app
+
+runner = CliRunner()
+
+
+def test_synth_writes_a_loadable_checkpoint(tmp_path):
+    out = tmp_path / "m"
+    r = runner.invoke(app, ["synth", str(out), "--vocab", "300", "--layers", "2", "--seed", "3",
+                            "--layout", "both"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["info", str(out)])
+    assert r.exit_code == 0 and "hf layout" in r.output and "layers 2" in r.output
+    r = runner.invoke(app, ["info", str(out), "--layout", "original"])
+    assert r.exit_code == 0 and "original layout" in r.output
+
+
+def test_synth_dry_run_json_lists_the_20b():
+    r = runner.invoke(app, ["synth", "unused", "--preset", "20b", "--dry-run", "--json"])
+    assert r.exit_code == 0
+    rows = json.loads(r.output)
+    assert len(rows) == 459 and sum(x["bytes"] for x in rows) == 13_761_264_768
+
+
+@pytest.mark.parametrize("args,message", [
+    (["synth", "{tmp}/m", "--hidden", "33"], "hidden_size' must be a multiple of 32"),
+    (["synth", "{tmp}/m", "--kv-heads", "3"], "num_key_value_heads' (3) must divide"),
+    (["info", "{tmp}/nothing"], "no such checkpoint folder"),
+    (["info", "{tmp}"], "no config.json"),
+])
+def test_user_errors_are_one_line(tmp_path, args, message):
+    r = runner.invoke(app, [a.format(tmp=tmp_path) for a in args])
+    assert r.exit_code == 1
+    assert message in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "m").exists()
+
+
+def test_bad_option_value_exits_nonzero(tmp_path):
+    r = runner.invoke(app, ["synth", str(tmp_path / "m"), "--preset", "7b"])
+    assert r.exit_code == 2 and "7b" in r.output
+
+
+def test_console_script_on_a_corrupt_checkpoint(tmp_path):
+    """A real subprocess: no traceback, exit 1, the file named."""
+    (tmp_path / "config.json").write_text('{"num_experts": 4}')
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{bad json}")
+    r = subprocess.run([sys.executable, "-m", "tinyoss.cli", "info", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 1
+    assert "missing required key" in r.stderr and "Traceback" not in r.stderr

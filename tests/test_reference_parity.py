@@ -1,0 +1,75 @@
+"""tinyoss' numpy forward pass against the official reference and HF transformers (max |Δlogit| ≤ 1e-4)."""
+
+import numpy as np
+import pytest
+
+import tinyoss
+from oracles import reference_logits, transformers_logits
+
+TOL = 1e-4
+
+# odd sizes, experts 4..8 with top-k 2..4, kv heads 1..4, windows shorter than the sequence
+CONFIGS = {
+    "odd-sizes-1kv": dict(vocab_size=517, num_hidden_layers=3, hidden_size=96, intermediate_size=160,
+                          num_attention_heads=4, num_key_value_heads=1, head_dim=8, num_experts=5,
+                          experts_per_token=3, sliding_window=7),
+    "8experts-top2-4kv": dict(vocab_size=300, num_hidden_layers=4, hidden_size=64,
+                              intermediate_size=32, num_attention_heads=8, num_key_value_heads=4,
+                              head_dim=16, num_experts=8, experts_per_token=2, sliding_window=16),
+    "4experts-top4-3kv": dict(vocab_size=1000, num_hidden_layers=2, hidden_size=128,
+                              intermediate_size=96, num_attention_heads=6, num_key_value_heads=3,
+                              head_dim=32, num_experts=4, experts_per_token=4, sliding_window=32),
+    "6experts-top2-2kv-5layers": dict(vocab_size=411, num_hidden_layers=5, hidden_size=32,
+                                      intermediate_size=64, num_attention_heads=4,
+                                      num_key_value_heads=2, head_dim=16, num_experts=6,
+                                      experts_per_token=2, sliding_window=5),
+}
+SEQ_LEN = {"odd-sizes-1kv": 60, "8experts-top2-4kv": 48, "4experts-top4-3kv": 70,
+           "6experts-top2-2kv-5layers": 41}
+
+
+def _tokens(vocab: int, n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, n)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_matches_official_reference_in_both_layouts(make_checkpoint, name):
+    root = make_checkpoint("both", seed=11, **CONFIGS[name])
+    tokens = _tokens(CONFIGS[name]["vocab_size"], SEQ_LEN[name], seed=5)
+    expected = reference_logits(root / "original", tokens)
+    for model in (tinyoss.load(root), tinyoss.load(root / "original"),
+                  tinyoss.load(root, layout="original")):
+        got = model.forward(tokens)
+        assert got.dtype == np.float32 and got.shape == expected.shape
+        assert np.abs(got - expected).max() <= TOL, (model.checkpoint.layout, name)
+
+
+@pytest.mark.parametrize("name", ["odd-sizes-1kv", "6experts-top2-2kv-5layers"])
+def test_matches_hf_transformers_on_hf_layout(make_checkpoint, name):
+    root = make_checkpoint("both", seed=11, **CONFIGS[name])
+    tokens = _tokens(CONFIGS[name]["vocab_size"], SEQ_LEN[name], seed=6)
+    expected = transformers_logits(root, tokens)
+    got = tinyoss.load(root).forward(tokens)
+    assert np.abs(got - expected).max() <= TOL
+
+
+def test_real_rope_and_window_on_tiny_preset(tiny_checkpoint):
+    """The tiny preset keeps the published vocabulary and YaRN settings; 40 tokens cross its window."""
+    tokens = _tokens(201088, 40, seed=7)
+    expected = reference_logits(tiny_checkpoint / "original", tokens)
+    got = tinyoss.load(tiny_checkpoint).forward(tokens)
+    assert np.abs(got - expected).max() <= TOL
+
+
+def test_cached_forward_equals_full_forward(make_checkpoint):
+    """Feeding a sequence in pieces through the KV cache gives the logits of one full pass,
+    across the window boundary and the ring buffer's wrap-around (window 7, 60 tokens)."""
+    cfg = CONFIGS["odd-sizes-1kv"]
+    model = tinyoss.load(make_checkpoint("both", seed=11, **cfg))
+    tokens = _tokens(cfg["vocab_size"], 60, seed=8)
+    full = model.forward(tokens)
+    cache = model.new_cache()
+    pieces = [model.forward(tokens[a:b], cache) for a, b in ((0, 5), (5, 6), (6, 30), (30, 31),
+                                                             (31, 60))]
+    assert np.abs(np.concatenate(pieces) - full).max() <= TOL
+    assert cache.n_tokens == 60

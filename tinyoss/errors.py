@@ -1,0 +1,17 @@
+"""Every error tinyoss raises on bad input derives from TinyossError.
+
+The CLI catches TinyossError and prints its one-line message (no traceback), so each message names
+the file, tensor, field or argument that is wrong.
+"""
+
+
+class TinyossError(Exception):
+    """Base class of all errors tinyoss raises for bad input."""
+
+
+class ConfigError(TinyossError):
+    """A config.json is missing, not JSON, or has a missing/invalid key."""
+
+
+class CheckpointError(TinyossError):
+    """A checkpoint file is missing, truncated, corrupt, or does not match the config."""

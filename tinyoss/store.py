@@ -1,0 +1,340 @@
+"""The weight store: safetensors files memory-mapped, every tensor a zero-copy numpy view.
+
+Nothing is upcast or copied at load: BF16 tensors appear as uint16 (widened to float32 by a 16-bit
+shift where they are used), MXFP4 blocks/scales as uint8, F32 as float32. Opening the 20b maps three
+files and reads only their JSON headers.
+
+A safetensors file is: 8 bytes little-endian header length N, N bytes of JSON header
+`{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`, then the data
+(offsets are relative to the end of the header). We parse that header ourselves, so a lying header
+(offsets past the end, overlapping ranges, byte counts that don't match the shape) is caught with
+the file and tensor named, and nothing in a file is ever executed.
+
+One rename table (`layout_table`) maps both published layouts onto one internal naming:
+
+    internal              HF root                                  original/
+    embed                 model.embed_tokens.weight                embedding.weight
+    L.attn_norm           model.layers.L.input_layernorm.weight    block.L.attn.norm.scale
+    L.q_w / q_b           ...self_attn.q_proj.{weight,bias}        block.L.attn.qkv.* rows [0, q)
+    L.k_w / k_b           ...self_attn.k_proj.{weight,bias}        block.L.attn.qkv.* rows [q, q+kv)
+    L.v_w / v_b           ...self_attn.v_proj.{weight,bias}        block.L.attn.qkv.* rows [q+kv, ..)
+    L.sinks               ...self_attn.sinks                       block.L.attn.sinks
+    L.o_w / o_b           ...self_attn.o_proj.{weight,bias}        block.L.attn.out.{weight,bias}
+    L.mlp_norm            ...post_attention_layernorm.weight       block.L.mlp.norm.scale
+    L.router_w / _b       ...mlp.router.{weight,bias}              block.L.mlp.gate.{weight,bias}
+    L.mlp1_blocks/scales  ...experts.gate_up_proj_{blocks,scales}  block.L.mlp.mlp1_weight.{blocks,scales}
+    L.mlp1_bias           ...experts.gate_up_proj_bias             block.L.mlp.mlp1_bias
+    L.mlp2_blocks/scales  ...experts.down_proj_{blocks,scales}     block.L.mlp.mlp2_weight.{blocks,scales}
+    L.mlp2_bias           ...experts.down_proj_bias                block.L.mlp.mlp2_bias
+    norm                  model.norm.weight                        norm.scale
+    unembed               lm_head.weight                           unembedding.weight
+
+(L = layer index; the original qkv tensor is split into row-range views, still zero-copy.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import mmap
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from .config import Config, is_hf_config, load_config, read_json
+from .errors import CheckpointError, ConfigError
+
+# safetensors dtype string -> the numpy dtype we view it as
+DTYPES: dict[str, np.dtype] = {
+    "BF16": np.dtype(np.uint16),  # bfloat16 bits; widen with `bf16_to_f32`
+    "U8": np.dtype(np.uint8),  # MXFP4 blocks (2 x E2M1 per byte) and E8M0 scales
+    "F32": np.dtype(np.float32),
+}
+_KNOWN_DTYPES = {"BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32",
+                 "U32", "F32", "F64", "I64", "U64"}
+_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2,
+             "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8}
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+
+HF_INDEX = "model.safetensors.index.json"
+
+
+def bf16_to_f32(x: np.ndarray) -> np.ndarray:
+    """bfloat16 bits (uint16) -> float32: the bf16 bits are the top half of the float32."""
+    return (x.astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits, round to nearest even (as torch does). NaN stays NaN."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = (u + (0x7FFF + ((u >> 16) & 1))) >> 16
+    nan = np.isnan(x)
+    return np.where(nan, (u >> 16) | 0x40, rounded).astype(np.uint16)
+
+
+# ---------------------------------------------------------------------------------------------
+# one safetensors file
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors dtype string
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset in the file
+    end: int
+
+
+class SafetensorsFile:
+    """A memory-mapped safetensors file with a validated header."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            f = open(self.path, "rb")
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot open: {e.strerror}") from None
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            self.tensors, self.metadata = parse_header(f, size, self.path)
+            self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+
+    def array(self, name: str) -> np.ndarray:
+        """Zero-copy read-only view of one tensor."""
+        info = self.tensors[name]
+        if info.dtype not in DTYPES:
+            raise CheckpointError(f"{self.path}: tensor '{name}' has unsupported dtype {info.dtype}")
+        dtype = DTYPES[info.dtype]
+        count = (info.end - info.begin) // dtype.itemsize
+        arr = np.frombuffer(self._mmap, dtype=dtype, count=count, offset=info.begin)
+        return arr.reshape(info.shape)
+
+
+def parse_header(f, size: int, path: Path) -> tuple[dict[str, TensorInfo], dict]:
+    """Read and check a safetensors header; every failure names the file (and tensor)."""
+    if size < 8:
+        raise CheckpointError(f"{path}: truncated file ({size} bytes, no safetensors header)")
+    (n,) = struct.unpack("<Q", f.read(8))
+    if n > MAX_HEADER_BYTES or 8 + n > size:
+        raise CheckpointError(f"{path}: header length {n} runs past the end of the file "
+                              f"({size} bytes): truncated or not a safetensors file")
+    raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is not a JSON object")
+    metadata = header.pop("__metadata__", {}) or {}
+    data_start, data_len = 8 + n, size - 8 - n
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        tensors[name] = _check_entry(path, name, entry, data_start, data_len)
+    _check_no_overlap(path, tensors)
+    return tensors, metadata
+
+
+def _check_entry(path: Path, name: str, entry, data_start: int, data_len: int) -> TensorInfo:
+    where = f"{path}: tensor '{name}'"
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{where}: header entry is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in _KNOWN_DTYPES:
+        raise CheckpointError(f"{where}: unknown dtype {dtype!r}")
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        raise CheckpointError(f"{where}: bad shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(type(o) is int for o in offsets)):
+        raise CheckpointError(f"{where}: bad data_offsets {offsets!r}")
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise CheckpointError(f"{where}: data_offsets {offsets} are reversed or negative")
+    if end > data_len:
+        raise CheckpointError(f"{where}: data_offsets {offsets} run past the end of the file "
+                              f"({data_len} data bytes): truncated file?")
+    n_bytes = int(np.prod(shape, dtype=np.int64)) * _ITEMSIZE[dtype]
+    if end - begin != n_bytes:
+        raise CheckpointError(f"{where}: {end - begin} bytes stored but shape {shape} of {dtype} "
+                              f"needs {n_bytes}")
+    return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def _check_no_overlap(path: Path, tensors: dict[str, TensorInfo]) -> None:
+    spans = sorted((t.begin, t.end, t.name) for t in tensors.values() if t.end > t.begin)
+    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
+        if begin_b < end_a:
+            raise CheckpointError(f"{path}: tensors '{a}' and '{b}' overlap in the file")
+
+
+# ---------------------------------------------------------------------------------------------
+# the rename table
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """One tensor as a layout stores it, and the internal tensors that are views of it."""
+    name: str  # name in the checkpoint
+    dtype: str  # published dtype
+    shape: tuple[int, ...]
+    views: tuple[tuple[str, int, int], ...]  # (internal name, first row, end row)
+
+
+def layout_table(c: Config, layout: str) -> list[Spec]:
+    """Every tensor a checkpoint of `layout` ('hf' or 'original') must hold for config `c`."""
+    D, V, E = c.hidden_size, c.vocab_size, c.num_experts
+    I2, I, Q, KV = 2 * c.intermediate_size, c.intermediate_size, c.q_dim, c.kv_dim
+    specs: list[Spec] = []
+
+    def add(name: str, dtype: str, shape: tuple[int, ...], internal: str) -> None:
+        specs.append(Spec(name, dtype, shape, ((internal, 0, shape[0]),)))
+
+    hf = layout == "hf"
+    add("model.embed_tokens.weight" if hf else "embedding.weight", "BF16", (V, D), "embed")
+    for L in range(c.num_hidden_layers):
+        p = f"model.layers.{L}." if hf else f"block.{L}."
+        add(p + ("input_layernorm.weight" if hf else "attn.norm.scale"), "BF16", (D,),
+            f"{L}.attn_norm")
+        if hf:
+            for x, rows in (("q", Q), ("k", KV), ("v", KV)):
+                add(f"{p}self_attn.{x}_proj.weight", "BF16", (rows, D), f"{L}.{x}_w")
+                add(f"{p}self_attn.{x}_proj.bias", "BF16", (rows,), f"{L}.{x}_b")
+        else:
+            for part in ("weight", "bias"):
+                s = part[0]
+                shape = (Q + 2 * KV, D) if part == "weight" else (Q + 2 * KV,)
+                specs.append(Spec(f"{p}attn.qkv.{part}", "BF16", shape, (
+                    (f"{L}.q_{s}", 0, Q), (f"{L}.k_{s}", Q, Q + KV), (f"{L}.v_{s}", Q + KV, Q + 2 * KV))))
+        add(p + ("self_attn.sinks" if hf else "attn.sinks"), "BF16", (c.num_attention_heads,),
+            f"{L}.sinks")
+        add(p + ("self_attn.o_proj.weight" if hf else "attn.out.weight"), "BF16", (D, Q), f"{L}.o_w")
+        add(p + ("self_attn.o_proj.bias" if hf else "attn.out.bias"), "BF16", (D,), f"{L}.o_b")
+        add(p + ("post_attention_layernorm.weight" if hf else "mlp.norm.scale"), "BF16", (D,),
+            f"{L}.mlp_norm")
+        add(p + ("mlp.router.weight" if hf else "mlp.gate.weight"), "BF16", (E, D), f"{L}.router_w")
+        add(p + ("mlp.router.bias" if hf else "mlp.gate.bias"), "BF16", (E,), f"{L}.router_b")
+        for n, (hf_n, rows, cols) in (("1", ("gate_up_proj", I2, D)), ("2", ("down_proj", D, I))):
+            base = f"{p}mlp.experts.{hf_n}_" if hf else f"{p}mlp.mlp{n}_"
+            add(base + "blocks" if hf else base + "weight.blocks", "U8", (E, rows, cols // 32, 16),
+                f"{L}.mlp{n}_blocks")
+            add(base + "scales" if hf else base + "weight.scales", "U8", (E, rows, cols // 32),
+                f"{L}.mlp{n}_scales")
+            add(base + "bias", "BF16", (E, rows), f"{L}.mlp{n}_bias")
+    add("model.norm.weight" if hf else "norm.scale", "BF16", (D,), "norm")
+    add("lm_head.weight" if hf else "unembedding.weight", "BF16", (V, D), "unembed")
+    return specs
+
+
+# ---------------------------------------------------------------------------------------------
+# a whole checkpoint
+
+
+def resolve_checkpoint_dir(path: str | Path, layout: str | None = None) -> tuple[Path, str]:
+    """Find the folder holding config.json + safetensors, and its layout ('hf' or 'original').
+
+    Accepts an HF repo root, an `original/` folder, or a repo root with layout='original'.
+    """
+    root = Path(path)
+    if layout not in (None, "hf", "original"):
+        raise CheckpointError(f"layout must be 'hf' or 'original', got {layout!r}")
+    if not root.exists():
+        raise CheckpointError(f"{root}: no such checkpoint folder")
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: a checkpoint is a folder (HF repo root or original/)")
+    if layout == "original" and (root / "original" / "config.json").exists():
+        root = root / "original"
+    config_path = root / "config.json"
+    if not config_path.exists():
+        if (root / "original" / "config.json").exists() and layout != "hf":
+            root, config_path = root / "original", root / "original" / "config.json"
+        else:
+            raise CheckpointError(f"{root}: no config.json (expected an HF repo root or an "
+                                  f"original/ folder)")
+    found = "hf" if is_hf_config(read_json(config_path, "config.json")) else "original"
+    if layout is not None and layout != found:
+        raise CheckpointError(f"{config_path}: asked for the {layout} layout but this is an "
+                              f"{found}-layout config")
+    return root, found
+
+
+class Checkpoint:
+    """An opened checkpoint: config + every internal tensor as a zero-copy view.
+
+    `tensors[name]` uses the internal names of `layout_table` (e.g. '3.mlp1_blocks', 'embed').
+    """
+
+    def __init__(self, path: str | Path, layout: str | None = None):
+        self.path, self.layout = resolve_checkpoint_dir(path, layout)
+        try:
+            self.config = load_config(self.path / "config.json")
+        except ConfigError:
+            raise
+        self.files = self._open_files()
+        self.tensors = self._check_and_view()
+
+    def _open_files(self) -> dict[str, SafetensorsFile]:
+        """Every safetensors file, found through the index if present, else by scanning."""
+        index_path = self.path / HF_INDEX
+        if index_path.exists():
+            index = read_json(index_path, "index")
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index_path}: no 'weight_map' object")
+            names = sorted(set(weight_map.values()))
+            for name in names:
+                if not isinstance(name, str) or "/" in name or name.startswith("."):
+                    raise CheckpointError(f"{index_path}: bad shard file name {name!r}")
+        else:
+            weight_map = None
+            names = sorted(p.name for p in self.path.glob("*.safetensors"))
+            if not names:
+                raise CheckpointError(f"{self.path}: no .safetensors files and no {HF_INDEX}")
+        files = {}
+        for name in names:
+            if not (self.path / name).exists():
+                raise CheckpointError(f"{self.path / name}: shard listed in {HF_INDEX} is missing")
+            files[name] = SafetensorsFile(self.path / name)
+        self._weight_map = weight_map
+        return files
+
+    def _locate(self) -> dict[str, SafetensorsFile]:
+        """tensor name -> the file holding it; a name in two files is an error."""
+        where: dict[str, SafetensorsFile] = {}
+        for f in self.files.values():
+            for name in f.tensors:
+                if name in where:
+                    raise CheckpointError(f"tensor '{name}' appears in both {where[name].path} "
+                                          f"and {f.path}")
+                where[name] = f
+        if self._weight_map is not None:
+            for name, shard in self._weight_map.items():
+                f = where.get(name)
+                if f is not None and f.path.name != shard:
+                    raise CheckpointError(f"{self.path / HF_INDEX}: says '{name}' is in {shard} "
+                                          f"but it is in {f.path.name}")
+        return where
+
+    def _check_and_view(self) -> dict[str, np.ndarray]:
+        where = self._locate()
+        views: dict[str, np.ndarray] = {}
+        for spec in layout_table(self.config, self.layout):
+            f = where.get(spec.name)
+            if f is None:
+                shard = (self._weight_map or {}).get(spec.name)
+                place = f" (index says {shard})" if shard else ""
+                raise CheckpointError(f"{self.path}: tensor '{spec.name}' is missing{place}")
+            info = f.tensors[spec.name]
+            if info.dtype != spec.dtype:
+                raise CheckpointError(f"{f.path}: tensor '{spec.name}' has dtype {info.dtype}, "
+                                      f"expected {spec.dtype}")
+            if info.shape != spec.shape:
+                raise CheckpointError(f"{f.path}: tensor '{spec.name}' has shape "
+                                      f"{list(info.shape)}, config expects {list(spec.shape)}")
+            arr = f.array(spec.name)
+            for internal, lo, hi in spec.views:
+                views[internal] = arr[lo:hi]
+        return views
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.tensors[name]

@@ -1,0 +1,279 @@
+"""Synthetic checkpoints in exactly the published layouts, streamed to disk.
+
+Real weights can't be downloaded everywhere, so tests and benchmarks run on random checkpoints that
+have the published names, dtypes, shapes, shard files, index and configs. The values are random but
+scaled so activations stay sane (unit-scale residual stream, attention logits ~1) and the router
+spreads tokens over all experts (router logits ~N(0, 1)).
+
+Values depend only on (seed, internal tensor name, chunk), never on the layout, so the HF root and
+`original/` of one seed hold the same bytes, as the published repos do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import struct
+import tempfile
+import zlib
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .config import Config, config_from_dict, to_hf_dict, to_original_dict
+from .errors import TinyossError
+from .store import HF_INDEX, Spec, f32_to_bf16, layout_table
+
+_ITEMSIZE = {"BF16": 2, "U8": 1, "F32": 4}
+ROWS_PER_CHUNK = 8192  # rows of a 2-D tensor generated at once (bounded memory)
+
+
+def _data(name: str) -> str:
+    return resources.files("tinyoss").joinpath("data", name).read_text(encoding="utf-8")
+
+
+def _preset_20b() -> Config:
+    return config_from_dict(json.loads(_data("gpt-oss-20b.config.json")), "gpt-oss-20b config")
+
+
+def preset_config(preset: str, **overrides) -> Config:
+    """The config of a preset ('tiny', '20b', '120b'), with fields overridden (None = keep)."""
+    base = _preset_20b()
+    if preset == "120b":
+        base = dataclasses.replace(base, num_hidden_layers=36, num_experts=128)
+    elif preset == "tiny":
+        base = dataclasses.replace(base, num_hidden_layers=4, num_experts=8, hidden_size=64,
+                                   intermediate_size=64, head_dim=16, num_attention_heads=8,
+                                   num_key_value_heads=2, sliding_window=16)
+    elif preset != "20b":
+        raise TinyossError(f"unknown preset {preset!r} (choose tiny, 20b or 120b)")
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    n_layers = changes.get("num_hidden_layers", base.num_hidden_layers)
+    changes["layer_sliding"] = tuple(i % 2 == 0 for i in range(n_layers))
+    # round-trip through the HF dict so overrides get the same validation as a config.json
+    return config_from_dict(to_hf_dict(dataclasses.replace(base, **changes)), f"preset {preset}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan: which tensors go in which file
+
+
+@dataclasses.dataclass(frozen=True)
+class FilePlan:
+    name: str  # file name inside the checkpoint folder
+    specs: tuple[Spec, ...]  # in file order
+
+    @property
+    def n_bytes(self) -> int:
+        return sum(spec_bytes(s) for s in self.specs)
+
+
+def spec_bytes(s: Spec) -> int:
+    return math.prod(s.shape) * _ITEMSIZE[s.dtype]
+
+
+def _in_file_order(specs) -> tuple[Spec, ...]:
+    """safetensors' own order: wider dtypes first (keeps every tensor aligned), then by name."""
+    return tuple(sorted(specs, key=lambda s: (-_ITEMSIZE[s.dtype], s.name)))
+
+
+def _layer_of(name: str) -> int | None:
+    parts = name.split(".")
+    for i, p in enumerate(parts[:-1]):
+        if p in ("layers", "block"):
+            return int(parts[i + 1])
+    return None
+
+
+def _split_evenly(specs: list[Spec], n_files: int) -> list[list[Spec]]:
+    """Consecutive tensors into n_files files of about equal size (120b: shard map unknown)."""
+    total = sum(spec_bytes(s) for s in specs)
+    files: list[list[Spec]] = [[]]
+    done = 0
+    for s in specs:
+        if done >= total * len(files) / n_files and len(files) < n_files:
+            files.append([])
+        files[-1].append(s)
+        done += spec_bytes(s)
+    while len(files) < n_files:
+        files.append([])
+    return files
+
+
+def plan_files(c: Config, layout: str, preset: str) -> list[FilePlan]:
+    """The files of a checkpoint, named and sharded as published."""
+    specs = layout_table(c, layout)
+    if layout == "hf":
+        if preset == "20b" and c == preset_config("20b"):
+            weight_map = json.loads(_data("gpt-oss-20b.model.safetensors.index.json"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+            return [FilePlan(n, _in_file_order(s for s in specs if weight_map[s.name] == n))
+                    for n in names]
+        n_files = 15 if preset == "120b" else 2
+        last = n_files - 1  # HF names count from 0: "-of-" carries the last index, not the count
+        groups = _split_evenly(specs, n_files)
+        return [FilePlan(f"model-{i:05d}-of-{last:05d}.safetensors", _in_file_order(g))
+                for i, g in enumerate(groups)]
+    if preset == "120b":
+        groups = _split_evenly(specs, 7)  # note the double dash and 1-based names
+        return [FilePlan(f"model--{i + 1:05d}-of-00007.safetensors", _in_file_order(g))
+                for i, g in enumerate(groups)]
+    return [FilePlan("model.safetensors", _in_file_order(specs))]
+
+
+def needs_index(layout: str, files: list[FilePlan]) -> bool:
+    return len(files) > 1
+
+
+# ---------------------------------------------------------------------------------------------
+# random values
+
+
+def _rng(seed: int, internal: str, chunk: int) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(internal.encode()), chunk])
+
+
+def _kind(internal: str) -> str:
+    return internal.split(".")[-1]
+
+
+def _normal_std(c: Config, kind: str) -> tuple[float, float]:
+    """(mean, std) of a bf16 tensor kind, chosen for unit-scale activations."""
+    D = c.hidden_size
+    return {
+        "embed": (0.0, 1.0),
+        "attn_norm": (1.0, 0.1), "mlp_norm": (1.0, 0.1), "norm": (1.0, 0.1),
+        "q_w": (0.0, D ** -0.5), "k_w": (0.0, D ** -0.5), "v_w": (0.0, D ** -0.5),
+        "q_b": (0.0, 0.1), "k_b": (0.0, 0.1), "v_b": (0.0, 0.1),
+        "sinks": (0.0, 1.0),
+        "o_w": (0.0, c.q_dim ** -0.5), "o_b": (0.0, 0.02),
+        "router_w": (0.0, D ** -0.5), "router_b": (0.0, 0.1),
+        "mlp1_bias": (0.0, 0.1), "mlp2_bias": (0.0, 0.02),
+        "unembed": (0.0, D ** -0.5),
+    }[kind]
+
+
+def _mxfp4_scale_centre(fan_in: int) -> int:
+    """E8M0 byte giving weights of rms ~1/sqrt(fan_in) from uniform random nibbles (rms 2.93)."""
+    rms_fp4 = math.sqrt(np.mean(np.array([0, .25, 1, 2.25, 4, 9, 16, 36])))
+    return 127 + round(math.log2(1 / (rms_fp4 * math.sqrt(fan_in))))
+
+
+def generate_rows(c: Config, seed: int, internal: str, shape: tuple[int, ...],
+                  dtype: str) -> Iterator[np.ndarray]:
+    """The values of one internal tensor, in chunks of its first dimension (bounded memory)."""
+    kind = _kind(internal)
+    rows = shape[0]
+    per_chunk = 1 if len(shape) >= 3 else ROWS_PER_CHUNK  # experts: one expert at a time
+    for i, r in enumerate(range(0, rows, per_chunk)):
+        rng = _rng(seed, internal, i)
+        sub = (min(per_chunk, rows - r), *shape[1:])
+        if kind.endswith("_blocks"):
+            yield rng.integers(0, 256, size=sub, dtype=np.uint8)
+        elif kind.endswith("_scales"):
+            fan_in = shape[-1] * 32
+            centre = _mxfp4_scale_centre(fan_in)
+            yield rng.integers(centre - 1, centre + 2, size=sub, dtype=np.uint8)
+        else:
+            mean, std = _normal_std(c, kind)
+            x = rng.standard_normal(size=sub, dtype=np.float32) * np.float32(std) + np.float32(mean)
+            yield f32_to_bf16(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def _header(specs: tuple[Spec, ...]) -> bytes:
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for s in specs:
+        n = spec_bytes(s)
+        header[s.name] = {"dtype": s.dtype, "shape": list(s.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # pad so the data starts 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_safetensors(path: Path, c: Config, seed: int, fp: FilePlan,
+                      progress: Callable[[int], None]) -> None:
+    with open(path, "wb") as f:
+        f.write(_header(fp.specs))
+        for s in fp.specs:
+            for internal, lo, hi in s.views:
+                shape = (hi - lo, *s.shape[1:])
+                for chunk in generate_rows(c, seed, internal, shape, s.dtype):
+                    f.write(np.ascontiguousarray(chunk).data)
+                    progress(chunk.nbytes)
+
+
+def _write_layout(folder: Path, c: Config, layout: str, preset: str, seed: int,
+                  progress: Callable[[int], None]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    files = plan_files(c, layout, preset)
+    for fp in files:
+        write_safetensors(folder / fp.name, c, seed, fp, progress)
+    if needs_index(layout, files):
+        index = {"metadata": {"total_size": sum(fp.n_bytes for fp in files)},
+                 "weight_map": {s.name: fp.name for fp in files for s in fp.specs}}
+        (folder / HF_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    if layout == "hf":
+        (folder / "config.json").write_text(json.dumps(to_hf_dict(c), indent=2) + "\n")
+        (folder / "generation_config.json").write_text(_data("generation_config.json"))
+    else:
+        (folder / "config.json").write_text(json.dumps(to_original_dict(c), indent=2) + "\n")
+        dtypes = {s.name: {"U8": "FP4" if s.name.endswith("blocks") else "UE8"}.get(s.dtype, s.dtype)
+                  for s in layout_table(c, "original")}
+        (folder / "dtypes.json").write_text(json.dumps(dtypes, indent=2) + "\n")
+
+
+def total_bytes(c: Config, layout: str) -> int:
+    layouts = ["hf", "original"] if layout == "both" else [layout]
+    return sum(spec_bytes(s) for lay in layouts for s in layout_table(c, lay))
+
+
+def write_checkpoint(out: str | Path, c: Config, layout: str = "hf", preset: str = "tiny",
+                     seed: int = 0, force: bool = False,
+                     progress: Callable[[int], None] = lambda n: None) -> Path:
+    """Write a random checkpoint to `out` ('hf' root, 'original' folder, or 'both': a root with
+    an original/ subfolder, as published). Written to a temporary sibling folder and renamed at
+    the end, so a failure never leaves a half-written checkpoint."""
+    if layout not in ("hf", "original", "both"):
+        raise TinyossError(f"layout must be hf, original or both, got {layout!r}")
+    out = Path(out)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not force:
+        raise TinyossError(f"{out}: already exists (use --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        if layout in ("hf", "both"):
+            _write_layout(tmp, c, "hf", preset, seed, progress)
+        if layout == "original":
+            _write_layout(tmp, c, "original", preset, seed, progress)
+        if layout == "both":
+            _write_layout(tmp / "original", c, "original", preset, seed, progress)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def listing(c: Config, layout: str, preset: str) -> list[dict]:
+    """What write_checkpoint would write, tensor by tensor (the dry run)."""
+    rows = []
+    layouts = [("", "hf"), ("original/", "original")] if layout == "both" else [("", layout)]
+    for prefix, lay in layouts:
+        for fp in plan_files(c, lay, preset):
+            for s in fp.specs:
+                rows.append({"file": prefix + fp.name, "name": s.name, "dtype": s.dtype,
+                             "shape": list(s.shape), "bytes": spec_bytes(s)})
+    return rows
