@@ -39,9 +39,10 @@ def test_matches_official_reference_in_both_layouts(make_checkpoint, name):
     expected = reference_logits(root / "original", tokens)
     for model in (tinyoss.load(root), tinyoss.load(root / "original"),
                   tinyoss.load(root, layout="original")):
-        got = model.forward(tokens)
-        assert got.dtype == np.float32 and got.shape == expected.shape
-        assert np.abs(got - expected).max() <= TOL, (model.checkpoint.layout, name)
+        for path in (model.forward, model.forward_reference):  # numba fast path, numpy definition
+            got = path(tokens)
+            assert got.dtype == np.float32 and got.shape == expected.shape
+            assert np.abs(got - expected).max() <= TOL, (model.checkpoint.layout, name, path)
 
 
 @pytest.mark.parametrize("name", ["odd-sizes-1kv", "6experts-top2-2kv-5layers"])
@@ -49,27 +50,49 @@ def test_matches_hf_transformers_on_hf_layout(make_checkpoint, name):
     root = make_checkpoint("both", seed=11, **CONFIGS[name])
     tokens = _tokens(CONFIGS[name]["vocab_size"], SEQ_LEN[name], seed=6)
     expected = transformers_logits(root, tokens)
-    got = tinyoss.load(root).forward(tokens)
-    assert np.abs(got - expected).max() <= TOL
+    model = tinyoss.load(root)
+    assert np.abs(model.forward(tokens) - expected).max() <= TOL
+    assert np.abs(model.forward_reference(tokens) - expected).max() <= TOL
 
 
 def test_real_rope_and_window_on_tiny_preset(tiny_checkpoint):
     """The tiny preset keeps the published vocabulary and YaRN settings; 40 tokens cross its window."""
     tokens = _tokens(201088, 40, seed=7)
     expected = reference_logits(tiny_checkpoint / "original", tokens)
-    got = tinyoss.load(tiny_checkpoint).forward(tokens)
-    assert np.abs(got - expected).max() <= TOL
+    model = tinyoss.load(tiny_checkpoint)
+    assert np.abs(model.forward(tokens) - expected).max() <= TOL
+    assert np.abs(model.forward_reference(tokens) - expected).max() <= TOL
 
 
-def test_cached_forward_equals_full_forward(make_checkpoint):
+@pytest.mark.parametrize("path", ["forward", "forward_reference"])
+def test_cached_forward_equals_full_forward(make_checkpoint, path):
     """Feeding a sequence in pieces through the KV cache gives the logits of one full pass,
-    across the window boundary and the ring buffer's wrap-around (window 7, 60 tokens)."""
+    across the window boundary and the ring buffer's wrap-around (window 7, 60 tokens), with
+    prefill chunks above and below the window and single-token decode steps."""
     cfg = CONFIGS["odd-sizes-1kv"]
     model = tinyoss.load(make_checkpoint("both", seed=11, **cfg))
+    forward = getattr(model, path)
     tokens = _tokens(cfg["vocab_size"], 60, seed=8)
-    full = model.forward(tokens)
+    full = forward(tokens)
     cache = model.new_cache()
-    pieces = [model.forward(tokens[a:b], cache) for a, b in ((0, 5), (5, 6), (6, 30), (30, 31),
-                                                             (31, 60))]
+    cuts = [0, 5, 6, 7, 8, 30, 31, 32, 33, 45, 60]
+    pieces = [forward(tokens[a:b], cache) for a, b in zip(cuts, cuts[1:])]
     assert np.abs(np.concatenate(pieces) - full).max() <= TOL
     assert cache.n_tokens == 60
+    # greedy continuation from the cache = greedy from full recompute
+    seq = list(tokens[:20])
+    cache = model.new_cache()
+    logits = forward(seq, cache)[-1]
+    for _ in range(12):
+        seq.append(int(np.argmax(logits)))
+        logits = forward(seq[-1:], cache)[-1]
+        assert int(np.argmax(logits)) == int(np.argmax(forward(seq)[-1]))
+
+
+def test_last_only_is_the_last_row(make_checkpoint):
+    cfg = CONFIGS["8experts-top2-4kv"]
+    model = tinyoss.load(make_checkpoint("both", seed=11, **cfg))
+    tokens = _tokens(cfg["vocab_size"], 30, seed=9)
+    last = model.forward(tokens, last_only=True)
+    assert last.shape == (1, cfg["vocab_size"])
+    assert np.abs(last - model.forward(tokens)[-1:]).max() <= 1e-5  # matvec vs BLAS summation order

@@ -1,34 +1,46 @@
-"""Numba kernels. Each keeps a plain numpy twin (named in its docstring) that defines it; tests prove
-them equal (bit-exact where the arithmetic allows it, else within a stated tolerance).
+"""Numba kernels. Each names its plain numpy twin (the readable definition) and is tested equal to it:
+bit-exact where the arithmetic allows, else within a stated tolerance (sums in another order).
 
-All kernels are compiled through `jit` below: caching and fastmath are set in one place.
+Kernel names carry their dtypes, as in the official Metal kernels: `f32_bf16w_matvec` takes float32
+activations and bf16 weights. All kernels compile through `jit` below, so caching and fastmath are
+set in one place:
   TINYOSS_NUMBA_CACHE=0   don't cache compiled kernels on disk (default: cache)
-fastmath, where a kernel asks for it, is the safe subset {nsz, arcp, contract, afn, reassoc}:
-never the no-inf/no-nan flags, which would break the -inf masks of attention and the sinks.
+fastmath is the safe subset {nsz, arcp, contract, reassoc}: never no-inf/no-nan (they would break
+the -inf masks and the sinks of attention), never afn (approximate exp).
+Parallel kernels split only their outer, independent loop (rows, heads), with disjoint writes.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import numba
 import numpy as np
 
 from . import mxfp4
+from .simd import HAVE_PSHUFB, as_float32, mxfp4_row_dot_pshufb
 
 CACHE = os.environ.get("TINYOSS_NUMBA_CACHE", "1") != "0"
-FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
+ROWS_PER_TASK = 16  # rows a parallel task handles: enough work to amortize the scheduling
 
 
 def jit(parallel: bool = False, fastmath: bool = False):
     """The one decorator of every kernel: nopython, cached, optionally parallel / safe fastmath."""
     return numba.njit(cache=CACHE, parallel=parallel, fastmath=FASTMATH if fastmath else False,
-                      nogil=True)
+                      nogil=True, error_model="numpy")
 
 
 # lookup tables (numba freezes global arrays into the compiled code)
 _FP4 = mxfp4.FP4_VALUES  # nibble -> E2M1 value
 _E8M0 = mxfp4.scale_to_f32(np.arange(256, dtype=np.uint8))  # scale byte -> 2**(s-127), exact
+_E8M0_HALF = (_E8M0.astype(np.float64) / 2).astype(np.float32)  # 2**(s-128): for doubled values
+_HI16 = np.uint32(0xFFFF0000)
+
+
+# ---------------------------------------------------------------------------------------------
+# MXFP4
 
 
 @jit(parallel=True)
@@ -47,3 +59,191 @@ def mxfp4_decode(blocks, scales):
                 out[r, b * 32 + 2 * j] = _FP4[byte & 0x0F] * scale  # low nibble: even element
                 out[r, b * 32 + 2 * j + 1] = _FP4[byte >> 4] * scale  # high nibble: odd element
     return out
+
+
+@jit(fastmath=True)
+def mxfp4_row_dot_plain(blocks, b_off, scales, s_off, half_scale, xe, xo, x_off, nb):
+    """Same contract as simd.mxfp4_row_dot_pshufb, in plain numba (any CPU)."""
+    total = np.float32(0.0)
+    for b in range(nb):
+        part = np.float32(0.0)
+        for j in range(16):
+            byte = blocks[b_off + b * 16 + j]
+            part += _FP4[byte & 0x0F] * xe[x_off + b * 16 + j] + _FP4[byte >> 4] * xo[x_off + b * 16 + j]
+        total += part * (half_scale[scales[s_off + b]] * np.float32(2.0))
+    return total
+
+
+_row_dot = mxfp4_row_dot_pshufb if HAVE_PSHUFB else mxfp4_row_dot_plain
+
+
+def split_even_odd(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x [k, n_blocks*32] -> (even, odd) elements of every block, each [k, n_blocks*16] contiguous:
+    the order in which an MXFP4 byte holds its two nibbles."""
+    pairs = x.reshape(x.shape[0], -1, 16, 2)
+    return (np.ascontiguousarray(pairs[..., 0]).reshape(x.shape[0], -1),
+            np.ascontiguousarray(pairs[..., 1]).reshape(x.shape[0], -1))
+
+
+@jit(parallel=True, fastmath=True)
+def f32_mf4w_moe_matvec(blocks, scales, bias, experts, xe, xo, out):
+    """out[k, r] = sum_c W_e[r, c] x_k[c] + bias[e, r] for e = experts[k]; W_e in MXFP4.
+
+    blocks [E, R, nb, 16] u8, scales [E, R, nb] u8, bias [E, R] bf16, experts [K] int,
+    xe/xo [K, nb*16] f32 (`split_even_odd` of x [K, nb*32]), out [K, R] f32.
+    Reads only the K experts' rows, decoding on the fly: no expert is ever materialized in float.
+    Twin: model.moe_block's `x @ mxfp4.decode(...).T + bias` (sums reordered: rtol 1e-5).
+    """
+    E, R, nb, _ = blocks.shape
+    K = experts.shape[0]
+    flat_b = blocks.reshape(-1)
+    flat_s = scales.reshape(-1)
+    flat_e = xe.reshape(-1)
+    flat_o = xo.reshape(-1)
+    tasks_per_expert = (R + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for task in numba.prange(K * tasks_per_expert):
+        k = task // tasks_per_expert
+        e = experts[k]
+        r0 = (task % tasks_per_expert) * ROWS_PER_TASK
+        for r in range(r0, min(r0 + ROWS_PER_TASK, R)):
+            row = e * R + r
+            dot = _row_dot(flat_b, row * nb * 16, flat_s, row * nb, _E8M0_HALF, flat_e, flat_o,
+                           k * nb * 16, nb)
+            out[k, r] = dot + as_float32(np.uint32(bias[e, r]) << np.uint32(16))
+
+
+# ---------------------------------------------------------------------------------------------
+# dense bf16 and int8 weights
+
+
+@jit(parallel=True, fastmath=True)
+def f32_bf16w_matvec(w, x, bias, out):
+    """out[r] = sum_c bf16(w[r, c]) x[c] (+ bf16(bias[r]) if bias is non-empty).
+
+    w [R, C] uint16 with C even, x [C] f32, out [R] f32. Twin: model.linear (rtol 1e-5).
+    Two bf16 values share one uint32 load; each widens to float32 with a shift (little-endian:
+    the low half is element 2i).
+    """
+    R, C = w.shape
+    half = C // 2
+    w32 = w.reshape(-1).view(np.uint32)
+    n_tasks = (R + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for task in numba.prange(n_tasks):
+        for r in range(task * ROWS_PER_TASK, min((task + 1) * ROWS_PER_TASK, R)):
+            acc = np.float32(0.0)
+            base = r * half
+            for i in range(half):
+                u = w32[base + i]
+                acc += as_float32(u << np.uint32(16)) * x[2 * i] + as_float32(u & _HI16) * x[2 * i + 1]
+            if bias.shape[0] > 0:
+                acc += as_float32(np.uint32(bias[r]) << np.uint32(16))
+            out[r] = acc
+
+
+@jit(parallel=True)
+def bf16_to_q8(w):
+    """bf16 [R, C] -> (int8 [R, C], float32 scales [R, C/32]): per 32 values, scale = max|w|/127,
+    q = round(w / scale) (llama.cpp's Q8_0). Twin: quant.q8_quantize."""
+    R, C = w.shape
+    nb = C // 32
+    q = np.empty((R, C), np.int8)
+    s = np.empty((R, nb), np.float32)
+    for r in numba.prange(R):
+        for b in range(nb):
+            amax = np.float32(0.0)
+            for j in range(32):
+                v = abs(as_float32(np.uint32(w[r, b * 32 + j]) << np.uint32(16)))
+                amax = max(amax, v)
+            scale = amax / np.float32(127.0)
+            s[r, b] = scale
+            inv = np.float32(1.0) / scale if scale > 0 else np.float32(0.0)
+            for j in range(32):
+                v = as_float32(np.uint32(w[r, b * 32 + j]) << np.uint32(16))
+                q[r, b * 32 + j] = np.int8(np.rint(v * inv))
+    return q, s
+
+
+@jit(parallel=True, fastmath=True)
+def f32_q8w_matvec(q, s, x, bias, out):
+    """out[r] = sum_b s[r, b] * sum_j q[r, 32b + j] x[32b + j] (+ bf16(bias[r])).
+
+    q [R, C] int8, s [R, C/32] f32. Twin: quant.q8_dequantize(q, s) @ x (rtol 1e-5)."""
+    R, C = q.shape
+    nb = C // 32
+    n_tasks = (R + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for task in numba.prange(n_tasks):
+        for r in range(task * ROWS_PER_TASK, min((task + 1) * ROWS_PER_TASK, R)):
+            acc = np.float32(0.0)
+            for b in range(nb):
+                part = np.float32(0.0)
+                for j in range(32):
+                    part += np.float32(q[r, b * 32 + j]) * x[b * 32 + j]
+                acc += part * s[r, b]
+            if bias.shape[0] > 0:
+                acc += as_float32(np.uint32(bias[r]) << np.uint32(16))
+            out[r] = acc
+
+
+@jit(parallel=True)
+def q8_dequantize_rows(q, s, r0, r1):
+    """Rows r0..r1 of an int8 matrix back to float32 [r1-r0, C] (for prefill's BLAS tiles)."""
+    C = q.shape[1]
+    out = np.empty((r1 - r0, C), np.float32)
+    for r in numba.prange(r1 - r0):
+        for c in range(C):
+            out[r, c] = np.float32(q[r0 + r, c]) * s[r0 + r, c // 32]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# attention
+
+
+@jit(parallel=True, fastmath=True)
+def f32_attention(q, k_buf, v_buf, sinks, q_pos0, first_pos, ring, k_pos0, window, out):
+    """Attention with sinks, GQA and an optional band, reading keys straight from the KV cache.
+
+    q [n, Hq, dh] (roped), k_buf/v_buf [S, Hkv, dh], sinks [Hq] f32, out [n, Hq*dh].
+    Query i sits at position q_pos0 + i and sees positions max(first_pos, pos - window + 1)..pos
+    (window 0 = full causal); only those keys are touched. The key of position p is in row
+    p % ring of a ring buffer (ring > 0), else in row p - k_pos0.
+    Twin: model.sdpa with model.attention_scores_mask (rtol 1e-5).
+    """
+    n, Hq, dh = q.shape
+    Hkv = k_buf.shape[1]
+    q_mult = Hq // Hkv
+    scale = np.float32(1.0 / math.sqrt(dh))
+    for task in numba.prange(n * Hkv):
+        i = task // Hkv
+        h = task % Hkv
+        pos = q_pos0 + i
+        lo = first_pos
+        if window > 0:
+            lo = max(lo, pos - window + 1)
+        T = pos - lo + 1
+        scores = np.empty((q_mult, T), np.float32)
+        for t in range(T):
+            p = lo + t
+            row = p % ring if ring > 0 else p - k_pos0
+            for m in range(q_mult):
+                s = np.float32(0.0)
+                for d in range(dh):
+                    s += q[i, h * q_mult + m, d] * k_buf[row, h, d]
+                scores[m, t] = s * scale
+        acc = np.empty(dh, np.float32)
+        for m in range(q_mult):
+            hq = h * q_mult + m
+            top = sinks[hq]  # the sink is one more softmax column
+            for t in range(T):
+                top = max(top, scores[m, t])
+            denom = np.exp(sinks[hq] - top)
+            acc[:] = 0.0
+            for t in range(T):
+                p = lo + t
+                row = p % ring if ring > 0 else p - k_pos0
+                w = np.exp(scores[m, t] - top)
+                denom += w
+                for d in range(dh):
+                    acc[d] += w * v_buf[row, h, d]
+            for d in range(dh):
+                out[i, hq * dh + d] = acc[d] / denom

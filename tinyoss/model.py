@@ -317,22 +317,28 @@ def check_tokens(tokens, vocab_size: int) -> np.ndarray:
 
 
 class Model:
-    """An opened checkpoint: immutable weights + the forward pass. Run state lives in KVCache."""
+    """An opened checkpoint: immutable weights + the forward pass. Run state lives in KVCache.
 
-    def __init__(self, ckpt: Checkpoint):
+    `forward` runs the fast path (fast.py, numba kernels); `forward_reference` the numpy
+    definition above. dense="q8" quantizes the dense bf16 matrices to int8 blocks at load (the fast
+    path only; the default keeps the published bf16 and exact numerics).
+    """
+
+    def __init__(self, ckpt: Checkpoint, dense: str = "bf16"):
+        if dense not in ("bf16", "q8"):
+            raise TinyossError(f"dense must be 'bf16' or 'q8', got {dense!r}")
+        from .fast import FastWeights
+
         self.checkpoint = ckpt
         self.config: Config = ckpt.config
+        self.dense = dense
         self.weights = Weights.from_checkpoint(ckpt)
+        self.fast_weights = FastWeights(self.weights, dense)
 
     def new_cache(self, max_tokens: int | None = None) -> KVCache:
         return KVCache(self.config, max_tokens)
 
-    def forward(self, tokens, cache: KVCache | None = None) -> np.ndarray:
-        """Logits [n_tokens, vocab] float32 of the new tokens.
-
-        Without a cache, the tokens are a whole sequence starting at position 0. With one, they
-        follow the cached tokens, and the cache is extended.
-        """
+    def _prepare(self, tokens, cache: KVCache | None) -> tuple[np.ndarray, KVCache]:
         tokens = check_tokens(tokens, self.config.vocab_size)
         if cache is None:  # a whole sequence: a cache just big enough for it
             limit = self.config.max_position_embeddings
@@ -341,9 +347,29 @@ class Model:
                                    f"of {limit}")
             cache = self.new_cache(len(tokens))
         cache.check_room(len(tokens))
+        return tokens, cache
+
+    def forward(self, tokens, cache: KVCache | None = None, *, last_only: bool = False
+                ) -> np.ndarray:
+        """Logits [n_tokens, vocab] float32 of the new tokens ([1, vocab] with last_only).
+
+        Without a cache, the tokens are a whole sequence starting at position 0. With one, they
+        follow the cached tokens, and the cache is extended.
+        """
+        from .fast import forward_fast
+
+        tokens, cache = self._prepare(tokens, cache)
+        return forward_fast(self.fast_weights, self.config, tokens, cache, last_only)
+
+    def forward_reference(self, tokens, cache: KVCache | None = None) -> np.ndarray:
+        """The same logits from the readable numpy definition in this file."""
+        tokens, cache = self._prepare(tokens, cache)
         return forward_reference(self.weights, self.config, tokens, cache)
 
 
-def load(path, layout: str | None = None) -> Model:
-    """Open a checkpoint folder (HF repo root, `original/`, or a root with layout='original')."""
-    return Model(Checkpoint(path, layout))
+def load(path, layout: str | None = None, dense: str = "bf16") -> Model:
+    """Open a checkpoint folder (HF repo root, `original/`, or a root with layout='original').
+
+    dense="q8" stores the dense matrices as int8 blocks (faster decode, small logit drift).
+    """
+    return Model(Checkpoint(path, layout), dense)

@@ -1,0 +1,188 @@
+"""The fast path: the forward pass of model.py with numba kernels, for prefill and decode.
+
+Same math, same order of steps as `model.forward_reference` (read that first); what changes:
+  - dense weights: one token -> the bf16 (or int8) matvec kernel, reading each weight once;
+    many tokens -> BLAS on float32 tiles widened a few rows at a time;
+  - experts: one token -> the fused MXFP4 matvec kernel (decodes on the fly, reads only the routed
+    experts); many tokens -> grouped by expert, each expert decoded tile by tile once per call;
+  - attention: the kernel reads keys straight from the KV cache (ring buffer on banded layers) and
+    touches only the visible band.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import kernels
+from .config import Config
+from .model import KVCache, LayerWeights, Weights, apply_rope, rmsnorm, rope_cos_sin, swiglu
+from .store import bf16_to_f32
+
+MATVEC_MAX_TOKENS = 4  # up to this many tokens, matvec kernels beat widening tiles for BLAS
+TILE_ROWS = 512  # rows widened/decoded at once for BLAS: a few MB, stays in cache
+_NO_BIAS = np.zeros(0, np.uint16)
+
+
+class Dense:
+    """One dense weight matrix [R, C] (+ bias [R]): bf16 as published, or int8 blocks (q8)."""
+
+    def __init__(self, w: np.ndarray, b: np.ndarray | None, q8: bool = False):
+        self.rows, self.cols = w.shape
+        self.bias = _NO_BIAS if b is None else b
+        self.bias_f32 = None if b is None else bf16_to_f32(b)
+        self.w = w
+        self.q8 = kernels.bf16_to_q8(w) if q8 else None  # (int8 [R, C], scales [R, C/32])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.q8) if self.q8 else self.w.nbytes
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """x [n, C] f32 -> [n, R] f32."""
+        n = x.shape[0]
+        out = np.empty((n, self.rows), np.float32)
+        if n <= MATVEC_MAX_TOKENS:
+            for i in range(n):
+                if self.q8:
+                    kernels.f32_q8w_matvec(self.q8[0], self.q8[1], x[i], self.bias, out[i])
+                else:
+                    kernels.f32_bf16w_matvec(self.w, x[i], self.bias, out[i])
+            return out
+        for r in range(0, self.rows, TILE_ROWS):
+            r1 = min(r + TILE_ROWS, self.rows)
+            tile = kernels.q8_dequantize_rows(*self.q8, r, r1) if self.q8 else \
+                bf16_to_f32(self.w[r:r1])
+            np.matmul(x, tile.T, out=out[:, r:r1])
+        if self.bias_f32 is not None:
+            out += self.bias_f32
+        return out
+
+
+class FastLayer:
+    def __init__(self, lw: LayerWeights, q8: bool):
+        self.lw = lw
+        self.q = Dense(lw.q_w, lw.q_b, q8)
+        self.k = Dense(lw.k_w, lw.k_b, q8)
+        self.v = Dense(lw.v_w, lw.v_b, q8)
+        self.o = Dense(lw.o_w, lw.o_b, q8)
+        self.router = Dense(lw.router_w, lw.router_b, False)  # tiny; kept exact
+        self.sinks = bf16_to_f32(lw.sinks)  # [Hq]
+
+
+class FastWeights:
+    """The weights as the fast path uses them: views, plus the int8 copies when dense='q8'."""
+
+    def __init__(self, w: Weights, dense: str = "bf16"):
+        q8 = dense == "q8"
+        self.embed = w.embed
+        self.norm = w.norm
+        self.layers = [FastLayer(lw, q8) for lw in w.layers]
+        self.unembed = Dense(w.unembed, None, q8)
+
+    @property
+    def q8_bytes(self) -> int:
+        """Anonymous memory held by int8 copies (0 with bf16 dense weights)."""
+        mats = [self.unembed] + [d for L in self.layers for d in (L.q, L.k, L.v, L.o)]
+        return sum(d.nbytes for d in mats if d.q8)
+
+
+def attention(c: Config, layer: int, fl: FastLayer, cache: KVCache, q, k, v,
+              positions) -> np.ndarray:
+    """q [n, Hq, dh], k/v [n, Hkv, dh] (roped) -> [n, Hq*dh]; appends k/v to the cache."""
+    n = q.shape[0]
+    sliding = c.layer_sliding[layer]
+    window = c.sliding_window if sliding else 0
+    out = np.empty((n, c.q_dim), np.float32)
+    if sliding and n > 1:
+        # the new tokens would overwrite ring slots their own queries still need: attend over
+        # (cached keys in order + new keys), then keep the last `window` in the ring
+        old_pos, old_k, old_v = cache.read(layer)
+        keys, values = np.concatenate([old_k, k]), np.concatenate([old_v, v])
+        first = int(old_pos[0]) if len(old_pos) else int(positions[0])
+        kernels.f32_attention(q, keys, values, fl.sinks, int(positions[0]), first, 0, first,
+                              window, out)
+        cache.write(layer, positions, k, v)
+    else:
+        cache.write(layer, positions, k, v)
+        end = int(positions[-1]) + 1
+        first = max(0, end - c.sliding_window) if sliding else 0
+        ring = cache.window if sliding else 0
+        kernels.f32_attention(q, cache.k[layer], cache.v[layer], fl.sinks, int(positions[0]),
+                              first, ring, 0, window, out)
+    return out
+
+
+def moe(c: Config, fl: FastLayer, t: np.ndarray) -> np.ndarray:
+    """t [n, D] (normed) -> the weighted sum of its experts' outputs [n, D]."""
+    lw = fl.lw
+    n, k = t.shape[0], c.experts_per_token
+    logits = fl.router(t)  # [n, E]
+    experts = np.argsort(-logits, axis=-1, kind="stable")[:, :k]  # [n, k] best first
+    top = np.take_along_axis(logits, experts, axis=-1)
+    weights = np.exp(top - top[:, :1])
+    weights /= weights.sum(axis=-1, keepdims=True)  # softmax over the top-k only
+    out = np.zeros_like(t)
+    if n <= MATVEC_MAX_TOKENS:
+        for i in range(n):  # decode: the fused kernel, k experts at once
+            y = expert_matvec(c, lw, experts[i], np.broadcast_to(t[i], (k, t.shape[1])))
+            out[i] = weights[i] @ y
+        return out
+    for e in np.unique(experts):  # prefill: each routed expert decoded once, tile by tile
+        tok, slot = np.nonzero(experts == e)
+        if len(tok) <= MATVEC_MAX_TOKENS:
+            y = expert_matvec(c, lw, np.full(len(tok), e), t[tok])
+        else:
+            y = expert_tiles(c, lw, int(e), t[tok])
+        out[tok] += weights[tok, slot, None] * y
+    return out
+
+
+def expert_matvec(c: Config, lw: LayerWeights, experts: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """experts [m], x [m, D] -> [m, D]: expert experts[j] applied to row x[j]."""
+    m = len(experts)
+    experts = np.ascontiguousarray(experts, dtype=np.int64)
+    h = np.empty((m, 2 * c.intermediate_size), np.float32)
+    kernels.f32_mf4w_moe_matvec(lw.mlp1_blocks, lw.mlp1_scales, lw.mlp1_bias, experts,
+                                *kernels.split_even_odd(np.ascontiguousarray(x)), h)
+    a = swiglu(h, c.swiglu_limit)  # [m, I]
+    y = np.empty((m, c.hidden_size), np.float32)
+    kernels.f32_mf4w_moe_matvec(lw.mlp2_blocks, lw.mlp2_scales, lw.mlp2_bias, experts,
+                                *kernels.split_even_odd(a), y)
+    return y
+
+
+def expert_tiles(c: Config, lw: LayerWeights, e: int, x: np.ndarray) -> np.ndarray:
+    """One expert on many tokens: x [m, D] -> [m, D], decoding TILE_ROWS rows at a time."""
+    h = _mxfp4_matmul(x, lw.mlp1_blocks[e], lw.mlp1_scales[e]) + bf16_to_f32(lw.mlp1_bias[e])
+    a = swiglu(h, c.swiglu_limit)
+    return _mxfp4_matmul(a, lw.mlp2_blocks[e], lw.mlp2_scales[e]) + bf16_to_f32(lw.mlp2_bias[e])
+
+
+def _mxfp4_matmul(x: np.ndarray, blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    rows = blocks.shape[0]
+    out = np.empty((x.shape[0], rows), np.float32)
+    for r in range(0, rows, TILE_ROWS):
+        tile = kernels.mxfp4_decode(blocks[r:r + TILE_ROWS], scales[r:r + TILE_ROWS])
+        np.matmul(x, tile.T, out=out[:, r:r + TILE_ROWS])
+    return out
+
+
+def forward_fast(fw: FastWeights, c: Config, tokens: np.ndarray, cache: KVCache,
+                 last_only: bool = False) -> np.ndarray:
+    """tokens [n] -> logits [n, V] (or [1, V] of the last token); appends them to the cache."""
+    n = len(tokens)
+    positions = np.arange(cache.n_tokens, cache.n_tokens + n)
+    cos, sin = rope_cos_sin(c, positions)  # [n, dh/2], shared by every layer
+    x = bf16_to_f32(fw.embed[tokens])  # [n, D]
+    for layer, fl in enumerate(fw.layers):
+        lw = fl.lw
+        t = rmsnorm(x, lw.attn_norm, c.rms_norm_eps)
+        q = apply_rope(fl.q(t).reshape(n, c.num_attention_heads, c.head_dim), cos, sin)
+        k = apply_rope(fl.k(t).reshape(n, c.num_key_value_heads, c.head_dim), cos, sin)
+        v = fl.v(t).reshape(n, c.num_key_value_heads, c.head_dim)
+        x = x + fl.o(attention(c, layer, fl, cache, q, k, v, positions))
+        x = x + moe(c, fl, rmsnorm(x, lw.mlp_norm, c.rms_norm_eps))
+    cache.n_tokens += n
+    if last_only:
+        x = x[-1:]
+    return fw.unembed(rmsnorm(x, fw.norm, c.rms_norm_eps))

@@ -1,0 +1,104 @@
+"""The few lines numba can't say in Python: a bitcast, and the MXFP4 row dot product in vector IR.
+
+LLVM does not turn a 16-entry table lookup into a SIMD shuffle by itself, and that lookup is the
+whole cost of an MXFP4 matvec. Here we write it out for x86 (SSSE3 `pshufb`, which every AVX2 CPU
+has): 16 packed bytes -> 32 nibbles -> 32 table values in two instructions. On other CPUs
+`HAVE_PSHUFB` is False and kernels.py uses its plain-numba row dot instead.
+
+Both are tested equal to the numpy definition (`mxfp4.decode(...) @ x`).
+"""
+
+from __future__ import annotations
+
+import llvmlite.binding as llvm
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+HAVE_PSHUFB = "+ssse3" in llvm.get_host_cpu_features().flatten().split(",") and \
+    llvm.get_host_cpu_name() not in ("generic",)
+
+_i8, _i32, _i64, _f32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
+_V16i8, _V16i32, _V16f = ir.VectorType(_i8, 16), ir.VectorType(_i32, 16), ir.VectorType(_f32, 16)
+_FAST = ("fast",)  # IR-level fast flags, only on the adds/muls of a dot product (reassociation)
+
+# E2M1 values times two, as int8 (pshufb looks bytes up): nibble -> 2 * value
+_E2M1_X2 = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12]
+
+
+@intrinsic
+def as_float32(typingctx, bits):
+    """uint32 -> float32 with the same bits (bf16 widening: `as_float32(u << 16)`)."""
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], _f32)
+
+    return sig, codegen
+
+
+def _data(context, builder, aryty, ary):
+    return context.make_array(aryty)(context, builder, ary).data
+
+
+@intrinsic
+def mxfp4_row_dot_pshufb(typingctx, blocks, b_off, scales, s_off, half_scale, xe, xo, x_off, nb):
+    """sum over one MXFP4 weight row of w[c] * x[c] (float32).
+
+    blocks/scales: flat uint8 arrays, the row's nb blocks start at blocks[b_off], scales[s_off].
+    xe/xo: flat float32 arrays of x's even and odd elements per block ([nb, 16] each, from x_off):
+    the low nibble of byte j is element 2j, the high nibble element 2j+1.
+    half_scale: float32 table, byte s -> 2**(s-128) (the doubled table values are halved here).
+    """
+    sig = types.float32(blocks, types.intp, scales, types.intp, half_scale, xe, xo, types.intp,
+                        types.intp)
+
+    def codegen(context, builder, signature, args):
+        blocks_a, b_off, scales_a, s_off, table_a, xe_a, xo_a, x_off, nb = args
+        a = signature.args
+        pshufb = builder.module.declare_intrinsic(
+            "llvm.x86.ssse3.pshuf.b.128", fnty=ir.FunctionType(_V16i8, [_V16i8, _V16i8]))
+        bptr = builder.gep(_data(context, builder, a[0], blocks_a), [b_off])
+        sptr = builder.gep(_data(context, builder, a[2], scales_a), [s_off])
+        tptr = _data(context, builder, a[4], table_a)
+        eptr = builder.gep(_data(context, builder, a[5], xe_a), [x_off])
+        optr = builder.gep(_data(context, builder, a[6], xo_a), [x_off])
+        lut = ir.Constant(_V16i8, [v & 0xFF for v in _E2M1_X2])
+        low4 = ir.Constant(_V16i8, [15] * 16)
+        acc_slot = cgutils.alloca_once_value(builder, ir.Constant(_V16f, [0.0] * 16))
+        with cgutils.for_range(builder, nb) as loop:
+            off = builder.mul(loop.index, ir.Constant(_i64, 16))
+            packed = builder.load(builder.bitcast(builder.gep(bptr, [off]), _V16i8.as_pointer()),
+                                  align=1)  # 16 bytes = 32 nibbles
+            lo = builder.call(pshufb, [lut, builder.and_(packed, low4)])  # elements 0, 2, 4, ...
+            hi = builder.call(pshufb, [lut, builder.and_(
+                builder.lshr(packed, ir.Constant(_V16i8, [4] * 16)), low4)])  # elements 1, 3, ...
+            flo = builder.sitofp(builder.sext(lo, _V16i32), _V16f)
+            fhi = builder.sitofp(builder.sext(hi, _V16i32), _V16f)
+            x_even = builder.load(builder.bitcast(builder.gep(eptr, [off]), _V16f.as_pointer()),
+                                  align=4)
+            x_odd = builder.load(builder.bitcast(builder.gep(optr, [off]), _V16f.as_pointer()),
+                                 align=4)
+            part = builder.fadd(builder.fmul(flo, x_even, flags=_FAST),
+                                builder.fmul(fhi, x_odd, flags=_FAST), flags=_FAST)
+            s = builder.load(builder.gep(sptr, [loop.index]))
+            scale = builder.load(builder.gep(tptr, [builder.zext(s, _i64)]))
+            splat = builder.insert_element(ir.Constant(_V16f, ir.Undefined), scale,
+                                           ir.Constant(_i32, 0))
+            splat = builder.shuffle_vector(splat, splat, ir.Constant(_V16i32, [0] * 16))
+            acc = builder.load(acc_slot)
+            builder.store(builder.fadd(acc, builder.fmul(part, splat, flags=_FAST), flags=_FAST),
+                          acc_slot)
+        total = builder.load(acc_slot)
+        width = 16
+        while width > 1:  # tree reduction of the 16 lanes
+            width //= 2
+            left = builder.shuffle_vector(total, total, ir.Constant(ir.VectorType(_i32, width),
+                                                                    list(range(width))))
+            right = builder.shuffle_vector(total, total, ir.Constant(
+                ir.VectorType(_i32, width), list(range(width, 2 * width))))
+            total = builder.fadd(left, right, flags=_FAST)
+        return builder.extract_element(total, ir.Constant(_i32, 0))
+
+    return sig, codegen
