@@ -56,3 +56,30 @@ def test_console_script_on_a_corrupt_checkpoint(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 1
     assert "missing required key" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_json_on_a_tiny_checkpoint(make_checkpoint):
+    """`tinyoss bench` runs end to end and reports consistent figures (not a speed assertion)."""
+    root = make_checkpoint("both", seed=3, vocab_size=300)
+    r = runner.invoke(app, ["bench", str(root), "--prompt", "20", "--depths", "0,40",
+                            "--decode-tokens", "3", "--json"])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.output[r.output.index("{"):])
+    assert result["prompt_tokens"] == 20 and result["prefill_tok_s"] > 0
+    assert [d["depth"] for d in result["decode"]] == [0, 40]
+    deep, shallow = result["decode"][1], result["decode"][0]
+    assert deep["bytes_per_token"] > shallow["bytes_per_token"]  # the cache is read too
+    for d in result["decode"]:
+        assert abs(d["roofline_tok_s"] - result["bandwidth_gb_s"] * 1e9 / d["bytes_per_token"]) \
+            <= 1e-6 * d["roofline_tok_s"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--depths", "a,b"], "--depths must be comma-separated integers"),
+    (["--depths", "-5"], "--depths must be non-negative"),
+    (["--threads", "99"], "--threads 99: at most"),
+])
+def test_bench_bad_arguments(make_checkpoint, args, message):
+    root = make_checkpoint("both", seed=3, vocab_size=300)
+    r = runner.invoke(app, ["bench", str(root), *args])
+    assert r.exit_code == 1 and message in r.output

@@ -18,9 +18,24 @@ from .config import Config
 from .model import KVCache, LayerWeights, Weights, apply_rope, rmsnorm, rope_cos_sin, swiglu
 from .store import bf16_to_f32
 
-MATVEC_MAX_TOKENS = 4  # up to this many tokens, matvec kernels beat widening tiles for BLAS
+MATVEC_MAX_TOKENS = 1  # above this many tokens, widening tiles for BLAS beats matvec kernels
 TILE_ROWS = 512  # rows widened/decoded at once for BLAS: a few MB, stays in cache
 _NO_BIAS = np.zeros(0, np.uint16)
+
+
+class Scratch:
+    """One reused float32 tile buffer: fresh memory for every tile would page-fault each time."""
+
+    def __init__(self):
+        self.buf = np.empty(0, np.float32)
+
+    def tile(self, rows: int, cols: int) -> np.ndarray:
+        if self.buf.size < rows * cols:
+            self.buf = np.empty(rows * cols, np.float32)
+        return self.buf[:rows * cols].reshape(rows, cols)
+
+
+SCRATCH = Scratch()
 
 
 class Dense:
@@ -50,8 +65,11 @@ class Dense:
             return out
         for r in range(0, self.rows, TILE_ROWS):
             r1 = min(r + TILE_ROWS, self.rows)
-            tile = kernels.q8_dequantize_rows(*self.q8, r, r1) if self.q8 else \
-                bf16_to_f32(self.w[r:r1])
+            tile = SCRATCH.tile(r1 - r, self.cols)
+            if self.q8:
+                kernels.q8_dequantize(self.q8[0][r:r1], self.q8[1][r:r1], tile)
+            else:
+                kernels.bf16_widen(self.w[r:r1], tile)
             np.matmul(x, tile.T, out=out[:, r:r1])
         if self.bias_f32 is not None:
             out += self.bias_f32
@@ -129,7 +147,7 @@ def moe(c: Config, fl: FastLayer, t: np.ndarray) -> np.ndarray:
         return out
     for e in np.unique(experts):  # prefill: each routed expert decoded once, tile by tile
         tok, slot = np.nonzero(experts == e)
-        if len(tok) <= MATVEC_MAX_TOKENS:
+        if len(tok) <= MATVEC_MAX_TOKENS:  # one token: the fused kernel reads the expert once
             y = expert_matvec(c, lw, np.full(len(tok), e), t[tok])
         else:
             y = expert_tiles(c, lw, int(e), t[tok])
@@ -162,8 +180,10 @@ def _mxfp4_matmul(x: np.ndarray, blocks: np.ndarray, scales: np.ndarray) -> np.n
     rows = blocks.shape[0]
     out = np.empty((x.shape[0], rows), np.float32)
     for r in range(0, rows, TILE_ROWS):
-        tile = kernels.mxfp4_decode(blocks[r:r + TILE_ROWS], scales[r:r + TILE_ROWS])
-        np.matmul(x, tile.T, out=out[:, r:r + TILE_ROWS])
+        r1 = min(r + TILE_ROWS, rows)
+        tile = SCRATCH.tile(r1 - r, blocks.shape[1] * 32)
+        kernels.mxfp4_decode(blocks[r:r1], scales[r:r1], tile)
+        np.matmul(x, tile.T, out=out[:, r:r1])
     return out
 
 

@@ -19,9 +19,15 @@ import numba
 import numpy as np
 
 from . import mxfp4
-from .simd import HAVE_PSHUFB, as_float32, mxfp4_row_dot_pshufb
+from .simd import HAVE_PSHUFB, as_float32, mxfp4_block_decode_pshufb, mxfp4_row_dot_pshufb
 
 CACHE = os.environ.get("TINYOSS_NUMBA_CACHE", "1") != "0"
+
+# Numba's default OpenMP threads spin after a parallel kernel, and so do OpenBLAS's after a matmul:
+# prefill alternates the two (decode a tile, BLAS it) and each then crawls next to the other's
+# spinning threads (measured: 30x slower). The workqueue layer sleeps between kernels.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
 FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
 ROWS_PER_TASK = 16  # rows a parallel task handles: enough work to amortize the scheduling
 
@@ -43,24 +49,6 @@ _HI16 = np.uint32(0xFFFF0000)
 # MXFP4
 
 
-@jit(parallel=True)
-def mxfp4_decode(blocks, scales):
-    """blocks [rows, n_blocks, 16] u8, scales [rows, n_blocks] u8 -> [rows, n_blocks*32] f32.
-
-    Twin: mxfp4.decode. Bit-exact: each value is one E2M1 value times a power of two.
-    """
-    rows, nb, _ = blocks.shape
-    out = np.empty((rows, nb * 32), dtype=np.float32)
-    for r in numba.prange(rows):
-        for b in range(nb):
-            scale = _E8M0[scales[r, b]]
-            for j in range(16):
-                byte = blocks[r, b, j]
-                out[r, b * 32 + 2 * j] = _FP4[byte & 0x0F] * scale  # low nibble: even element
-                out[r, b * 32 + 2 * j + 1] = _FP4[byte >> 4] * scale  # high nibble: odd element
-    return out
-
-
 @jit(fastmath=True)
 def mxfp4_row_dot_plain(blocks, b_off, scales, s_off, half_scale, xe, xo, x_off, nb):
     """Same contract as simd.mxfp4_row_dot_pshufb, in plain numba (any CPU)."""
@@ -74,7 +62,35 @@ def mxfp4_row_dot_plain(blocks, b_off, scales, s_off, half_scale, xe, xo, x_off,
     return total
 
 
+@jit()
+def mxfp4_block_decode_plain(blocks, b_off, scale, out, o_off):
+    """Same contract as simd.mxfp4_block_decode_pshufb, in plain numba (any CPU)."""
+    for j in range(16):
+        byte = blocks[b_off + j]
+        out[o_off + 2 * j] = _FP4[byte & 0x0F] * np.float32(2.0) * scale  # low nibble: element 2j
+        out[o_off + 2 * j + 1] = _FP4[byte >> 4] * np.float32(2.0) * scale
+
+
 _row_dot = mxfp4_row_dot_pshufb if HAVE_PSHUFB else mxfp4_row_dot_plain
+_block_decode = mxfp4_block_decode_pshufb if HAVE_PSHUFB else mxfp4_block_decode_plain
+
+
+@jit(parallel=True)
+def mxfp4_decode(blocks, scales, out):
+    """blocks [rows, n_blocks, 16] u8, scales [rows, n_blocks] u8 -> out [rows, n_blocks*32] f32.
+
+    Twin: mxfp4.decode. Exact: each value is one E2M1 value times a power of two (only -0.0
+    comes out as +0.0). Prefill decodes experts with it a tile of rows at a time, for BLAS, into
+    a reused buffer (fresh memory would cost a page fault per 4 KiB).
+    """
+    rows, nb, _ = blocks.shape
+    out = out.reshape(-1)
+    flat_b = blocks.reshape(-1)
+    flat_s = scales.reshape(-1)
+    for r in numba.prange(rows):
+        for b in range(nb):
+            i = r * nb + b
+            _block_decode(flat_b, i * 16, _E8M0_HALF[flat_s[i]], out, i * 32)
 
 
 def split_even_odd(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -185,14 +201,20 @@ def f32_q8w_matvec(q, s, x, bias, out):
 
 
 @jit(parallel=True)
-def q8_dequantize_rows(q, s, r0, r1):
-    """Rows r0..r1 of an int8 matrix back to float32 [r1-r0, C] (for prefill's BLAS tiles)."""
-    C = q.shape[1]
-    out = np.empty((r1 - r0, C), np.float32)
-    for r in numba.prange(r1 - r0):
-        for c in range(C):
-            out[r, c] = np.float32(q[r0 + r, c]) * s[r0 + r, c // 32]
-    return out
+def bf16_widen(w, out):
+    """bf16 [R, C] -> out float32 [R, C] (for prefill's BLAS tiles). Twin: store.bf16_to_f32."""
+    for r in numba.prange(w.shape[0]):
+        for c in range(w.shape[1]):
+            out[r, c] = as_float32(np.uint32(w[r, c]) << np.uint32(16))
+
+
+@jit(parallel=True)
+def q8_dequantize(q, s, out):
+    """int8 [R, C] + scales [R, C/32] -> out float32 [R, C] (for prefill's BLAS tiles).
+    Twin: quant.q8_dequantize."""
+    for r in numba.prange(q.shape[0]):
+        for c in range(q.shape[1]):
+            out[r, c] = np.float32(q[r, c]) * s[r, c // 32]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -102,3 +102,35 @@ def mxfp4_row_dot_pshufb(typingctx, blocks, b_off, scales, s_off, half_scale, xe
         return builder.extract_element(total, ir.Constant(_i32, 0))
 
     return sig, codegen
+
+
+@intrinsic
+def mxfp4_block_decode_pshufb(typingctx, blocks, b_off, scale, out, o_off):
+    """Decode the 16-byte block at blocks[b_off] into out[o_off : o_off + 32] (float32, natural
+    order: the low nibble of byte j is element 2j). `scale` is the block's 2**(s-128): the table
+    holds doubled values. Bit-exact: a small integer times a power of two."""
+    sig = types.void(blocks, types.intp, types.float32, out, types.intp)
+
+    def codegen(context, builder, signature, args):
+        blocks_a, b_off, scale, out_a, o_off = args
+        pshufb = builder.module.declare_intrinsic(
+            "llvm.x86.ssse3.pshuf.b.128", fnty=ir.FunctionType(_V16i8, [_V16i8, _V16i8]))
+        bptr = builder.gep(_data(context, builder, signature.args[0], blocks_a), [b_off])
+        optr = builder.gep(_data(context, builder, signature.args[3], out_a), [o_off])
+        lut = ir.Constant(_V16i8, [v & 0xFF for v in _E2M1_X2])
+        low4 = ir.Constant(_V16i8, [15] * 16)
+        packed = builder.load(builder.bitcast(bptr, _V16i8.as_pointer()), align=1)
+        lo = builder.call(pshufb, [lut, builder.and_(packed, low4)])  # elements 0, 2, 4, ...
+        hi = builder.call(pshufb, [lut, builder.and_(
+            builder.lshr(packed, ir.Constant(_V16i8, [4] * 16)), low4)])  # elements 1, 3, ...
+        pairs = builder.shuffle_vector(lo, hi, ir.Constant(
+            ir.VectorType(_i32, 32), [k for j in range(16) for k in (j, 16 + j)]))  # interleave
+        v32f = ir.VectorType(_f32, 32)
+        splat = builder.insert_element(ir.Constant(v32f, ir.Undefined), scale, ir.Constant(_i32, 0))
+        splat = builder.shuffle_vector(splat, splat, ir.Constant(ir.VectorType(_i32, 32), [0] * 32))
+        values = builder.fmul(builder.sitofp(builder.sext(pairs, ir.VectorType(_i32, 32)), v32f),
+                              splat)
+        builder.store(values, builder.bitcast(optr, v32f.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen

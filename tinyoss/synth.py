@@ -251,6 +251,9 @@ def write_checkpoint(out: str | Path, c: Config, layout: str = "hf", preset: str
         raise TinyossError(f"{out}: already exists (use --force to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         if layout in ("hf", "both"):
             _write_layout(tmp, c, "hf", preset, seed, progress)

@@ -1,0 +1,181 @@
+"""Every numba kernel against its numpy twin (hypothesis), with the tolerance it is held to.
+
+Matvec kernels sum in another order than numpy/BLAS: held to |Δ| <= 1e-5 * (sum |w x| + 1e-6),
+i.e. float32 rounding of the absolute sum, never more.
+"""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tinyoss import kernels, mxfp4, quant
+from tinyoss.model import attention_scores_mask, sdpa
+from tinyoss.store import bf16_to_f32, f32_to_bf16
+
+RTOL = 1e-5
+SETTINGS = settings(max_examples=25, deadline=None)
+
+
+def _close(got, want, scale):
+    assert got.shape == want.shape
+    assert np.all(np.abs(got - want) <= RTOL * (scale + 1e-6)), np.abs(got - want).max()
+
+
+@st.composite
+def moe_case(draw):
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    E, R, nb, K = draw(st.integers(1, 6)), draw(st.integers(1, 40)), draw(st.integers(1, 5)), \
+        draw(st.integers(1, 4))
+    blocks = rng.integers(0, 256, (E, R, nb, 16), dtype=np.uint8)
+    scales = rng.integers(100, 150, (E, R, nb), dtype=np.uint8)
+    bias = f32_to_bf16(rng.standard_normal((E, R)).astype(np.float32))
+    experts = rng.integers(0, E, K)
+    x = (rng.standard_normal((K, nb * 32)) * 10.0 ** rng.uniform(-3, 3)).astype(np.float32)
+    return blocks, scales, bias, experts, x
+
+
+@SETTINGS
+@given(moe_case())
+def test_moe_matvec_equals_decode_then_matmul(case):
+    blocks, scales, bias, experts, x = case
+    want = np.stack([mxfp4.decode(blocks[e], scales[e]) @ x[k] + bf16_to_f32(bias[e])
+                     for k, e in enumerate(experts)])
+    scale = np.stack([np.abs(mxfp4.decode(blocks[e], scales[e])) @ np.abs(x[k]) + np.abs(
+        bf16_to_f32(bias[e])) for k, e in enumerate(experts)])
+    out = np.empty_like(want)
+    kernels.f32_mf4w_moe_matvec(blocks, scales, bias, experts.astype(np.int64),
+                                *kernels.split_even_odd(x), out)
+    _close(out, want, scale)
+
+
+@SETTINGS
+@given(moe_case())
+def test_plain_row_dot_equals_decode_then_dot(case):
+    """The fallback for CPUs without pshufb (the kernel above uses pshufb where it can)."""
+    blocks, scales, _, experts, x = case
+    xe, xo = kernels.split_even_odd(x[:1])
+    e, nb = int(experts[0]), blocks.shape[2]
+    row = mxfp4.decode(blocks[e, 0:1], scales[e, 0:1])[0]
+    want, scale = row @ x[0], np.abs(row) @ np.abs(x[0])
+    flat_b, flat_s = blocks.reshape(-1), scales.reshape(-1)
+    off = e * blocks.shape[1]
+    args = (flat_b, off * nb * 16, flat_s, off * nb, kernels._E8M0_HALF, xe.reshape(-1),
+            xo.reshape(-1), 0, nb)
+    _close(np.float32(kernels.mxfp4_row_dot_plain(*args)), np.float32(want), scale)
+
+
+@SETTINGS
+@given(st.integers(0, 2**32 - 1), st.integers(1, 20), st.integers(1, 40))
+def test_bf16_widen_is_exact(seed, R, C):
+    w = np.random.default_rng(seed).integers(0, 2**16, (R, C), dtype=np.uint16)
+    out = np.empty((R, C), np.float32)
+    kernels.bf16_widen(w, out)
+    np.testing.assert_array_equal(out.view(np.uint32), bf16_to_f32(w).view(np.uint32))
+
+
+@SETTINGS
+@given(st.integers(0, 2**32 - 1), st.integers(1, 50), st.integers(1, 40), st.booleans())
+def test_bf16_matvec_equals_linear(seed, R, half_cols, with_bias):
+    rng = np.random.default_rng(seed)
+    w = f32_to_bf16(rng.standard_normal((R, 2 * half_cols)).astype(np.float32))
+    b = f32_to_bf16(rng.standard_normal(R).astype(np.float32)) if with_bias else np.zeros(0, np.uint16)
+    x = rng.standard_normal(2 * half_cols).astype(np.float32)
+    want = bf16_to_f32(w) @ x + (bf16_to_f32(b) if with_bias else 0)
+    out = np.empty(R, np.float32)
+    kernels.f32_bf16w_matvec(w, x, b, out)
+    _close(out, want, np.abs(bf16_to_f32(w)) @ np.abs(x) + (np.abs(bf16_to_f32(b)) if with_bias else 0))
+
+
+@SETTINGS
+@given(st.integers(0, 2**32 - 1), st.integers(1, 30), st.integers(1, 4))
+def test_q8_kernels_equal_numpy(seed, R, nb):
+    rng = np.random.default_rng(seed)
+    w = f32_to_bf16((rng.standard_normal((R, nb * 32)) * rng.uniform(0.01, 10)).astype(np.float32))
+    w[0, :32] = 0  # an all-zero block: scale 0
+    q, s = kernels.bf16_to_q8(w)
+    q_np, s_np = quant.q8_quantize(w)
+    np.testing.assert_array_equal(s, s_np)
+    assert np.abs(q.astype(int) - q_np.astype(int)).max() <= 1  # x*(1/s) vs x/s may round apart at .5
+    deq = quant.q8_dequantize(q, s)
+    wf = bf16_to_f32(w)  # half a step, plus float32 rounding of w * (1/s)
+    assert np.all(np.abs(deq - wf) <= s.repeat(32, axis=1) * 0.5 * (1 + 1e-5) + np.abs(wf) * 1e-6)
+    out = np.empty_like(deq)
+    kernels.q8_dequantize(q, s, out)
+    np.testing.assert_array_equal(out, deq)
+    x = rng.standard_normal(nb * 32).astype(np.float32)
+    out = np.empty(R, np.float32)
+    kernels.f32_q8w_matvec(q, s, x, np.zeros(0, np.uint16), out)
+    _close(out, deq @ x, np.abs(deq) @ np.abs(x))
+
+
+@st.composite
+def attention_case(draw):
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    Hkv, q_mult, dh = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.sampled_from([2, 8, 16]))
+    cached, n = draw(st.integers(0, 40)), draw(st.integers(1, 12))
+    window = draw(st.sampled_from([0, 1, 3, 8, 64]))
+    T = cached + n
+    q = rng.standard_normal((n, Hkv * q_mult, dh)).astype(np.float32) * 2
+    k = rng.standard_normal((T, Hkv, dh)).astype(np.float32) * 2
+    v = rng.standard_normal((T, Hkv, dh)).astype(np.float32)
+    sinks = rng.standard_normal(Hkv * q_mult).astype(np.float32) * 3
+    return q, k, v, sinks, cached, window
+
+
+def _sdpa_twin(q, k, v, sinks, cached, window):
+    n, Hq, dh = q.shape
+    Hkv = k.shape[1]
+    q_pos = np.arange(cached, cached + n)
+    return sdpa(q.reshape(n, Hkv, Hq // Hkv, dh), k, v, sinks.reshape(Hkv, Hq // Hkv),
+                attention_scores_mask(q_pos, np.arange(k.shape[0]), window))
+
+
+@SETTINGS
+@given(attention_case())
+def test_attention_equals_sdpa(case):
+    q, k, v, sinks, cached, window = case
+    want = _sdpa_twin(q, k, v, sinks, cached, window)
+    out = np.empty_like(want)
+    kernels.f32_attention(q, k, v, sinks, cached, 0, 0, 0, window, out)
+    _close(out, want, np.abs(v).max() * 1.0)
+
+
+@SETTINGS
+@given(attention_case(), st.integers(1, 70))
+def test_attention_reads_a_ring_buffer(case, ring):
+    """Keys stored at row p % ring give the same result, as long as the ring holds the band."""
+    q, k, v, sinks, cached, window = case
+    n, T = q.shape[0], k.shape[0]
+    if window == 0 or n > 1:
+        window = max(window, 1)
+        q = q[-1:]
+        cached = T - 1
+    ring = max(ring, window)
+    k_ring = np.zeros((ring, *k.shape[1:]), np.float32)
+    v_ring = np.zeros_like(k_ring)
+    first = max(0, T - ring)
+    for p in range(first, T):
+        k_ring[p % ring], v_ring[p % ring] = k[p], v[p]
+    want = _sdpa_twin(q, k, v, sinks, cached, window)
+    out = np.empty_like(want)
+    kernels.f32_attention(q, k_ring, v_ring, sinks, cached, first, ring, 0, window, out)
+    _close(out, want, np.abs(v).max())
+
+
+def test_kernels_do_not_recompile(make_checkpoint):
+    """After a first prefill and decode, more calls add no new compiled signatures."""
+    import tinyoss
+
+    model = tinyoss.load(make_checkpoint("both", seed=2, vocab_size=300))
+    cache = model.new_cache()
+    model.forward(np.arange(20), cache)
+    model.forward([3], cache)
+    jitted = [getattr(kernels, n) for n in dir(kernels)
+              if hasattr(getattr(kernels, n), "signatures")]
+    before = {k.__name__: len(k.signatures) for k in jitted}
+    for t in range(5):
+        model.forward([t], cache)
+    model.forward(np.arange(9), cache)
+    assert {k.__name__: len(k.signatures) for k in jitted} == before

@@ -1,0 +1,172 @@
+"""`tinyoss bench`: prefill and decode speed, measured against this machine's memory bandwidth.
+
+Decode is memory-bound: every token reads all dense weights, the routed experts' weights and the
+KV cache. So next to tok/s we report the bytes a token reads, the memory read bandwidth measured in
+the same run (a parallel sum over a 1 GiB buffer), and the fraction of that roofline reached.
+Decode at a context depth D fills the KV cache with D random keys/values first (decode speed
+depends on the cache's size, not its content), so depth costs no D-token prefill.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import resource
+import time
+from typing import Callable
+
+import numba
+import numpy as np
+
+from .kernels import jit
+from .model import Model
+
+
+@jit(parallel=True, fastmath=True)
+def _parallel_sum(a):
+    n_tasks = 64
+    chunk = (a.shape[0] + n_tasks - 1) // n_tasks
+    parts = np.zeros(n_tasks, np.float64)
+    for t in numba.prange(n_tasks):
+        s = np.float32(0.0)
+        for i in range(t * chunk, min((t + 1) * chunk, a.shape[0])):
+            s += a[i]
+        parts[t] = s
+    return parts.sum()
+
+
+def memory_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes/s the CPU reads from RAM with all threads (best of `repeats`)."""
+    a = np.ones(n_bytes // 4, np.float32)
+    _parallel_sum(a[:1024])  # compile
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        _parallel_sum(a)
+        best = min(best, time.perf_counter() - t)
+    return a.nbytes / best
+
+
+def bytes_per_token(model: Model, depth: int) -> int:
+    """Bytes one decoded token reads: dense weights, k routed experts per layer, KV cache."""
+    c, fw = model.config, model.fast_weights
+    dense = fw.unembed.nbytes + c.hidden_size * 2  # + one embedding row
+    experts = 0
+    for fl in fw.layers:
+        dense += sum(d.nbytes for d in (fl.q, fl.k, fl.v, fl.o, fl.router))
+        lw = fl.lw
+        per_expert = sum(a[0].nbytes for a in (lw.mlp1_blocks, lw.mlp1_scales, lw.mlp1_bias,
+                                               lw.mlp2_blocks, lw.mlp2_scales, lw.mlp2_bias))
+        experts += c.experts_per_token * per_expert
+    kv_row = 2 * c.kv_dim * 4  # k and v, float32
+    kv = sum(min(depth + 1, c.sliding_window) if s else depth + 1 for s in c.layer_sliding) * kv_row
+    return dense + experts + kv
+
+
+def fill_cache(model: Model, cache, depth: int, seed: int = 0) -> None:
+    """Pretend `depth` tokens were seen: random keys/values in every layer's cache."""
+    if depth == 0:
+        return
+    rng = np.random.default_rng(seed)
+    positions = np.arange(depth)
+    shape = (depth, model.config.num_key_value_heads, model.config.head_dim)
+    for layer in range(model.config.num_hidden_layers):
+        k = rng.standard_normal(shape, dtype=np.float32)
+        cache.write(layer, positions, k, k)
+    cache.n_tokens = depth
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def seconds_since_process_start() -> float | None:
+    """Wall time since this process started (Linux /proc), else None."""
+    try:
+        ticks = os.sysconf("SC_CLK_TCK")
+        start = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19]) / ticks
+        uptime = float(open("/proc/uptime").read().split()[0])
+        return uptime - start
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@dataclasses.dataclass
+class BenchResult:
+    model: str
+    dense: str
+    threads: int
+    load_s: float  # opening the checkpoint (+ int8 quantization with dense=q8)
+    compile_s: float  # first prefill + decode: JIT compile or load from the kernel cache
+    ready_s: float | None  # process start -> ready to prefill (kernels compiled)
+    prompt_tokens: int
+    prefill_tok_s: float
+    decode: list[dict]  # per depth: depth, tokens, tok_s, bytes_per_token, roofline_tok_s, fraction
+    bandwidth_gb_s: float
+    peak_rss_gib: float
+
+
+def run(path, prompt_tokens: int = 512, depths=(0,), decode_tokens: int = 16, dense: str = "bf16",
+        seed: int = 0, progress: Callable[[str], None] = lambda s: None) -> BenchResult:
+    from . import load
+
+    threads = numba.get_num_threads()
+    progress("opening the checkpoint")
+    t = time.perf_counter()
+    model = load(path, dense=dense)
+    load_s = time.perf_counter() - t
+    c = model.config
+    rng = np.random.default_rng(seed)
+    vocab = min(c.vocab_size, 199998)  # ordinary text tokens
+
+    progress("compiling / loading kernels")
+    t = time.perf_counter()
+    warm = model.new_cache(64)
+    model.forward(rng.integers(0, vocab, 8), warm, last_only=True)  # prefill kernels + BLAS
+    model.forward(rng.integers(0, vocab, 1), warm, last_only=True)  # decode kernels
+    compile_s = time.perf_counter() - t
+    ready_s = seconds_since_process_start()
+
+    progress(f"prefill of {prompt_tokens} tokens")
+    cache = model.new_cache(prompt_tokens + decode_tokens)
+    prompt = rng.integers(0, vocab, prompt_tokens)
+    t = time.perf_counter()
+    model.forward(prompt, cache, last_only=True)
+    prefill_tok_s = prompt_tokens / (time.perf_counter() - t)
+
+    progress("measuring memory bandwidth")
+    bandwidth = memory_bandwidth()
+
+    decode = []
+    for depth in depths:
+        progress(f"decode at depth {depth}")
+        cache = model.new_cache(depth + decode_tokens + 1)
+        fill_cache(model, cache, depth)
+        token = rng.integers(0, vocab, 1)
+        model.forward(token, cache, last_only=True)  # first step outside the timing
+        t = time.perf_counter()
+        for _ in range(decode_tokens):
+            logits = model.forward(token, cache, last_only=True)
+            token = [int(np.argmax(logits[-1]))]
+        tok_s = decode_tokens / (time.perf_counter() - t)
+        bpt = bytes_per_token(model, depth)
+        roofline = bandwidth / bpt
+        decode.append({"depth": depth, "tokens": decode_tokens, "tok_s": tok_s,
+                       "bytes_per_token": bpt, "roofline_tok_s": roofline,
+                       "fraction_of_roofline": tok_s / roofline})
+    return BenchResult(str(path), dense, threads, load_s, compile_s, ready_s, prompt_tokens,
+                       prefill_tok_s, decode, bandwidth / 1e9, peak_rss_bytes() / 2**30)
+
+
+def format_result(r: BenchResult) -> str:
+    lines = [f"model {r.model}  dense {r.dense}  threads {r.threads}",
+             f"  load {r.load_s:.2f} s   kernels ready {r.compile_s:.2f} s"
+             + (f"   process start -> ready {r.ready_s:.2f} s" if r.ready_s is not None else ""),
+             f"  prefill {r.prompt_tokens} tokens: {r.prefill_tok_s:.2f} tok/s",
+             f"  memory read bandwidth {r.bandwidth_gb_s:.1f} GB/s"]
+    for d in r.decode:
+        lines.append(f"  decode @ depth {d['depth']:>6}: {d['tok_s']:.2f} tok/s   "
+                     f"{d['bytes_per_token'] / 1e9:.3f} GB/token   roofline "
+                     f"{d['roofline_tok_s']:.2f} tok/s   {100 * d['fraction_of_roofline']:.0f} %")
+    lines.append(f"  peak RSS {r.peak_rss_gib:.2f} GiB")
+    return "\n".join(lines)

@@ -1,0 +1,502 @@
+"""Generation: a model and a harmony conversation in; streamed tokens and parsed messages out.
+
+    messages --render--> prompt ids --prefill--> logits --sample--> token --decode--> ... <|return|>
+                             ^                                         |
+                             +-- tool result <-- run the function <----+ <|call|>
+
+- `Context` is a model, its KV cache and the ids the cache holds (the split of the Metal reference:
+  an immutable Model, a mutable Context). `prefill(prompt)` runs only the ids the cache does not
+  hold yet, so a tool round does not recompute the conversation before it.
+- `generate(model, messages, ...)` renders the conversation, prefills once, then samples one token
+  at a time until `<|return|>` (answer done), `<|call|>` (a tool call), `max_tokens` or a full
+  context. It yields a `TokenEvent` per sampled token (with the text it added, and to which channel),
+  a `ToolEvent` per function it ran, and last a `Reply`: the new messages, every sampled token, `Stats`.
+- `chat(model, messages, ...)` runs `generate` to the end and returns the `Reply`.
+
+Function tools are plain Python functions with type hints and a docstring (harmony.tool_from_function
+describes them to the model). A call (`to=functions.NAME`, JSON arguments) is run, its result fed
+back as a `functions.NAME to=assistant` message, and sampling goes on, for at most
+`max_tool_rounds` calls. Bad JSON, an unknown tool or an exception in the function becomes an
+`{"error": ...}` result for the model to read; it never ends the generation.
+
+The prompt follows harmony's rules: the system message carries the date (today's unless given) and
+the reasoning effort; analysis from turns that already ended with a final answer is left out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Generator, Iterator, Sequence
+
+import numpy as np
+
+from tinyoss import harmony
+from tinyoss.errors import TinyossError
+from tinyoss.harmony import DeveloperContent, Message, ReasoningEffort, Role, SystemContent
+from tinyoss.sampling import Choice, Sampler
+from tinyoss.tokenizer import CALL, RETURN
+
+DEFAULT_MAX_TOKENS = 2048  # sampled tokens per reply, all tool rounds together
+DEFAULT_MAX_TOOL_ROUNDS = 8  # function calls run per reply
+
+# why sampling stopped (Stats.stop_reason)
+STOP_REASONS = {
+    "return": "the model finished its answer (<|return|>)",
+    "call": "the model called a tool and no tools were given (<|call|>)",
+    "max_tokens": "max_tokens tokens were sampled",
+    "context": "the context (KV cache) is full",
+    "tool_rounds": "the model kept calling tools after max_tool_rounds calls",
+    "malformed": "the model's output is not harmony (see harmony.StreamParser)",
+}
+
+
+class GenerationError(TinyossError):
+    """A conversation that cannot be generated from: a prompt longer than the context, bad tools."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# What generate() yields
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One sampled token, and what it added to the message being written.
+
+    `text` is the content the token added ("" for header and stop tokens, and while a multi-byte
+    character is incomplete). `channel` and `recipient` are those of the message the token belongs
+    to, None while its header is being written. `choice` holds log-probabilities when asked for.
+    """
+
+    token: int
+    text: str
+    channel: str | None
+    recipient: str | None
+    choice: Choice | None = None
+
+
+@dataclass(frozen=True)
+class ToolEvent:
+    """A function call the model made, and the result it was given back."""
+
+    recipient: str  # e.g. "functions.get_weather"
+    arguments: str  # the JSON text the model wrote
+    result: str  # what the model reads back
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Counts and timings of one reply (all tool rounds together). Times exclude the consumer's."""
+
+    prompt_tokens: int  # length of the first prompt
+    reused_tokens: int  # of those, already in the KV cache (not prefilled again)
+    prefill_tokens: int  # ids run through prefill: the new part of the prompt, plus tool results
+    prefill_seconds: float
+    generated_tokens: int  # sampled tokens
+    decode_seconds: float  # sampling, and the one-token forward passes between samples
+    stop_reason: str  # a key of STOP_REASONS
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.generated_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The end of a generation: the messages it added (assistant messages and tool results, in
+    order), every sampled token, and the stats."""
+
+    messages: list[Message]
+    tokens: list[int]
+    stats: Stats
+
+    @property
+    def text(self) -> str:
+        """The final answer ("" when the model gave none)."""
+        return "".join(m.text for m in self.messages if m.role == Role.ASSISTANT and m.channel == "final")
+
+    @property
+    def analysis(self) -> str:
+        """The reasoning (analysis channel)."""
+        return "".join(m.text for m in self.messages if m.role == Role.ASSISTANT and m.channel == "analysis")
+
+
+Event = TokenEvent | ToolEvent | Reply
+
+
+# ---------------------------------------------------------------------------------------------------
+# Context: a model + KV cache + the ids the cache holds
+# ---------------------------------------------------------------------------------------------------
+
+
+class Context:
+    """The run state of one conversation: a KV cache and the token ids it holds.
+
+    `max_tokens` bounds the context (default: the model's, 131072 for gpt-oss). A prompt that starts
+    with the cached ids only runs its new part; any other prompt starts over (a ring-buffer cache
+    cannot be rolled back). If a forward pass is interrupted (Ctrl-C) the context empties itself,
+    since the cache may then hold part of the interrupted tokens.
+    """
+
+    def __init__(self, model: Any, max_tokens: int | None = None):
+        self.model = model
+        self.max_tokens = int(max_tokens or model.config.max_position_embeddings)
+        self.reset()
+
+    def reset(self) -> None:
+        self.cache = self.model.new_cache(self.max_tokens)
+        self.tokens: list[int] = []
+        self._logits: np.ndarray | None = None  # [vocab] after the last token
+
+    @property
+    def room(self) -> int:
+        """How many more tokens fit."""
+        return self.max_tokens - len(self.tokens)
+
+    def append(self, tokens: Sequence[int]) -> np.ndarray:
+        """Run `tokens` after the cached ones. -> logits [vocab] of the token after them"""
+        try:
+            logits = self.model.forward(list(tokens), self.cache, last_only=True)[-1]
+        except BaseException:
+            self.reset()
+            raise
+        self.tokens += [int(t) for t in tokens]
+        self._logits = logits
+        return logits
+
+    def prefill(self, prompt: Sequence[int]) -> tuple[np.ndarray, int]:
+        """Make the context hold exactly `prompt`. -> (logits [vocab] after it, ids reused from the cache)"""
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise GenerationError("the prompt is empty")
+        if len(prompt) > self.max_tokens:
+            raise GenerationError(f"the prompt ({len(prompt)} tokens) does not fit the context "
+                                  f"({self.max_tokens} tokens)")
+        n_cached = len(self.tokens)
+        if prompt[:n_cached] != self.tokens:  # not a continuation: start over
+            self.reset()
+            n_cached = 0
+        if n_cached == len(prompt):
+            assert self._logits is not None
+            return self._logits, n_cached
+        return self.append(prompt[n_cached:]), n_cached
+
+
+# ---------------------------------------------------------------------------------------------------
+# The conversation the model sees
+# ---------------------------------------------------------------------------------------------------
+
+
+def drop_finished_analysis(messages: Sequence[Message]) -> list[Message]:
+    """Harmony's rule for reasoning: analysis from a turn that ended in a final answer is not shown
+    again. Analysis after the last final answer (the turn in progress, e.g. between tool calls) stays.
+
+    (harmony.render_conversation's auto_drop_analysis only drops what precedes the *first* final
+    answer, as openai-harmony does; this drops what precedes the *last* one, as the chat template does.)
+    """
+    finals = [i for i, m in enumerate(messages) if m.role == Role.ASSISTANT and m.channel == "final"]
+    last_final = finals[-1] if finals else -1
+    return [m for i, m in enumerate(messages) if not (i < last_final and m.channel == "analysis")]
+
+
+def _leading(messages: list[Message], role: Role) -> tuple[Message | None, list[Message]]:
+    """The first message if it has `role`, and the rest."""
+    if messages and messages[0].role == role:
+        return messages[0], messages[1:]
+    return None, messages
+
+
+def system_message(existing: Message | None, reasoning: str | None, date: str | None) -> Message:
+    """The system message with its date and reasoning effort set: `date` and `reasoning` when given,
+    else what `existing` says, else today's date and medium effort. Plain-text content is kept as is."""
+    content = existing.content if existing is not None else SystemContent()
+    if isinstance(content, str):
+        return existing  # type: ignore[return-value]  # the caller wrote it by hand
+    assert isinstance(content, SystemContent)
+    content = dataclasses.replace(
+        content,
+        conversation_start_date=date or content.conversation_start_date or datetime.date.today().isoformat(),
+        reasoning_effort=ReasoningEffort(reasoning) if reasoning is not None else content.reasoning_effort,
+    )
+    return Message.system(content)
+
+
+def developer_message(existing: Message | None, instructions: str | None,
+                      tools: Sequence[harmony.ToolDescription]) -> Message | None:
+    """The developer message: `existing` with `instructions` (when given) and `tools` added; None
+    when there is nothing to say."""
+    content = existing.content if existing is not None else DeveloperContent()
+    if isinstance(content, str):  # a hand-written developer message: its text is the instructions
+        content = DeveloperContent(content)
+    assert isinstance(content, DeveloperContent)
+    content = DeveloperContent(instructions if instructions is not None else content.instructions,
+                               [*content.tools, *tools])
+    if content.instructions is None and not content.tools:
+        return None
+    return Message(Role.DEVELOPER, content)
+
+
+def prepare_conversation(
+    messages: str | Sequence[Message],
+    *,
+    reasoning: str | None = None,
+    date: str | None = None,
+    instructions: str | None = None,
+    tools: Sequence[harmony.ToolDescription] = (),
+) -> list[Message]:
+    """The messages as the model must see them: a system message first (date, reasoning effort), a
+    developer message next when there are instructions or tools, then the conversation without the
+    analysis of finished turns. A str is one user message."""
+    rest = [Message.user(messages)] if isinstance(messages, str) else list(messages)
+    system, rest = _leading(rest, Role.SYSTEM)
+    developer, rest = _leading(rest, Role.DEVELOPER)
+    developer = developer_message(developer, instructions, tools)
+    head = [system_message(system, reasoning, date)] + ([developer] if developer is not None else [])
+    return head + drop_finished_analysis(rest)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Function tools
+# ---------------------------------------------------------------------------------------------------
+
+
+def functions_by_name(tools: Sequence[Callable[..., Any]]) -> dict[str, Callable[..., Any]]:
+    """The tools by the name the model calls them (`functions.NAME`)."""
+    functions: dict[str, Callable[..., Any]] = {}
+    for function in tools:
+        name = getattr(function, "__name__", None)
+        if not callable(function) or not name or name == "<lambda>":
+            raise GenerationError(f"a tool must be a named function, got {function!r}")
+        if name in functions:
+            raise GenerationError(f"two tools are named {name!r}")
+        functions[name] = function
+    return functions
+
+
+def _error_result(message: str) -> str:
+    return json.dumps({"error": message}, ensure_ascii=False)
+
+
+def run_tool(functions: dict[str, Callable[..., Any]], recipient: str, arguments: str) -> str:
+    """Call the function `recipient` names (`functions.NAME`) with the JSON object `arguments`.
+    -> its result as text (str as is, anything else as JSON); every failure as an error result."""
+    name = recipient.removeprefix("functions.")
+    function = functions.get(name) if recipient.startswith("functions.") else None
+    if function is None:
+        known = ", ".join(f"functions.{n}" for n in functions) or "none"
+        return _error_result(f"unknown tool {recipient!r}; the tools are: {known}")
+    try:
+        args = json.loads(arguments) if arguments.strip() else {}
+    except json.JSONDecodeError as err:
+        return _error_result(f"the arguments are not valid JSON: {err}")
+    if not isinstance(args, dict):
+        return _error_result("the arguments must be a JSON object")
+    try:
+        result = function(**args)
+    except Exception as err:  # the tool's own failure is news for the model, not a crash
+        return _error_result(f"{type(err).__name__}: {err}")
+    return result if isinstance(result, str) else json.dumps(result, ensure_ascii=False, default=str)
+
+
+def tool_result(call: Message, output: str) -> Message:
+    """The message that answers `call`: from its recipient, to the assistant, on its channel."""
+    return Message(Role.TOOL, output, name=call.recipient, channel=call.channel or "commentary",
+                   recipient="assistant")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampling one assistant turn
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Tally:
+    """Stats being counted."""
+
+    prompt_tokens: int
+    reused_tokens: int = 0
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0
+    generated_tokens: int = 0
+    decode_seconds: float = 0.0
+
+    def stats(self, stop_reason: str) -> Stats:
+        return Stats(self.prompt_tokens, self.reused_tokens, self.prefill_tokens, self.prefill_seconds,
+                     self.generated_tokens, self.decode_seconds, stop_reason)
+
+
+def _parse(parser: harmony.StreamParser, token: int, choice: Choice | None) -> TokenEvent | None:
+    """Feed `token` to the parser. -> the event it makes, or None when it is not harmony."""
+    channel, recipient = parser.current_channel, parser.current_recipient  # of the message it may end
+    try:
+        parser.process(token)
+    except harmony.HarmonyError:
+        return None
+    if parser.state == "content":
+        channel, recipient = parser.current_channel, parser.current_recipient
+        return TokenEvent(token, parser.last_content_delta or "", channel, recipient, choice)
+    if token in harmony.STOP_TOKENS:
+        return TokenEvent(token, "", channel, recipient, choice)
+    return TokenEvent(token, "", None, None, choice)  # a header token
+
+
+def _finish(parser: harmony.StreamParser) -> list[Message]:
+    """The messages parsed, the one cut off by a stop included."""
+    try:
+        parser.process_eos()
+    except harmony.HarmonyError:
+        pass  # a header cut off mid-way says nothing (the parser is lenient, this is belt and braces)
+    return parser.messages
+
+
+def _sample(sampler: Sampler, logits: np.ndarray, logprobs: int | None) -> tuple[int, Choice | None]:
+    if logprobs is None:
+        return sampler.sample(logits), None
+    choice = sampler.sample_with_logprobs(logits, logprobs)
+    return choice.token, choice
+
+
+def _prefill(context: Context, prompt: list[int], tally: _Tally) -> tuple[np.ndarray, int]:
+    """`context.prefill`, timed. -> (logits [vocab] after the prompt, ids reused from the cache)"""
+    start = time.perf_counter()
+    logits, reused = context.prefill(prompt)
+    tally.prefill_seconds += time.perf_counter() - start
+    tally.prefill_tokens += len(prompt) - reused
+    return logits, reused
+
+
+def _sample_turn(
+    context: Context,
+    logits: np.ndarray,
+    sampler: Sampler,
+    max_tokens: int,
+    logprobs: int | None,
+    tally: _Tally,
+) -> Generator[TokenEvent, None, tuple[str, list[int], list[Message]]]:
+    """Sample the assistant's turn from `logits` (those after a prompt ending in `<|start|>assistant`)
+    until `<|return|>`, `<|call|>`, `max_tokens` or a full context.
+
+    Yields a TokenEvent per token; returns (stop reason, the sampled tokens, the parsed messages).
+    The context ends holding every sampled token but the last (which is never run).
+    """
+    parser = harmony.StreamParser(Role.ASSISTANT, strict=False)
+    sampled: list[int] = []
+    while True:
+        start = time.perf_counter()
+        token, choice = _sample(sampler, logits, logprobs)
+        tally.decode_seconds += time.perf_counter() - start
+        sampled.append(token)
+        tally.generated_tokens += 1
+        event = _parse(parser, token, choice)
+        yield event if event is not None else TokenEvent(token, "", None, None, choice)
+        if event is None:
+            reason = "malformed"
+        elif token == RETURN:
+            reason = "return"
+        elif token == CALL:
+            reason = "call"
+        elif len(sampled) >= max_tokens:
+            reason = "max_tokens"
+        elif context.room < 1:
+            reason = "context"
+        else:
+            start = time.perf_counter()
+            logits = context.append([token])
+            tally.decode_seconds += time.perf_counter() - start
+            continue
+        return reason, sampled, _finish(parser)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The public entry points
+# ---------------------------------------------------------------------------------------------------
+
+
+def generate(
+    model: Any,
+    messages: str | Sequence[Message],
+    *,
+    tools: Sequence[Callable[..., Any]] | None = None,
+    sampler: Sampler | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    reasoning: str | None = None,
+    date: str | None = None,
+    instructions: str | None = None,
+    logprobs: int | None = None,
+    max_tool_rounds: int = DEFAULT_MAX_TOOL_ROUNDS,
+    context: Context | None = None,
+) -> Iterator[Event]:
+    """Stream the assistant's reply to `messages` (a str is one user message).
+
+    tools: Python functions the model may call; None means no tool loop (a call stops the reply
+        with stop_reason "call" and is left to the caller in `Reply.messages`).
+    sampler: how tokens are chosen (default: Sampler(), temperature 1; Sampler(temperature=0) is greedy).
+    max_tokens: sampled tokens, all tool rounds together.
+    reasoning: "low" | "medium" | "high"; date: "YYYY-MM-DD" (default today); instructions: the
+        developer message's (what other formats call the system prompt). Each overrides what a
+        system or developer message in `messages` says.
+    logprobs: None for none; n >= 0 for each token's log-probability and its n most likely rivals.
+    context: reuse a Context (its cached ids) across calls, e.g. the turns of a chat.
+
+    Yields TokenEvent per token, ToolEvent per function run, and last a Reply. (Being a generator,
+    it checks its arguments and renders the prompt when first asked for an event.)
+    """
+    if max_tokens < 1:
+        raise GenerationError(f"max_tokens must be >= 1, got {max_tokens}")
+    functions = functions_by_name(tools) if tools is not None else None
+    descriptions = [harmony.tool_from_function(f) for f in (functions or {}).values()]
+    conversation = prepare_conversation(messages, reasoning=reasoning, date=date,
+                                        instructions=instructions, tools=descriptions)
+    prompt = harmony.render_conversation_for_completion(conversation)
+    context = context if context is not None else Context(model)
+    sampler = sampler if sampler is not None else Sampler()
+    tally = _Tally(prompt_tokens=len(prompt))
+    new_messages: list[Message] = []
+    tokens: list[int] = []
+    rounds = 0
+    while True:
+        logits, reused = _prefill(context, prompt, tally)
+        if rounds == 0:
+            tally.reused_tokens = reused
+        budget = max_tokens - len(tokens)
+        reason, sampled, said = yield from _sample_turn(context, logits, sampler, budget, logprobs, tally)
+        tokens += sampled
+        new_messages += said
+        call = said[-1] if reason == "call" and said and said[-1].recipient else None
+        if functions is None or call is None:
+            break
+        if rounds == max_tool_rounds:
+            reason = "tool_rounds"
+            break
+        result = tool_result(call, run_tool(functions, call.recipient, call.text))
+        rounds += 1
+        new_messages.append(result)
+        yield ToolEvent(call.recipient, call.text, result.text)
+        # continue from exactly what the model saw: its own tokens, then the result, then our turn
+        prompt = prompt + sampled + harmony.render_conversation_for_completion([result])
+        if len(tokens) >= max_tokens:
+            reason = "max_tokens"
+            break
+        if len(prompt) > context.max_tokens:
+            reason = "context"
+            break
+    yield Reply(new_messages, tokens, tally.stats(reason))
+
+
+def chat(model: Any, messages: str | Sequence[Message], **options: Any) -> Reply:
+    """Generate a whole reply: `chat(model, "Hello", sampler=Sampler(temperature=0)).text`.
+
+    Takes the options of `generate`.
+    """
+    for event in generate(model, messages, **options):
+        if isinstance(event, Reply):
+            return event
+    raise AssertionError("generate() always ends with a Reply")
