@@ -18,7 +18,9 @@ they are tested against.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from typing import Callable
 
 import numpy as np
 
@@ -26,6 +28,9 @@ from . import mxfp4
 from .config import Config
 from .errors import TinyossError
 from .store import Checkpoint, bf16_to_f32
+
+Recorder = Callable[[str, np.ndarray], None]  # one layer's view: rec(name, value)
+RecorderLike = Callable[[int, str, np.ndarray], None]  # rec(layer, name, value)
 
 # ---------------------------------------------------------------------------------------------
 # weights: immutable views into the memory-mapped checkpoint
@@ -210,10 +215,11 @@ def attention_scores_mask(q_pos: np.ndarray, k_pos: np.ndarray, window: int) -> 
 
 
 def sdpa(q: np.ndarray, k: np.ndarray, v: np.ndarray, sinks: np.ndarray,
-         visible: np.ndarray) -> np.ndarray:
+         visible: np.ndarray, rec: Recorder | None = None) -> np.ndarray:
     """Attention with a learned sink per head.
 
     q [n, Hkv, q_mult, dh], k/v [T, Hkv, dh], sinks [Hkv, q_mult] f32, visible [n, T] -> [n, Hq*dh]
+    With a recorder: "attn_weights" [Hq, n, T] and "sink_mass" [Hq, n] (the sink's share).
     """
     n, Hkv, q_mult, dh = q.shape
     scores = np.einsum("qhmd,khd->hmqk", q, k) * np.float32(1 / math.sqrt(dh))  # [Hkv, qm, n, T]
@@ -224,12 +230,16 @@ def sdpa(q: np.ndarray, k: np.ndarray, v: np.ndarray, sinks: np.ndarray,
     m = np.maximum(scores.max(axis=-1, keepdims=True), sink)
     w = np.exp(scores - m)  # [Hkv, qm, n, T]
     w /= w.sum(axis=-1, keepdims=True) + np.exp(sink - m)
+    if rec is not None:
+        rec("attn_weights", w.reshape(Hkv * q_mult, n, -1))
+        rec("sink_mass", 1 - w.sum(axis=-1).reshape(Hkv * q_mult, n))
     out = np.einsum("hmqk,khd->qhmd", w, v)  # [n, Hkv, qm, dh]
     return out.reshape(n, Hkv * q_mult * dh)
 
 
 def attention_block(x: np.ndarray, lw: LayerWeights, c: Config, layer: int, cache: KVCache,
-                    positions: np.ndarray, query_chunk: int = 256) -> np.ndarray:
+                    positions: np.ndarray, query_chunk: int = 256,
+                    rec: Recorder | None = None) -> np.ndarray:
     """x [n, D] -> x + attention(rmsnorm(x)) [n, D]; appends this layer's keys to the cache."""
     n, Hkv, dh = x.shape[0], c.num_key_value_heads, c.head_dim
     t = rmsnorm(x, lw.attn_norm, c.rms_norm_eps)  # [n, D]
@@ -245,9 +255,14 @@ def attention_block(x: np.ndarray, lw: LayerWeights, c: Config, layer: int, cach
     window = c.sliding_window if c.layer_sliding[layer] else 0  # banded on sliding layers only
     sinks = bf16_to_f32(lw.sinks).reshape(Hkv, c.q_mult)
     out = np.empty((n, c.q_dim), np.float32)
+    if rec is not None:  # recording wants the whole [heads, n, T] picture at once
+        query_chunk = n
+        rec("key_positions", k_pos)
+        rec("visible", attention_scores_mask(positions, k_pos, window))
     for i in range(0, n, query_chunk):  # bounds the [heads, n, T] score matrix
         s = slice(i, i + query_chunk)
-        out[s] = sdpa(q[s], k_all, v_all, sinks, attention_scores_mask(positions[s], k_pos, window))
+        out[s] = sdpa(q[s], k_all, v_all, sinks, attention_scores_mask(positions[s], k_pos, window),
+                      rec)
     cache.write(layer, positions, k, v)
     return x + linear(out, lw.o_w, lw.o_b)
 
@@ -269,10 +284,15 @@ def route(t: np.ndarray, lw: LayerWeights, k: int) -> tuple[np.ndarray, np.ndarr
     return experts, weights / weights.sum(axis=-1, keepdims=True)
 
 
-def moe_block(x: np.ndarray, lw: LayerWeights, c: Config) -> np.ndarray:
+def moe_block(x: np.ndarray, lw: LayerWeights, c: Config,
+              rec: Recorder | None = None) -> np.ndarray:
     """x [n, D] -> x + moe(rmsnorm(x)) [n, D]. Each used expert is decoded once per call."""
     t = rmsnorm(x, lw.mlp_norm, c.rms_norm_eps)  # [n, D]
     experts, weights = route(t, lw, c.experts_per_token)  # [n, k], [n, k]
+    if rec is not None:
+        rec("router_logits", linear(t, lw.router_w, lw.router_b))
+        rec("experts", experts)
+        rec("expert_weights", weights)
     out = np.zeros_like(t)
     for e in np.unique(experts):
         tok, slot = np.nonzero(experts == e)  # the tokens routed to expert e
@@ -284,16 +304,31 @@ def moe_block(x: np.ndarray, lw: LayerWeights, c: Config) -> np.ndarray:
     return x + out
 
 
-def forward_reference(w: Weights, c: Config, tokens: np.ndarray, cache: KVCache) -> np.ndarray:
-    """tokens [n] -> logits [n, V] float32; appends the tokens to `cache`."""
+def forward_reference(w: Weights, c: Config, tokens: np.ndarray, cache: KVCache,
+                      recorder: "RecorderLike | None" = None) -> np.ndarray:
+    """tokens [n] -> logits [n, V] float32; appends the tokens to `cache`.
+
+    A recorder (see recorder.py) is called as recorder(layer, name, value) at each step; layer
+    is -1 outside the blocks. Without one, recording costs one `is None` test per step.
+    """
     positions = np.arange(cache.n_tokens, cache.n_tokens + len(tokens))
     x = bf16_to_f32(w.embed[tokens])  # [n, D], no embedding scale
     for layer, lw in enumerate(w.layers):
-        x = attention_block(x, lw, c, layer, cache, positions)
-        x = moe_block(x, lw, c)
+        rec = None if recorder is None else functools.partial(recorder, layer)
+        if rec is not None:
+            rec("resid_pre", x)
+        x = attention_block(x, lw, c, layer, cache, positions, rec=rec)
+        if rec is not None:
+            rec("resid_mid", x)
+        x = moe_block(x, lw, c, rec)
+        if rec is not None:
+            rec("resid_post", x)
     cache.n_tokens += len(tokens)
     x = rmsnorm(x, w.norm, c.rms_norm_eps)
-    return linear(x, w.unembed)  # [n, V]
+    logits = linear(x, w.unembed)  # [n, V]
+    if recorder is not None:
+        recorder(-1, "logits", logits)
+    return logits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,10 +396,13 @@ class Model:
         tokens, cache = self._prepare(tokens, cache)
         return forward_fast(self.fast_weights, self.config, tokens, cache, last_only)
 
-    def forward_reference(self, tokens, cache: KVCache | None = None) -> np.ndarray:
-        """The same logits from the readable numpy definition in this file."""
+    def forward_reference(self, tokens, cache: KVCache | None = None,
+                          recorder: "RecorderLike | None" = None) -> np.ndarray:
+        """The same logits from the readable numpy definition in this file.
+
+        recorder(layer, name, value) sees every intermediate (see recorder.py)."""
         tokens, cache = self._prepare(tokens, cache)
-        return forward_reference(self.weights, self.config, tokens, cache)
+        return forward_reference(self.weights, self.config, tokens, cache, recorder)
 
 
 def load(path, layout: str | None = None, dense: str = "bf16") -> Model:
