@@ -43,6 +43,7 @@ class Dense:
 
     def __init__(self, w: np.ndarray, b: np.ndarray | None, q8: bool = False):
         self.rows, self.cols = w.shape
+        self.serial = self.rows < 256  # waking the worker threads costs more than the work
         self.bias = _NO_BIAS if b is None else b
         self.bias_f32 = None if b is None else bf16_to_f32(b)
         self.w = w
@@ -60,6 +61,8 @@ class Dense:
             for i in range(n):
                 if self.q8:
                     kernels.f32_q8w_matvec(self.q8[0], self.q8[1], x[i], self.bias, out[i])
+                elif self.serial:
+                    kernels.f32_bf16w_matvec_serial(self.w, x[i], self.bias, out[i])
                 else:
                     kernels.f32_bf16w_matvec(self.w, x[i], self.bias, out[i])
             return out
@@ -85,6 +88,17 @@ class FastLayer:
         self.o = Dense(lw.o_w, lw.o_b, q8)
         self.router = Dense(lw.router_w, lw.router_b, False)  # tiny; kept exact
         self.sinks = bf16_to_f32(lw.sinks)  # [Hq]
+
+    def qkv(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """t [n, D] -> q [n, Hq*dh], k, v [n, Hkv*dh]; one kernel launch for a bf16 token."""
+        if t.shape[0] != 1 or self.q.q8:
+            return self.q(t), self.k(t), self.v(t)
+        q = np.empty((1, self.q.rows), np.float32)
+        k = np.empty((1, self.k.rows), np.float32)
+        v = np.empty((1, self.v.rows), np.float32)
+        kernels.f32_bf16w_qkv_matvec(self.q.w, self.q.bias, q[0], self.k.w, self.k.bias, k[0],
+                                     self.v.w, self.v.bias, v[0], t[0])
+        return q, k, v
 
 
 class FastWeights:
@@ -197,9 +211,10 @@ def forward_fast(fw: FastWeights, c: Config, tokens: np.ndarray, cache: KVCache,
     for layer, fl in enumerate(fw.layers):
         lw = fl.lw
         t = rmsnorm(x, lw.attn_norm, c.rms_norm_eps)
-        q = apply_rope(fl.q(t).reshape(n, c.num_attention_heads, c.head_dim), cos, sin)
-        k = apply_rope(fl.k(t).reshape(n, c.num_key_value_heads, c.head_dim), cos, sin)
-        v = fl.v(t).reshape(n, c.num_key_value_heads, c.head_dim)
+        q, k, v = fl.qkv(t)
+        q = apply_rope(q.reshape(n, c.num_attention_heads, c.head_dim), cos, sin)
+        k = apply_rope(k.reshape(n, c.num_key_value_heads, c.head_dim), cos, sin)
+        v = v.reshape(n, c.num_key_value_heads, c.head_dim)
         x = x + fl.o(attention(c, layer, fl, cache, q, k, v, positions))
         x = x + moe(c, fl, rmsnorm(x, lw.mlp_norm, c.rms_norm_eps))
     cache.n_tokens += n

@@ -132,28 +132,55 @@ def f32_mf4w_moe_matvec(blocks, scales, bias, experts, xe, xo, out):
 # dense bf16 and int8 weights
 
 
-@jit(parallel=True, fastmath=True)
-def f32_bf16w_matvec(w, x, bias, out):
+@jit(fastmath=True)
+def _bf16_rows(w, x, bias, out, r0, r1):
+    """Rows r0..r1 of `f32_bf16w_matvec`. Two bf16 values share one uint32 load; each widens to
+    float32 with a shift (little-endian: the low half is element 2i)."""
+    half = w.shape[1] // 2
+    w32 = w.reshape(-1).view(np.uint32)
+    for r in range(r0, r1):
+        acc = np.float32(0.0)
+        base = r * half
+        for i in range(half):
+            u = w32[base + i]
+            acc += as_float32(u << np.uint32(16)) * x[2 * i] + as_float32(u & _HI16) * x[2 * i + 1]
+        if bias.shape[0] > 0:
+            acc += as_float32(np.uint32(bias[r]) << np.uint32(16))
+        out[r] = acc
+
+
+def _f32_bf16w_matvec(w, x, bias, out):
     """out[r] = sum_c bf16(w[r, c]) x[c] (+ bf16(bias[r]) if bias is non-empty).
 
     w [R, C] uint16 with C even, x [C] f32, out [R] f32. Twin: model.linear (rtol 1e-5).
-    Two bf16 values share one uint32 load; each widens to float32 with a shift (little-endian:
-    the low half is element 2i).
     """
-    R, C = w.shape
-    half = C // 2
-    w32 = w.reshape(-1).view(np.uint32)
+    R = w.shape[0]
     n_tasks = (R + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in numba.prange(n_tasks):
-        for r in range(task * ROWS_PER_TASK, min((task + 1) * ROWS_PER_TASK, R)):
-            acc = np.float32(0.0)
-            base = r * half
-            for i in range(half):
-                u = w32[base + i]
-                acc += as_float32(u << np.uint32(16)) * x[2 * i] + as_float32(u & _HI16) * x[2 * i + 1]
-            if bias.shape[0] > 0:
-                acc += as_float32(np.uint32(bias[r]) << np.uint32(16))
-            out[r] = acc
+        _bf16_rows(w, x, bias, out, task * ROWS_PER_TASK, min((task + 1) * ROWS_PER_TASK, R))
+
+
+f32_bf16w_matvec = jit(parallel=True, fastmath=True)(_f32_bf16w_matvec)
+# small matrices (the router: E rows) cost less than waking the worker threads
+f32_bf16w_matvec_serial = jit(fastmath=True)(_f32_bf16w_matvec)
+
+
+@jit(parallel=True, fastmath=True)
+def f32_bf16w_qkv_matvec(wq, bq, oq, wk, bk, ok, wv, bv, ov, x):
+    """q, k and v projections of one token in one parallel launch: three `f32_bf16w_matvec`s."""
+    tq = (wq.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    tk = (wk.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    tv = (wv.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for task in numba.prange(tq + tk + tv):
+        if task < tq:
+            r0 = task * ROWS_PER_TASK
+            _bf16_rows(wq, x, bq, oq, r0, min(r0 + ROWS_PER_TASK, wq.shape[0]))
+        elif task < tq + tk:
+            r0 = (task - tq) * ROWS_PER_TASK
+            _bf16_rows(wk, x, bk, ok, r0, min(r0 + ROWS_PER_TASK, wk.shape[0]))
+        else:
+            r0 = (task - tq - tk) * ROWS_PER_TASK
+            _bf16_rows(wv, x, bv, ov, r0, min(r0 + ROWS_PER_TASK, wv.shape[0]))
 
 
 @jit(parallel=True)
