@@ -96,3 +96,29 @@ def test_last_only_is_the_last_row(make_checkpoint):
     last = model.forward(tokens, last_only=True)
     assert last.shape == (1, cfg["vocab_size"])
     assert np.abs(last - model.forward(tokens)[-1:]).max() <= 1e-5  # matvec vs BLAS summation order
+
+
+def test_q8_dense_matches_the_reference_given_the_same_int8_weights(make_checkpoint):
+    """dense='q8' computes exactly what the official reference computes when its attention and
+    unembedding matrices are replaced by the dequantized int8 blocks (the router stays bf16)."""
+    torch = pytest.importorskip("torch")
+    model_mod = pytest.importorskip("gpt_oss.torch.model")
+    from tinyoss.quant import q8_dequantize
+
+    cfg = CONFIGS["4experts-top4-3kv"]
+    root = make_checkpoint("both", seed=11, **cfg)
+    model = tinyoss.load(root, dense="q8")
+    ref = model_mod.Transformer.from_checkpoint(str(root / "original"), device="cpu").float()
+    deq = lambda dense: torch.from_numpy(q8_dequantize(*dense.q8))  # noqa: E731
+    with torch.no_grad():
+        for block, fl in zip(ref.block, model.fast_weights.layers):
+            block.attn.qkv.weight.copy_(torch.cat([deq(fl.q), deq(fl.k), deq(fl.v)]))
+            block.attn.out.weight.copy_(deq(fl.o))
+        ref.unembedding.weight.copy_(deq(model.fast_weights.unembed))
+        tokens = _tokens(cfg["vocab_size"], 40, seed=10)
+        expected = ref(torch.as_tensor(tokens)).numpy()
+    assert np.abs(model.forward(tokens) - expected).max() <= TOL
+    cache = model.new_cache()  # the decode (matvec) kernels too
+    steps = np.concatenate([model.forward(tokens[:1], cache)] +
+                           [model.forward(tokens[i:i + 1], cache) for i in range(1, 40)])
+    assert np.abs(steps - expected).max() <= TOL

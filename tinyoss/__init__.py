@@ -2,7 +2,9 @@
 
 from .config import Config
 from .errors import TinyossError
+from .generate import chat, generate
 from .model import KVCache, Model, load
+from .sampling import Sampler
 
-__all__ = ["Config", "KVCache", "Model", "TinyossError", "load"]
+__all__ = ["Config", "KVCache", "Model", "Sampler", "TinyossError", "chat", "generate", "load"]
 __version__ = "0.1.0"

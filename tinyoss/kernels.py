@@ -19,7 +19,7 @@ import numba
 import numpy as np
 
 from . import mxfp4
-from .simd import HAVE_PSHUFB, as_float32, mxfp4_block_decode_pshufb, mxfp4_row_dot_pshufb
+from .simd import HAVE_PSHUFB, as_float32, mxfp4_block_decode_pshufb, mxfp4_row_dot_pshufb, q8_row_dot
 
 CACHE = os.environ.get("TINYOSS_NUMBA_CACHE", "1") != "0"
 
@@ -213,15 +213,12 @@ def f32_q8w_matvec(q, s, x, bias, out):
     q [R, C] int8, s [R, C/32] f32. Twin: quant.q8_dequantize(q, s) @ x (rtol 1e-5)."""
     R, C = q.shape
     nb = C // 32
+    flat_q = q.reshape(-1)
+    flat_s = s.reshape(-1)
     n_tasks = (R + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in numba.prange(n_tasks):
         for r in range(task * ROWS_PER_TASK, min((task + 1) * ROWS_PER_TASK, R)):
-            acc = np.float32(0.0)
-            for b in range(nb):
-                part = np.float32(0.0)
-                for j in range(32):
-                    part += np.float32(q[r, b * 32 + j]) * x[b * 32 + j]
-                acc += part * s[r, b]
+            acc = q8_row_dot(flat_q, r * C, flat_s, r * nb, x, nb)
             if bias.shape[0] > 0:
                 acc += as_float32(np.uint32(bias[r]) << np.uint32(16))
             out[r] = acc

@@ -134,3 +134,44 @@ def mxfp4_block_decode_pshufb(typingctx, blocks, b_off, scale, out, o_off):
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+@intrinsic
+def q8_row_dot(typingctx, q, q_off, scales, s_off, x, nb):
+    """sum over one int8 row of scale[b] * q[32b + j] * x[32b + j] (float32), 32 values a step.
+
+    q: flat int8 array (row starts at q_off), scales: flat float32 (row's first at s_off),
+    x: float32 [nb * 32]. Plain LLVM vector IR: portable, no CPU-specific instruction."""
+    sig = types.float32(q, types.intp, scales, types.intp, x, types.intp)
+
+    def codegen(context, builder, signature, args):
+        q_a, q_off, s_a, s_off, x_a, nb = args
+        a = signature.args
+        v32i8, v32i32, v32f = (ir.VectorType(t, 32) for t in (_i8, _i32, _f32))
+        qptr = builder.gep(_data(context, builder, a[0], q_a), [q_off])
+        sptr = builder.gep(_data(context, builder, a[2], s_a), [s_off])
+        xptr = _data(context, builder, a[4], x_a)
+        acc_slot = cgutils.alloca_once_value(builder, ir.Constant(v32f, [0.0] * 32))
+        with cgutils.for_range(builder, nb) as loop:
+            off = builder.mul(loop.index, ir.Constant(_i64, 32))
+            qv = builder.load(builder.bitcast(builder.gep(qptr, [off]), v32i8.as_pointer()), align=1)
+            xv = builder.load(builder.bitcast(builder.gep(xptr, [off]), v32f.as_pointer()), align=4)
+            scale = builder.load(builder.gep(sptr, [loop.index]))
+            splat = builder.insert_element(ir.Constant(v32f, ir.Undefined), scale, ir.Constant(_i32, 0))
+            splat = builder.shuffle_vector(splat, splat, ir.Constant(v32i32, [0] * 32))
+            prod = builder.fmul(builder.sitofp(builder.sext(qv, v32i32), v32f), xv, flags=_FAST)
+            acc = builder.load(acc_slot)
+            builder.store(builder.fadd(acc, builder.fmul(prod, splat, flags=_FAST), flags=_FAST),
+                          acc_slot)
+        total = builder.load(acc_slot)
+        width = 32
+        while width > 1:  # tree reduction of the 32 lanes
+            width //= 2
+            left = builder.shuffle_vector(total, total, ir.Constant(ir.VectorType(_i32, width),
+                                                                    list(range(width))))
+            right = builder.shuffle_vector(total, total, ir.Constant(
+                ir.VectorType(_i32, width), list(range(width, 2 * width))))
+            total = builder.fadd(left, right, flags=_FAST)
+        return builder.extract_element(total, ir.Constant(_i32, 0))
+
+    return sig, codegen
