@@ -73,7 +73,7 @@ class Dense:
                 kernels.q8_dequantize(self.q8[0][r:r1], self.q8[1][r:r1], tile)
             else:
                 kernels.bf16_widen(self.w[r:r1], tile)
-            np.matmul(x, tile.T, out=out[:, r:r1])
+            out[:, r:r1] = x @ tile.T  # (matmul into a strided `out=` would skip BLAS)
         if self.bias_f32 is not None:
             out += self.bias_f32
         return out
@@ -197,7 +197,7 @@ def _mxfp4_matmul(x: np.ndarray, blocks: np.ndarray, scales: np.ndarray) -> np.n
         r1 = min(r + TILE_ROWS, rows)
         tile = SCRATCH.tile(r1 - r, blocks.shape[1] * 32)
         kernels.mxfp4_decode(blocks[r:r1], scales[r:r1], tile)
-        np.matmul(x, tile.T, out=out[:, r:r1])
+        out[:, r:r1] = x @ tile.T  # (matmul into a strided `out=` would skip BLAS)
     return out
 
 
