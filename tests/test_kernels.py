@@ -138,7 +138,8 @@ def test_attention_equals_sdpa(case):
     q, k, v, sinks, cached, window = case
     want = _sdpa_twin(q, k, v, sinks, cached, window)
     out = np.empty_like(want)
-    kernels.f32_attention(q, k, v, sinks, cached, 0, 0, 0, window, out)
+    head_major = lambda a: np.ascontiguousarray(a.transpose(1, 0, 2))  # noqa: E731
+    kernels.f32_attention(q, head_major(k), head_major(v), sinks, cached, 0, 0, 0, window, out)
     _close(out, want, np.abs(v).max() * 1.0)
 
 
@@ -153,11 +154,11 @@ def test_attention_reads_a_ring_buffer(case, ring):
         q = q[-1:]
         cached = T - 1
     ring = max(ring, window)
-    k_ring = np.zeros((ring, *k.shape[1:]), np.float32)
+    k_ring = np.zeros((k.shape[1], ring, k.shape[2]), np.float32)  # head-major, like KVCache
     v_ring = np.zeros_like(k_ring)
     first = max(0, T - ring)
     for p in range(first, T):
-        k_ring[p % ring], v_ring[p % ring] = k[p], v[p]
+        k_ring[:, p % ring], v_ring[:, p % ring] = k[p], v[p]
     want = _sdpa_twin(q, k, v, sinks, cached, window)
     out = np.empty_like(want)
     kernels.f32_attention(q, k_ring, v_ring, sinks, cached, first, ring, 0, window, out)
@@ -197,3 +198,16 @@ def test_qkv_matvec_is_three_matvecs(seed, rq, rk, half_cols):
         kernels.f32_bf16w_matvec_serial(m, x, b, want)
         np.testing.assert_array_equal(o, want)  # same rows, same code: identical
         _close(o, bf16_to_f32(m) @ x + bf16_to_f32(b), np.abs(bf16_to_f32(m)) @ np.abs(x) + 1)
+
+
+@SETTINGS
+@given(attention_case())
+def test_decode_attention_equals_sdpa(case):
+    """fast.attend_one (one query that sees every key) against the numpy definition."""
+    from tinyoss.fast import attend_one
+
+    q, k, v, sinks, _, _ = case
+    T = k.shape[0]
+    want = _sdpa_twin(q[-1:], k, v, sinks, T - 1, 0)
+    got = attend_one(q[-1:], k.transpose(1, 0, 2), v.transpose(1, 0, 2), sinks)
+    _close(got, want, np.abs(v).max())

@@ -11,6 +11,8 @@ Same math, same order of steps as `model.forward_reference` (read that first); w
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from . import kernels
@@ -124,24 +126,41 @@ def attention(c: Config, layer: int, fl: FastLayer, cache: KVCache, q, k, v,
     n = q.shape[0]
     sliding = c.layer_sliding[layer]
     window = c.sliding_window if sliding else 0
-    out = np.empty((n, c.q_dim), np.float32)
     if sliding and n > 1:
         # the new tokens would overwrite ring slots their own queries still need: attend over
         # (cached keys in order + new keys), then keep the last `window` in the ring
         old_pos, old_k, old_v = cache.read(layer)
-        keys, values = np.concatenate([old_k, k]), np.concatenate([old_v, v])
+        keys = np.concatenate([old_k, k]).transpose(1, 0, 2).copy()  # [Hkv, T, dh]
+        values = np.concatenate([old_v, v]).transpose(1, 0, 2).copy()
         first = int(old_pos[0]) if len(old_pos) else int(positions[0])
+        out = np.empty((n, c.q_dim), np.float32)
         kernels.f32_attention(q, keys, values, fl.sinks, int(positions[0]), first, 0, first,
                               window, out)
         cache.write(layer, positions, k, v)
-    else:
-        cache.write(layer, positions, k, v)
-        end = int(positions[-1]) + 1
-        first = max(0, end - c.sliding_window) if sliding else 0
-        ring = cache.window if sliding else 0
-        kernels.f32_attention(q, cache.k[layer], cache.v[layer], fl.sinks, int(positions[0]),
-                              first, ring, 0, window, out)
+        return out
+    cache.write(layer, positions, k, v)
+    end = int(positions[-1]) + 1
+    if n == 1:  # decode: every cached key is visible, in any slot order
+        count = min(end, cache.window) if sliding else end
+        return attend_one(q, cache.k[layer][:, :count], cache.v[layer][:, :count], fl.sinks)
+    out = np.empty((n, c.q_dim), np.float32)
+    kernels.f32_attention(q, cache.k[layer], cache.v[layer], fl.sinks, int(positions[0]), 0, 0,
+                          0, 0, out)
     return out
+
+
+def attend_one(q: np.ndarray, keys: np.ndarray, values: np.ndarray, sinks: np.ndarray
+               ) -> np.ndarray:
+    """One query token against keys/values it may all see: model.sdpa without a mask, as two
+    small matmuls per kv head. q [1, Hq, dh], keys/values [Hkv, T, dh], sinks [Hq] -> [1, Hq*dh]."""
+    Hkv, T, dh = keys.shape
+    qh = q[0].reshape(Hkv, -1, dh)  # [Hkv, q_mult, dh]
+    scores = (qh @ keys.transpose(0, 2, 1)) * np.float32(1 / np.sqrt(dh))  # [Hkv, q_mult, T]
+    sink = sinks.reshape(Hkv, -1, 1)
+    m = np.maximum(scores.max(axis=-1, keepdims=True), sink)  # the sink: one more column
+    w = np.exp(scores - m)
+    out = (w @ values) / (w.sum(axis=-1, keepdims=True) + np.exp(sink - m))  # [Hkv, q_mult, dh]
+    return out.reshape(1, -1)
 
 
 def moe(c: Config, fl: FastLayer, t: np.ndarray) -> np.ndarray:
@@ -204,6 +223,23 @@ def _mxfp4_matmul(x: np.ndarray, blocks: np.ndarray, scales: np.ndarray) -> np.n
 def forward_fast(fw: FastWeights, c: Config, tokens: np.ndarray, cache: KVCache,
                  last_only: bool = False) -> np.ndarray:
     """tokens [n] -> logits [n, V] (or [1, V] of the last token); appends them to the cache."""
+    if len(tokens) > MATVEC_MAX_TOKENS:
+        return _forward(fw, c, tokens, cache, last_only)
+    # decode: BLAS only multiplies a few tiny matrices (attention) between numba kernels; its
+    # threads, spinning after each call, would stall the kernels' threads (100x slower, measured)
+    with _blas_controller().limit(limits=1, user_api="blas"):
+        return _forward(fw, c, tokens, cache, last_only)
+
+
+@functools.lru_cache(maxsize=1)
+def _blas_controller():
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+def _forward(fw: FastWeights, c: Config, tokens: np.ndarray, cache: KVCache,
+             last_only: bool) -> np.ndarray:
     n = len(tokens)
     positions = np.arange(cache.n_tokens, cache.n_tokens + n)
     cos, sin = rope_cos_sin(c, positions)  # [n, dh/2], shared by every layer

@@ -249,14 +249,14 @@ def q8_dequantize(q, s, out):
 def f32_attention(q, k_buf, v_buf, sinks, q_pos0, first_pos, ring, k_pos0, window, out):
     """Attention with sinks, GQA and an optional band, reading keys straight from the KV cache.
 
-    q [n, Hq, dh] (roped), k_buf/v_buf [S, Hkv, dh], sinks [Hq] f32, out [n, Hq*dh].
+    q [n, Hq, dh] (roped), k_buf/v_buf [Hkv, S, dh] (head-major), sinks [Hq] f32, out [n, Hq*dh].
     Query i sits at position q_pos0 + i and sees positions max(first_pos, pos - window + 1)..pos
-    (window 0 = full causal); only those keys are touched. The key of position p is in row
-    p % ring of a ring buffer (ring > 0), else in row p - k_pos0.
+    (window 0 = full causal); only those keys are touched. The key of position p is in slot
+    p % ring of a ring buffer (ring > 0), else in slot p - k_pos0.
     Twin: model.sdpa with model.attention_scores_mask (rtol 1e-5).
     """
     n, Hq, dh = q.shape
-    Hkv = k_buf.shape[1]
+    Hkv = k_buf.shape[0]
     q_mult = Hq // Hkv
     scale = np.float32(1.0 / math.sqrt(dh))
     for task in numba.prange(n * Hkv):
@@ -274,7 +274,7 @@ def f32_attention(q, k_buf, v_buf, sinks, q_pos0, first_pos, ring, k_pos0, windo
             for m in range(q_mult):
                 s = np.float32(0.0)
                 for d in range(dh):
-                    s += q[i, h * q_mult + m, d] * k_buf[row, h, d]
+                    s += q[i, h * q_mult + m, d] * k_buf[h, row, d]
                 scores[m, t] = s * scale
         acc = np.empty(dh, np.float32)
         for m in range(q_mult):
@@ -290,6 +290,6 @@ def f32_attention(q, k_buf, v_buf, sinks, q_pos0, first_pos, ring, k_pos0, windo
                 w = np.exp(scores[m, t] - top)
                 denom += w
                 for d in range(dh):
-                    acc[d] += w * v_buf[row, h, d]
+                    acc[d] += w * v_buf[h, row, d]
             for d in range(dh):
                 out[i, hq * dh + d] = acc[d] / denom

@@ -84,6 +84,8 @@ class KVCache:
 
     Banded (sliding) layers keep a ring buffer of `sliding_window` slots: position p lives in slot
     p % window. Dense layers keep every position, growing by doubling up to `max_tokens`.
+    Buffers are head-major, k[layer] [Hkv, slots, dh]: one kv head's keys are contiguous, which is
+    how attention reads them.
     """
 
     def __init__(self, config: Config, max_tokens: int | None = None):
@@ -95,13 +97,13 @@ class KVCache:
         self.config = config
         self.n_tokens = 0  # positions 0 .. n_tokens-1 are cached
         self.window = config.sliding_window
-        shape = (config.num_key_value_heads, config.head_dim)
+        Hkv, dh = config.num_key_value_heads, config.head_dim
         self.k: list[np.ndarray] = []
         self.v: list[np.ndarray] = []
         for sliding in config.layer_sliding:
             slots = min(self.window, self.max_tokens) if sliding else min(256, self.max_tokens)
-            self.k.append(np.zeros((slots, *shape), np.float32))  # [slots, Hkv, dh]
-            self.v.append(np.zeros((slots, *shape), np.float32))
+            self.k.append(np.zeros((Hkv, slots, dh), np.float32))  # [Hkv, slots, dh]
+            self.v.append(np.zeros((Hkv, slots, dh), np.float32))
 
     def check_room(self, n_new: int) -> None:
         if self.n_tokens + n_new > self.max_tokens:
@@ -120,7 +122,7 @@ class KVCache:
         """(positions [T0], k [T0, Hkv, dh], v [T0, Hkv, dh]) of the cached tokens, oldest first."""
         pos = self.positions(layer)
         s = self.slots(layer, pos)
-        return pos, self.k[layer][s], self.v[layer][s]
+        return pos, self.k[layer][:, s].transpose(1, 0, 2), self.v[layer][:, s].transpose(1, 0, 2)
 
     def write(self, layer: int, positions: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
         """Store new keys/values; a ring keeps only the last `window` of them."""
@@ -130,17 +132,17 @@ class KVCache:
         else:
             self._grow(layer, int(positions[-1]) + 1)
         s = self.slots(layer, positions)
-        self.k[layer][s] = k
-        self.v[layer][s] = v
+        self.k[layer][:, s] = k.transpose(1, 0, 2)  # [n, Hkv, dh] -> [Hkv, n, dh]
+        self.v[layer][:, s] = v.transpose(1, 0, 2)
 
     def _grow(self, layer: int, need: int) -> None:
-        slots = self.k[layer].shape[0]
+        Hkv, slots, dh = self.k[layer].shape
         if need <= slots:
             return
         new = min(max(need, 2 * slots), self.max_tokens)
         for buf in (self.k, self.v):
-            grown = np.zeros((new, *buf[layer].shape[1:]), np.float32)
-            grown[:slots] = buf[layer]
+            grown = np.zeros((Hkv, new, dh), np.float32)
+            grown[:, :slots] = buf[layer]
             buf[layer] = grown
 
     def reset(self) -> None:
