@@ -244,3 +244,14 @@ def test_context_overflow(make_checkpoint):
     assert cache.n_tokens == 5  # nothing half-applied
     with pytest.raises(TinyossError, match="max_tokens must be in"):
         model.new_cache(max_tokens=10 ** 7)
+
+
+def test_release_keeps_the_data_readable(make_checkpoint):
+    """Dropping a tensor's pages from the process (dense='q8' does it) loses nothing: the next
+    read faults them back in from the page cache, bytes unchanged."""
+    ckpt = Checkpoint(make_checkpoint("both", seed=1, **SMALL))
+    arr = ckpt["unembed"]
+    before = arr.copy()
+    ckpt.release(arr)
+    np.testing.assert_array_equal(arr, before)
+    ckpt.release(np.zeros(4))  # not in any file: ignored

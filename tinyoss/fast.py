@@ -43,13 +43,16 @@ SCRATCH = Scratch()
 class Dense:
     """One dense weight matrix [R, C] (+ bias [R]): bf16 as published, or int8 blocks (q8)."""
 
-    def __init__(self, w: np.ndarray, b: np.ndarray | None, q8: bool = False):
+    def __init__(self, w: np.ndarray, b: np.ndarray | None, q8: bool = False,
+                 release=lambda arr: None):
         self.rows, self.cols = w.shape
         self.serial = self.rows < 256  # waking the worker threads costs more than the work
         self.bias = _NO_BIAS if b is None else b
         self.bias_f32 = None if b is None else bf16_to_f32(b)
         self.w = w
         self.q8 = kernels.bf16_to_q8(w) if q8 else None  # (int8 [R, C], scales [R, C/32])
+        if q8:
+            release(w)  # the bf16 pages are not read again: keep resident memory to the int8 copy
 
     @property
     def nbytes(self) -> int:
@@ -82,12 +85,12 @@ class Dense:
 
 
 class FastLayer:
-    def __init__(self, lw: LayerWeights, q8: bool):
+    def __init__(self, lw: LayerWeights, q8: bool, release):
         self.lw = lw
-        self.q = Dense(lw.q_w, lw.q_b, q8)
-        self.k = Dense(lw.k_w, lw.k_b, q8)
-        self.v = Dense(lw.v_w, lw.v_b, q8)
-        self.o = Dense(lw.o_w, lw.o_b, q8)
+        self.q = Dense(lw.q_w, lw.q_b, q8, release)
+        self.k = Dense(lw.k_w, lw.k_b, q8, release)
+        self.v = Dense(lw.v_w, lw.v_b, q8, release)
+        self.o = Dense(lw.o_w, lw.o_b, q8, release)
         self.router = Dense(lw.router_w, lw.router_b, False)  # tiny; kept exact
         self.sinks = bf16_to_f32(lw.sinks)  # [Hq]
 
@@ -106,12 +109,12 @@ class FastLayer:
 class FastWeights:
     """The weights as the fast path uses them: views, plus the int8 copies when dense='q8'."""
 
-    def __init__(self, w: Weights, dense: str = "bf16"):
+    def __init__(self, w: Weights, dense: str = "bf16", release=lambda arr: None):
         q8 = dense == "q8"
         self.embed = w.embed
         self.norm = w.norm
-        self.layers = [FastLayer(lw, q8) for lw in w.layers]
-        self.unembed = Dense(w.unembed, None, q8)
+        self.layers = [FastLayer(lw, q8, release) for lw in w.layers]
+        self.unembed = Dense(w.unembed, None, q8, release)
 
     @property
     def q8_bytes(self) -> int:

@@ -370,7 +370,7 @@ class Model:
         self.config: Config = ckpt.config
         self.dense = dense
         self.weights = Weights.from_checkpoint(ckpt)
-        self.fast_weights = FastWeights(self.weights, dense)
+        self.fast_weights = FastWeights(self.weights, dense, ckpt.release)
 
     def new_cache(self, max_tokens: int | None = None) -> KVCache:
         return KVCache(self.config, max_tokens)

@@ -108,6 +108,23 @@ class SafetensorsFile:
             except OSError:
                 pass
 
+    def release(self, arr: np.ndarray) -> bool:
+        """Drop `arr`'s pages from this process (they stay in the OS page cache): for weights that
+        will not be read again, e.g. bf16 matrices once dense='q8' made int8 copies. Returns
+        whether `arr` lies in this file."""
+        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return False
+        base = np.frombuffer(self._mmap, np.uint8).ctypes.data
+        start = arr.ctypes.data - base
+        if not 0 <= start < len(self._mmap):
+            return False
+        page = mmap.PAGESIZE
+        first = -(-start // page) * page  # whole pages inside the array only
+        last = (start + arr.nbytes) // page * page
+        if last > first:
+            self._mmap.madvise(mmap.MADV_DONTNEED, first, last - first)
+        return True
+
     def array(self, name: str) -> np.ndarray:
         """Zero-copy read-only view of one tensor."""
         info = self.tensors[name]
@@ -345,3 +362,9 @@ class Checkpoint:
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.tensors[name]
+
+    def release(self, arr: np.ndarray) -> None:
+        """Drop a tensor's pages from this process's memory (see SafetensorsFile.release)."""
+        for f in self.files.values():
+            if f.release(arr):
+                return
