@@ -260,3 +260,23 @@ def _forward(fw: FastWeights, c: Config, tokens: np.ndarray, cache: KVCache,
     if last_only:
         x = x[-1:]
     return fw.unembed(rmsnorm(x, fw.norm, c.rms_norm_eps))
+
+
+def warm_up(dense: str = "bf16") -> None:
+    """Compile every kernel (or load it from numba's on-disk cache) by running a tiny synthetic
+    checkpoint through prefill and decode. Its arrays have the same types as a real checkpoint's
+    (memory-mapped, read-only), so the real one then starts without compiling anything."""
+    import tempfile
+
+    from . import synth
+    from .model import Model
+    from .store import Checkpoint
+
+    config = synth.preset_config("tiny", vocab_size=64, num_hidden_layers=2, sliding_window=2)
+    with tempfile.TemporaryDirectory(prefix="tinyoss-warmup-") as tmp:
+        synth.write_checkpoint(f"{tmp}/m", config, "hf", "tiny", seed=0)
+        model = Model(Checkpoint(f"{tmp}/m"), dense)
+        cache = model.new_cache(8)
+        model.forward([1, 2, 3], cache, last_only=True)  # prefill: tiles + BLAS, band kernel
+        model.forward([4], cache, last_only=True)  # decode: matvec kernels
+        del model, cache
