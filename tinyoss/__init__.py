@@ -2,9 +2,11 @@
 
 from .config import Config
 from .errors import TinyossError
-from .generate import chat, generate
+from .generate import chat  # tinyoss.generate stays the module; its generator is generate.generate
 from .model import KVCache, Model, load
+from .recorder import Recording, record
 from .sampling import Sampler
 
-__all__ = ["Config", "KVCache", "Model", "Sampler", "TinyossError", "chat", "generate", "load"]
+__all__ = ["Config", "KVCache", "Model", "Recording", "Sampler", "TinyossError", "chat", "load",
+           "record"]
 __version__ = "0.1.0"

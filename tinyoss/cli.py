@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -544,6 +545,50 @@ def chat(
                 session.reply(line)
             except TinyossError as e:  # e.g. a history too long for the context: the session goes on
                 typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# inspect: one forward pass recorded layer by layer (recorder.py)
+
+
+@app.command("inspect")
+@clean_errors
+def inspect_(
+    model: str = typer.Argument(..., help="Checkpoint folder (HF repo root or original/) or Hugging "
+                                          "Face id (looked up as with run --model)."),
+    prompt: str = typer.Argument(..., help="The text to run, as a harmony user message unless --raw."),
+    raw: bool = typer.Option(False, "--raw", help="Tokenize PROMPT as it is, with no harmony message "
+                                                  "around it (special tokens written out are kept)."),
+    save: Optional[Path] = typer.Option(None, "--save", help="Also write the whole recording "
+                                                             "(recorder.Recording) to this .npz file."),
+) -> None:
+    """Run PROMPT through the reference forward pass and summarize each layer: residual norm, sink
+    mass, banded or dense attention, expert counts, and the logit lens' top token."""
+    from .harmony import Message, render_conversation_for_completion
+    from .recorder import format_summary, record
+    from .tokenizer import get_tokenizer
+
+    if not prompt.strip():
+        fail("the prompt is empty")
+    if save is not None:  # fail before the (slow) forward pass, not after it
+        if save.is_dir():
+            fail(f"--save {save}: is a folder, give a file name")
+        if not save.parent.is_dir():
+            fail(f"--save {save}: no such folder {save.parent}")
+        if not os.access(save.parent, os.W_OK) or (save.exists() and not os.access(save, os.W_OK)):
+            fail(f"--save {save}: not writable")
+    tokenizer = get_tokenizer()
+    if raw:
+        tokens = tokenizer.encode(prompt, allowed_special="all")
+    else:
+        tokens = render_conversation_for_completion([Message.user(prompt)], tokenizer=tokenizer)
+    loaded = _open_model(model, Dense.bf16, None)
+    with _stderr().status(f"recording {len(tokens)} tokens"):
+        recording = record(loaded, tokens)
+    typer.echo(format_summary(recording, lambda i: tokenizer.decode([i])))
+    if save is not None:
+        recording.save(save)
+        typer.echo(f"saved the recording to {save}")
 
 
 def main() -> None:
