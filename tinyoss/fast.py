@@ -12,7 +12,10 @@ Same math, same order of steps as `model.forward_reference` (read that first); w
 from __future__ import annotations
 
 import functools
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
+import numba
 import numpy as np
 
 from . import kernels
@@ -25,19 +28,46 @@ TILE_ROWS = 512  # rows widened/decoded at once for BLAS: a few MB, stays in cac
 _NO_BIAS = np.zeros(0, np.uint16)
 
 
-class Scratch:
-    """One reused float32 tile buffer: fresh memory for every tile would page-fault each time."""
+class TileMatmul:
+    """Prefill's matmuls: x [n, C] @ W.T for a weight W [R, C] stored as bf16, int8 or MXFP4.
+
+    W is turned into float32 TILE_ROWS rows at a time and multiplied by BLAS. Each of the worker
+    threads (one per core) takes the next tile, fills it with a serial numba kernel into its own
+    reused buffer (fresh memory would page-fault every time) and multiplies it with BLAS held to
+    one thread. Two thread pools (numba's, OpenBLAS's) alternating on the same cores would spin
+    against each other; here there is one pool, and numba's and BLAS's code run inside it.
+    """
 
     def __init__(self):
-        self.buf = np.empty(0, np.float32)
+        self._local = threading.local()
+        self._pool: ThreadPoolExecutor | None = None
+        self._workers = 0
 
-    def tile(self, rows: int, cols: int) -> np.ndarray:
-        if self.buf.size < rows * cols:
-            self.buf = np.empty(rows * cols, np.float32)
-        return self.buf[:rows * cols].reshape(rows, cols)
+    def _tile(self, rows: int, cols: int) -> np.ndarray:
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.size < rows * cols:
+            buf = self._local.buf = np.empty(rows * cols, np.float32)
+        return buf[:rows * cols].reshape(rows, cols)
+
+    def __call__(self, x: np.ndarray, rows: int, cols: int, fill) -> np.ndarray:
+        """fill(r0, r1, tile) writes rows r0..r1 of W as float32 into tile [r1-r0, cols]."""
+        out = np.empty((x.shape[0], rows), np.float32)
+
+        def work(r0: int) -> None:
+            r1 = min(r0 + TILE_ROWS, rows)
+            tile = self._tile(r1 - r0, cols)
+            fill(r0, r1, tile)
+            out[:, r0:r1] = x @ tile.T  # (matmul into a strided `out=` would skip BLAS)
+
+        workers = numba.get_num_threads()
+        if self._pool is None or self._workers != workers:
+            self._pool = ThreadPoolExecutor(workers, thread_name_prefix="tinyoss-tile")
+            self._workers = workers
+        list(self._pool.map(work, range(0, rows, TILE_ROWS)))
+        return out
 
 
-SCRATCH = Scratch()
+TILE_MATMUL = TileMatmul()
 
 
 class Dense:
@@ -71,14 +101,12 @@ class Dense:
                 else:
                     kernels.f32_bf16w_matvec(self.w, x[i], self.bias, out[i])
             return out
-        for r in range(0, self.rows, TILE_ROWS):
-            r1 = min(r + TILE_ROWS, self.rows)
-            tile = SCRATCH.tile(r1 - r, self.cols)
-            if self.q8:
-                kernels.q8_dequantize(self.q8[0][r:r1], self.q8[1][r:r1], tile)
-            else:
-                kernels.bf16_widen(self.w[r:r1], tile)
-            out[:, r:r1] = x @ tile.T  # (matmul into a strided `out=` would skip BLAS)
+        if self.q8:
+            q, s = self.q8
+            fill = lambda r0, r1, tile: kernels.q8_dequantize(q[r0:r1], s[r0:r1], tile)  # noqa
+        else:
+            fill = lambda r0, r1, tile: kernels.bf16_widen(self.w[r0:r1], tile)  # noqa: E731
+        out = TILE_MATMUL(x, self.rows, self.cols, fill)
         if self.bias_f32 is not None:
             out += self.bias_f32
         return out
@@ -213,23 +241,18 @@ def expert_tiles(c: Config, lw: LayerWeights, e: int, x: np.ndarray) -> np.ndarr
 
 
 def _mxfp4_matmul(x: np.ndarray, blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    rows = blocks.shape[0]
-    out = np.empty((x.shape[0], rows), np.float32)
-    for r in range(0, rows, TILE_ROWS):
-        r1 = min(r + TILE_ROWS, rows)
-        tile = SCRATCH.tile(r1 - r, blocks.shape[1] * 32)
-        kernels.mxfp4_decode(blocks[r:r1], scales[r:r1], tile)
-        out[:, r:r1] = x @ tile.T  # (matmul into a strided `out=` would skip BLAS)
-    return out
+    def fill(r0: int, r1: int, tile: np.ndarray) -> None:
+        kernels.mxfp4_decode_serial(blocks[r0:r1], scales[r0:r1], tile)
+
+    return TILE_MATMUL(x, blocks.shape[0], blocks.shape[1] * 32, fill)
 
 
 def forward_fast(fw: FastWeights, c: Config, tokens: np.ndarray, cache: KVCache,
                  last_only: bool = False) -> np.ndarray:
     """tokens [n] -> logits [n, V] (or [1, V] of the last token); appends them to the cache."""
-    if len(tokens) > MATVEC_MAX_TOKENS:
-        return _forward(fw, c, tokens, cache, last_only)
-    # decode: BLAS only multiplies a few tiny matrices (attention) between numba kernels; its
-    # threads, spinning after each call, would stall the kernels' threads (100x slower, measured)
+    # BLAS runs single-threaded inside our own worker threads (TileMatmul) or on tiny matrices
+    # (decode attention): its own threads, spinning after each call, would stall numba's
+    # (measured: a matvec + attention pair 7.8 ms with one BLAS thread, 340 ms with two)
     with _blas_controller().limit(limits=1, user_api="blas"):
         return _forward(fw, c, tokens, cache, last_only)
 

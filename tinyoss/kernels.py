@@ -23,11 +23,6 @@ from .simd import HAVE_PSHUFB, as_float32, mxfp4_block_decode_pshufb, mxfp4_row_
 
 CACHE = os.environ.get("TINYOSS_NUMBA_CACHE", "1") != "0"
 
-# Numba's default OpenMP threads spin after a parallel kernel, and so do OpenBLAS's after a matmul:
-# prefill alternates the two (decode a tile, BLAS it) and each then crawls next to the other's
-# spinning threads (measured: 30x slower). The workqueue layer sleeps between kernels.
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"
 FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
 ROWS_PER_TASK = 16  # rows a parallel task handles: enough work to amortize the scheduling
 
@@ -75,13 +70,12 @@ _row_dot = mxfp4_row_dot_pshufb if HAVE_PSHUFB else mxfp4_row_dot_plain
 _block_decode = mxfp4_block_decode_pshufb if HAVE_PSHUFB else mxfp4_block_decode_plain
 
 
-@jit(parallel=True)
-def mxfp4_decode(blocks, scales, out):
+def _mxfp4_decode(blocks, scales, out):
     """blocks [rows, n_blocks, 16] u8, scales [rows, n_blocks] u8 -> out [rows, n_blocks*32] f32.
 
     Twin: mxfp4.decode. Exact: each value is one E2M1 value times a power of two (only -0.0
-    comes out as +0.0). Prefill decodes experts with it a tile of rows at a time, for BLAS, into
-    a reused buffer (fresh memory would cost a page fault per 4 KiB).
+    comes out as +0.0). Prefill decodes experts with the serial variant a tile of rows at a time,
+    in each worker thread, for BLAS, into a reused buffer.
     """
     rows, nb, _ = blocks.shape
     out = out.reshape(-1)
@@ -91,6 +85,10 @@ def mxfp4_decode(blocks, scales, out):
         for b in range(nb):
             i = r * nb + b
             _block_decode(flat_b, i * 16, _E8M0_HALF[flat_s[i]], out, i * 32)
+
+
+mxfp4_decode = jit(parallel=True)(_mxfp4_decode)
+mxfp4_decode_serial = jit()(_mxfp4_decode)
 
 
 def split_even_odd(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -224,19 +222,20 @@ def f32_q8w_matvec(q, s, x, bias, out):
             out[r] = acc
 
 
-@jit(parallel=True)
+@jit()
 def bf16_widen(w, out):
-    """bf16 [R, C] -> out float32 [R, C] (for prefill's BLAS tiles). Twin: store.bf16_to_f32."""
-    for r in numba.prange(w.shape[0]):
+    """bf16 [R, C] -> out float32 [R, C] (for prefill's BLAS tiles; serial: each worker thread
+    widens its own tile). Twin: store.bf16_to_f32."""
+    for r in range(w.shape[0]):
         for c in range(w.shape[1]):
             out[r, c] = as_float32(np.uint32(w[r, c]) << np.uint32(16))
 
 
-@jit(parallel=True)
+@jit()
 def q8_dequantize(q, s, out):
-    """int8 [R, C] + scales [R, C/32] -> out float32 [R, C] (for prefill's BLAS tiles).
-    Twin: quant.q8_dequantize."""
-    for r in numba.prange(q.shape[0]):
+    """int8 [R, C] + scales [R, C/32] -> out float32 [R, C] (for prefill's BLAS tiles; serial,
+    like bf16_widen). Twin: quant.q8_dequantize."""
+    for r in range(q.shape[0]):
         for c in range(q.shape[1]):
             out[r, c] = np.float32(q[r, c]) * s[r, c // 32]
 
