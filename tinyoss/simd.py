@@ -175,3 +175,41 @@ def q8_row_dot(typingctx, q, q_off, scales, s_off, x, nb):
         return builder.extract_element(total, ir.Constant(_i32, 0))
 
     return sig, codegen
+
+
+@intrinsic
+def bf16_row_dot(typingctx, w, w_off, x, n):
+    """sum over one bf16 row of w[j] * x[j] (float32), 32 values a step: each uint16 widens to
+    float32 by a shift into the high half. w: flat uint16 array (row starts at w_off), x: float32
+    [n], n a multiple of 32 (the tail is left to the caller). Plain LLVM vector IR: portable."""
+    sig = types.float32(w, types.intp, x, types.intp)
+
+    def codegen(context, builder, signature, args):
+        w_a, w_off, x_a, n = args
+        a = signature.args
+        v32i16, v32i32, v32f = (ir.VectorType(t, 32) for t in (ir.IntType(16), _i32, _f32))
+        wptr = builder.gep(_data(context, builder, a[0], w_a), [w_off])
+        xptr = _data(context, builder, a[2], x_a)
+        acc_slot = cgutils.alloca_once_value(builder, ir.Constant(v32f, [0.0] * 32))
+        steps = builder.udiv(n, ir.Constant(_i64, 32))
+        with cgutils.for_range(builder, steps) as loop:
+            off = builder.mul(loop.index, ir.Constant(_i64, 32))
+            wv = builder.load(builder.bitcast(builder.gep(wptr, [off]), v32i16.as_pointer()), align=2)
+            xv = builder.load(builder.bitcast(builder.gep(xptr, [off]), v32f.as_pointer()), align=4)
+            wf = builder.bitcast(builder.shl(builder.zext(wv, v32i32),
+                                             ir.Constant(v32i32, [16] * 32)), v32f)
+            acc = builder.load(acc_slot)
+            builder.store(builder.fadd(acc, builder.fmul(wf, xv, flags=_FAST), flags=_FAST),
+                          acc_slot)
+        total = builder.load(acc_slot)
+        width = 32
+        while width > 1:  # tree reduction of the 32 lanes
+            width //= 2
+            left = builder.shuffle_vector(total, total, ir.Constant(ir.VectorType(_i32, width),
+                                                                    list(range(width))))
+            right = builder.shuffle_vector(total, total, ir.Constant(
+                ir.VectorType(_i32, width), list(range(width, 2 * width))))
+            total = builder.fadd(left, right, flags=_FAST)
+        return builder.extract_element(total, ir.Constant(_i32, 0))
+
+    return sig, codegen
