@@ -42,6 +42,25 @@ def _data(context, builder, aryty, ary):
     return context.make_array(aryty)(context, builder, ary).data
 
 
+def _splat(builder, value, width: int):
+    """A scalar float32 repeated in every lane of a <width x float>."""
+    vec = ir.VectorType(_f32, width)
+    one = builder.insert_element(ir.Constant(vec, ir.Undefined), value, ir.Constant(_i32, 0))
+    return builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(_i32, width), [0] * width))
+
+
+def _sum_lanes(builder, vec, width: int):
+    """Tree reduction of a <width x float> to its float32 sum."""
+    while width > 1:
+        width //= 2
+        left = builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(_i32, width),
+                                                              list(range(width))))
+        right = builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(_i32, width),
+                                                               list(range(width, 2 * width))))
+        vec = builder.fadd(left, right, flags=_FAST)
+    return builder.extract_element(vec, ir.Constant(_i32, 0))
+
+
 @intrinsic
 def mxfp4_row_dot_pshufb(typingctx, blocks, b_off, scales, s_off, half_scale, xe, xo, x_off, nb):
     """sum over one MXFP4 weight row of w[c] * x[c] (float32).
@@ -84,22 +103,11 @@ def mxfp4_row_dot_pshufb(typingctx, blocks, b_off, scales, s_off, half_scale, xe
                                 builder.fmul(fhi, x_odd, flags=_FAST), flags=_FAST)
             s = builder.load(builder.gep(sptr, [loop.index]))
             scale = builder.load(builder.gep(tptr, [builder.zext(s, _i64)]))
-            splat = builder.insert_element(ir.Constant(_V16f, ir.Undefined), scale,
-                                           ir.Constant(_i32, 0))
-            splat = builder.shuffle_vector(splat, splat, ir.Constant(_V16i32, [0] * 16))
+            splat = _splat(builder, scale, 16)
             acc = builder.load(acc_slot)
             builder.store(builder.fadd(acc, builder.fmul(part, splat, flags=_FAST), flags=_FAST),
                           acc_slot)
-        total = builder.load(acc_slot)
-        width = 16
-        while width > 1:  # tree reduction of the 16 lanes
-            width //= 2
-            left = builder.shuffle_vector(total, total, ir.Constant(ir.VectorType(_i32, width),
-                                                                    list(range(width))))
-            right = builder.shuffle_vector(total, total, ir.Constant(
-                ir.VectorType(_i32, width), list(range(width, 2 * width))))
-            total = builder.fadd(left, right, flags=_FAST)
-        return builder.extract_element(total, ir.Constant(_i32, 0))
+        return _sum_lanes(builder, builder.load(acc_slot), 16)
 
     return sig, codegen
 
@@ -126,8 +134,7 @@ def mxfp4_block_decode_pshufb(typingctx, blocks, b_off, scale, out, o_off):
         pairs = builder.shuffle_vector(lo, hi, ir.Constant(
             ir.VectorType(_i32, 32), [k for j in range(16) for k in (j, 16 + j)]))  # interleave
         v32f = ir.VectorType(_f32, 32)
-        splat = builder.insert_element(ir.Constant(v32f, ir.Undefined), scale, ir.Constant(_i32, 0))
-        splat = builder.shuffle_vector(splat, splat, ir.Constant(ir.VectorType(_i32, 32), [0] * 32))
+        splat = _splat(builder, scale, 32)
         values = builder.fmul(builder.sitofp(builder.sext(pairs, ir.VectorType(_i32, 32)), v32f),
                               splat)
         builder.store(values, builder.bitcast(optr, v32f.as_pointer()), align=4)
@@ -156,23 +163,12 @@ def q8_row_dot(typingctx, q, q_off, scales, s_off, x, nb):
             off = builder.mul(loop.index, ir.Constant(_i64, 32))
             qv = builder.load(builder.bitcast(builder.gep(qptr, [off]), v32i8.as_pointer()), align=1)
             xv = builder.load(builder.bitcast(builder.gep(xptr, [off]), v32f.as_pointer()), align=4)
-            scale = builder.load(builder.gep(sptr, [loop.index]))
-            splat = builder.insert_element(ir.Constant(v32f, ir.Undefined), scale, ir.Constant(_i32, 0))
-            splat = builder.shuffle_vector(splat, splat, ir.Constant(v32i32, [0] * 32))
+            splat = _splat(builder, builder.load(builder.gep(sptr, [loop.index])), 32)
             prod = builder.fmul(builder.sitofp(builder.sext(qv, v32i32), v32f), xv, flags=_FAST)
             acc = builder.load(acc_slot)
             builder.store(builder.fadd(acc, builder.fmul(prod, splat, flags=_FAST), flags=_FAST),
                           acc_slot)
-        total = builder.load(acc_slot)
-        width = 32
-        while width > 1:  # tree reduction of the 32 lanes
-            width //= 2
-            left = builder.shuffle_vector(total, total, ir.Constant(ir.VectorType(_i32, width),
-                                                                    list(range(width))))
-            right = builder.shuffle_vector(total, total, ir.Constant(
-                ir.VectorType(_i32, width), list(range(width, 2 * width))))
-            total = builder.fadd(left, right, flags=_FAST)
-        return builder.extract_element(total, ir.Constant(_i32, 0))
+        return _sum_lanes(builder, builder.load(acc_slot), 32)
 
     return sig, codegen
 
@@ -201,15 +197,6 @@ def bf16_row_dot(typingctx, w, w_off, x, n):
             acc = builder.load(acc_slot)
             builder.store(builder.fadd(acc, builder.fmul(wf, xv, flags=_FAST), flags=_FAST),
                           acc_slot)
-        total = builder.load(acc_slot)
-        width = 32
-        while width > 1:  # tree reduction of the 32 lanes
-            width //= 2
-            left = builder.shuffle_vector(total, total, ir.Constant(ir.VectorType(_i32, width),
-                                                                    list(range(width))))
-            right = builder.shuffle_vector(total, total, ir.Constant(
-                ir.VectorType(_i32, width), list(range(width, 2 * width))))
-            total = builder.fadd(left, right, flags=_FAST)
-        return builder.extract_element(total, ir.Constant(_i32, 0))
+        return _sum_lanes(builder, builder.load(acc_slot), 32)
 
     return sig, codegen
