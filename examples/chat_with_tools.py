@@ -8,15 +8,13 @@ random checkpoint is written to a temporary folder (random weights never call a 
 """
 
 import sys
-import tempfile
-from pathlib import Path
 from typing import Literal
 
 import tinyoss
 from tinyoss.generate import Context, Reply, TokenEvent, ToolEvent, generate
 from tinyoss.harmony import Message, tool_from_function, tools_section
 from tinyoss.sampling import Sampler
-from tinyoss.synth import preset_config, write_checkpoint
+from tinyoss.synth import temporary_tiny
 
 
 def get_weather(city: str, unit: Literal["celsius", "fahrenheit"] = "celsius") -> dict:
@@ -68,5 +66,5 @@ if __name__ == "__main__":
     if len(sys.argv) > 1:
         main(sys.argv[1])
     else:
-        with tempfile.TemporaryDirectory() as tmp:
-            main(write_checkpoint(Path(tmp) / "tiny", preset_config("tiny"), preset="tiny"))
+        with temporary_tiny() as path:  # no model given: a tiny random one (writes noise)
+            main(path)

@@ -7,12 +7,10 @@ tiny random checkpoint is written to a temporary folder: everything runs, but ra
 """
 
 import sys
-import tempfile
-from pathlib import Path
 
 import tinyoss
 from tinyoss.generate import Reply, TokenEvent, generate
-from tinyoss.synth import preset_config, write_checkpoint
+from tinyoss.synth import temporary_tiny
 from tinyoss.tokenizer import get_tokenizer
 
 
@@ -45,5 +43,5 @@ if __name__ == "__main__":
     if len(sys.argv) > 1:
         main(sys.argv[1])
     else:
-        with tempfile.TemporaryDirectory() as tmp:
-            main(write_checkpoint(Path(tmp) / "tiny", preset_config("tiny"), preset="tiny"))
+        with temporary_tiny() as path:  # no model given: a tiny random one (writes noise)
+            main(path)

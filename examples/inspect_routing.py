@@ -8,15 +8,13 @@ MODEL is a checkpoint folder; without it, a tiny random checkpoint is written to
 """
 
 import sys
-import tempfile
-from pathlib import Path
 
 import numpy as np
 
 import tinyoss
 from tinyoss.harmony import Message, render_conversation_for_completion
 from tinyoss.recorder import record
-from tinyoss.synth import preset_config, write_checkpoint
+from tinyoss.synth import temporary_tiny
 from tinyoss.tokenizer import get_tokenizer
 
 PROMPT = "def add(a, b):\n    return a + b  # 12 + 30 = 42"
@@ -47,5 +45,5 @@ if __name__ == "__main__":
     if len(sys.argv) > 1:
         main(sys.argv[1])
     else:
-        with tempfile.TemporaryDirectory() as tmp:
-            main(write_checkpoint(Path(tmp) / "tiny", preset_config("tiny"), preset="tiny"))
+        with temporary_tiny() as path:  # no model given: a tiny random one (writes noise)
+            main(path)

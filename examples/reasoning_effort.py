@@ -9,15 +9,13 @@ to a temporary folder (random weights ignore the effort: only the prompt changes
 """
 
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import tinyoss
 from tinyoss.generate import Reply, TokenEvent, generate, prepare_conversation
 from tinyoss.harmony import render_conversation_for_completion
 from tinyoss.sampling import Sampler
-from tinyoss.synth import preset_config, write_checkpoint
+from tinyoss.synth import temporary_tiny
 from tinyoss.tokenizer import get_tokenizer
 
 QUESTION = "How many prime numbers are there below 30?"
@@ -48,5 +46,5 @@ if __name__ == "__main__":
     if len(sys.argv) > 1:
         main(sys.argv[1])
     else:
-        with tempfile.TemporaryDirectory() as tmp:
-            main(write_checkpoint(Path(tmp) / "tiny", preset_config("tiny"), preset="tiny"))
+        with temporary_tiny() as path:  # no model given: a tiny random one (writes noise)
+            main(path)

@@ -13,7 +13,7 @@ import tinyoss
 from tinyoss import generate as g
 from tinyoss import harmony as h
 from tinyoss.sampling import Sampler
-from tinyoss.tokenizer import CALL, END, RETURN, START, get_tokenizer
+from tinyoss.tokenizer import CALL, RETURN, START, get_tokenizer
 
 GREEDY = Sampler(temperature=0)
 DATE = "2025-08-05"

@@ -5,7 +5,6 @@ i.e. float32 rounding of the absolute sum, never more.
 """
 
 import numpy as np
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -211,3 +210,13 @@ def test_decode_attention_equals_sdpa(case):
     want = _sdpa_twin(q[-1:], k, v, sinks, T - 1, 0)
     got = attend_one(q[-1:], k.transpose(1, 0, 2), v.transpose(1, 0, 2), sinks)
     _close(got, want, np.abs(v).max())
+
+
+@SETTINGS
+@given(st.integers(0, 2**32 - 1), st.integers(1, 5000))
+def test_bandwidth_probe_sums(seed, n):
+    """bench's parallel read kernel is a sum (twin: np.sum), so it really reads every byte."""
+    from tinyoss.bench import _parallel_sum
+
+    a = np.random.default_rng(seed).random(n, dtype=np.float32)
+    assert abs(_parallel_sum(a) - a.astype(np.float64).sum()) <= 1e-5 * n

@@ -40,14 +40,21 @@ def test_every_byte_and_every_scale():
 @given(blocks=hnp.arrays(np.uint8, st.tuples(st.integers(1, 6), st.integers(1, 5), st.just(16))),
        data=st.data())
 def test_kernel_equals_numpy_decoder_exactly(blocks, data):
-    """Every value identical (inf included); the kernel's only liberty: -0.0 decodes as +0.0."""
+    """Every value identical (inf included); the kernels' only liberty: -0.0 decodes as +0.0.
+    Both compiled variants (parallel, and serial for prefill's worker threads) and the plain
+    block decoder of CPUs without pshufb."""
     scales = data.draw(hnp.arrays(np.uint8, blocks.shape[:2], elements=st.integers(0, 254)))
     want = mxfp4.decode(blocks, scales)
-    got = np.full(want.shape, np.nan, np.float32)
-    kernels.mxfp4_decode(blocks, scales, got)
-    np.testing.assert_array_equal(got, want)
-    same_bits = got.view(np.uint32) == want.view(np.uint32)
-    assert np.all(same_bits | (want == 0))
+    plain = np.full(want.size, np.nan, np.float32)
+    for i, (block, s) in enumerate(zip(blocks.reshape(-1, 16), scales.reshape(-1))):
+        kernels.mxfp4_block_decode_plain(block, 0, kernels._E8M0_HALF[s], plain, i * 32)
+    for decode in (kernels.mxfp4_decode, kernels.mxfp4_decode_serial):
+        got = np.full(want.shape, np.nan, np.float32)
+        decode(blocks, scales, got)
+        for values in (got, plain.reshape(want.shape)):
+            np.testing.assert_array_equal(values, want)
+            same_bits = values.view(np.uint32) == want.view(np.uint32)
+            assert np.all(same_bits | (want == 0))
 
 
 @settings(max_examples=80, deadline=None)

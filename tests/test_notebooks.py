@@ -5,7 +5,6 @@ Needs the `notebooks` extra (matplotlib, nbclient, nbformat, ipykernel); skips c
 matplotlib's Agg backend, so no display is needed.
 """
 
-import os
 from pathlib import Path
 
 import pytest

@@ -25,6 +25,7 @@ from .model import Model
 
 @jit(parallel=True, fastmath=True)
 def _parallel_sum(a):
+    """sum(a) with every thread streaming its share: the memory-bandwidth probe. Twin: np.sum."""
     n_tasks = 64
     chunk = (a.shape[0] + n_tasks - 1) // n_tasks
     parts = np.zeros(n_tasks, np.float64)

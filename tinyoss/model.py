@@ -145,9 +145,6 @@ class KVCache:
             grown[:, :slots] = buf[layer]
             buf[layer] = grown
 
-    def reset(self) -> None:
-        self.n_tokens = 0
-
 
 # ---------------------------------------------------------------------------------------------
 # the layers, in the order a reader meets them
@@ -169,6 +166,7 @@ def rmsnorm(x: np.ndarray, scale: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps)) * bf16_to_f32(scale)
 
 
+@functools.lru_cache(maxsize=8)
 def rope_inv_freq(c: Config) -> tuple[float, np.ndarray]:
     """YaRN: (concentration, inv_freq [dh/2]), computed in float32 exactly as the reference."""
     d_half = c.head_dim / 2

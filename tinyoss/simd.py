@@ -49,6 +49,19 @@ def _splat(builder, value, width: int):
     return builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(_i32, width), [0] * width))
 
 
+def _e2m1_lookup(builder, packed):
+    """16 packed bytes -> (low nibbles' values, high nibbles' values) as <16 x i8> doubled E2M1
+    values: element 2j and element 2j+1 of the block, one pshufb each."""
+    pshufb = builder.module.declare_intrinsic(
+        "llvm.x86.ssse3.pshuf.b.128", fnty=ir.FunctionType(_V16i8, [_V16i8, _V16i8]))
+    lut = ir.Constant(_V16i8, [v & 0xFF for v in _E2M1_X2])
+    low4 = ir.Constant(_V16i8, [15] * 16)
+    lo = builder.call(pshufb, [lut, builder.and_(packed, low4)])
+    hi = builder.call(pshufb, [lut, builder.and_(
+        builder.lshr(packed, ir.Constant(_V16i8, [4] * 16)), low4)])
+    return lo, hi
+
+
 def _sum_lanes(builder, vec, width: int):
     """Tree reduction of a <width x float> to its float32 sum."""
     while width > 1:
@@ -76,23 +89,17 @@ def mxfp4_row_dot_pshufb(typingctx, blocks, b_off, scales, s_off, half_scale, xe
     def codegen(context, builder, signature, args):
         blocks_a, b_off, scales_a, s_off, table_a, xe_a, xo_a, x_off, nb = args
         a = signature.args
-        pshufb = builder.module.declare_intrinsic(
-            "llvm.x86.ssse3.pshuf.b.128", fnty=ir.FunctionType(_V16i8, [_V16i8, _V16i8]))
         bptr = builder.gep(_data(context, builder, a[0], blocks_a), [b_off])
         sptr = builder.gep(_data(context, builder, a[2], scales_a), [s_off])
         tptr = _data(context, builder, a[4], table_a)
         eptr = builder.gep(_data(context, builder, a[5], xe_a), [x_off])
         optr = builder.gep(_data(context, builder, a[6], xo_a), [x_off])
-        lut = ir.Constant(_V16i8, [v & 0xFF for v in _E2M1_X2])
-        low4 = ir.Constant(_V16i8, [15] * 16)
         acc_slot = cgutils.alloca_once_value(builder, ir.Constant(_V16f, [0.0] * 16))
         with cgutils.for_range(builder, nb) as loop:
             off = builder.mul(loop.index, ir.Constant(_i64, 16))
             packed = builder.load(builder.bitcast(builder.gep(bptr, [off]), _V16i8.as_pointer()),
                                   align=1)  # 16 bytes = 32 nibbles
-            lo = builder.call(pshufb, [lut, builder.and_(packed, low4)])  # elements 0, 2, 4, ...
-            hi = builder.call(pshufb, [lut, builder.and_(
-                builder.lshr(packed, ir.Constant(_V16i8, [4] * 16)), low4)])  # elements 1, 3, ...
+            lo, hi = _e2m1_lookup(builder, packed)  # elements 0, 2, 4, ... and 1, 3, 5, ...
             flo = builder.sitofp(builder.sext(lo, _V16i32), _V16f)
             fhi = builder.sitofp(builder.sext(hi, _V16i32), _V16f)
             x_even = builder.load(builder.bitcast(builder.gep(eptr, [off]), _V16f.as_pointer()),
@@ -121,16 +128,10 @@ def mxfp4_block_decode_pshufb(typingctx, blocks, b_off, scale, out, o_off):
 
     def codegen(context, builder, signature, args):
         blocks_a, b_off, scale, out_a, o_off = args
-        pshufb = builder.module.declare_intrinsic(
-            "llvm.x86.ssse3.pshuf.b.128", fnty=ir.FunctionType(_V16i8, [_V16i8, _V16i8]))
         bptr = builder.gep(_data(context, builder, signature.args[0], blocks_a), [b_off])
         optr = builder.gep(_data(context, builder, signature.args[3], out_a), [o_off])
-        lut = ir.Constant(_V16i8, [v & 0xFF for v in _E2M1_X2])
-        low4 = ir.Constant(_V16i8, [15] * 16)
         packed = builder.load(builder.bitcast(bptr, _V16i8.as_pointer()), align=1)
-        lo = builder.call(pshufb, [lut, builder.and_(packed, low4)])  # elements 0, 2, 4, ...
-        hi = builder.call(pshufb, [lut, builder.and_(
-            builder.lshr(packed, ir.Constant(_V16i8, [4] * 16)), low4)])  # elements 1, 3, ...
+        lo, hi = _e2m1_lookup(builder, packed)
         pairs = builder.shuffle_vector(lo, hi, ir.Constant(
             ir.VectorType(_i32, 32), [k for j in range(16) for k in (j, 16 + j)]))  # interleave
         v32f = ir.VectorType(_f32, 32)

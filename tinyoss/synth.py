@@ -11,6 +11,7 @@ Values depend only on (seed, internal tensor name, chunk), never on the layout, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -268,6 +269,13 @@ def write_checkpoint(out: str | Path, c: Config, layout: str = "hf", preset: str
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+@contextlib.contextmanager
+def temporary_tiny(seed: int = 0) -> Iterator[Path]:
+    """A tiny random checkpoint in a temporary folder, removed afterwards (examples, warm-up)."""
+    with tempfile.TemporaryDirectory(prefix="tinyoss-tiny-") as tmp:
+        yield write_checkpoint(Path(tmp) / "tiny", preset_config("tiny"), "hf", "tiny", seed)
 
 
 def listing(c: Config, layout: str, preset: str) -> list[dict]:
