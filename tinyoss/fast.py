@@ -225,11 +225,11 @@ def expert_matvec(c: Config, lw: LayerWeights, experts: np.ndarray, x: np.ndarra
     experts = np.ascontiguousarray(experts, dtype=np.int64)
     h = np.empty((m, 2 * c.intermediate_size), np.float32)
     kernels.f32_mf4w_moe_matvec(lw.mlp1_blocks, lw.mlp1_scales, lw.mlp1_bias, experts,
-                                *kernels.split_even_odd(np.ascontiguousarray(x)), h)
+                                kernels.to_lane_order(x), h)
     a = swiglu(h, c.swiglu_limit)  # [m, I]
     y = np.empty((m, c.hidden_size), np.float32)
     kernels.f32_mf4w_moe_matvec(lw.mlp2_blocks, lw.mlp2_scales, lw.mlp2_bias, experts,
-                                *kernels.split_even_odd(a), y)
+                                kernels.to_lane_order(a), y)
     return y
 
 

@@ -19,8 +19,8 @@ import numba
 import numpy as np
 
 from . import mxfp4
-from .simd import (HAVE_PSHUFB, as_float32, bf16_row_dot, mxfp4_block_decode_pshufb,
-                   mxfp4_row_dot_pshufb, q8_row_dot)
+from .simd import (HAVE_AVX2, HAVE_PSHUFB, MXFP4_LANE_ORDER, as_float32, bf16_row_dot,
+                   mxfp4_block_decode_pshufb, mxfp4_row_dot_avx2, q8_row_dot)
 
 CACHE = os.environ.get("TINYOSS_NUMBA_CACHE", "1") != "0"
 
@@ -45,17 +45,29 @@ _HI16 = np.uint32(0xFFFF0000)
 # MXFP4
 
 
+_LANE_ORDER = np.array(MXFP4_LANE_ORDER, np.int64)
+
+
 @jit(fastmath=True)
-def mxfp4_row_dot_plain(blocks, b_off, scales, s_off, half_scale, xe, xo, x_off, nb):
-    """Same contract as simd.mxfp4_row_dot_pshufb, in plain numba (any CPU)."""
+def mxfp4_row_dot_plain(blocks, b_off, scales, s_off, scale_table, xl, x_off, nb):
+    """Same contract as simd.mxfp4_row_dot_avx2, in plain numba (any CPU)."""
     total = np.float32(0.0)
     for b in range(nb):
         part = np.float32(0.0)
-        for j in range(16):
-            byte = blocks[b_off + b * 16 + j]
-            part += _FP4[byte & 0x0F] * xe[x_off + b * 16 + j] + _FP4[byte >> 4] * xo[x_off + b * 16 + j]
-        total += part * (half_scale[scales[s_off + b]] * np.float32(2.0))
+        for i in range(32):
+            element = _LANE_ORDER[i]
+            byte = np.int64(blocks[b_off + b * 16 + element // 2])
+            nibble = (byte >> 4) if element % 2 else (byte & 15)
+            part += _FP4[nibble] * xl[x_off + b * 32 + i]
+        total += part * scale_table[scales[s_off + b]]
     return total
+
+
+def to_lane_order(x: np.ndarray) -> np.ndarray:
+    """x [k, n_blocks*32] -> the same values with each block of 32 in MXFP4_LANE_ORDER, the order
+    in which the matvec kernel decodes a block's elements (contiguous, float32)."""
+    k = x.shape[0]
+    return np.ascontiguousarray(x.reshape(k, -1, 32)[:, :, _LANE_ORDER], np.float32).reshape(k, -1)
 
 
 @jit()
@@ -67,45 +79,49 @@ def mxfp4_block_decode_plain(blocks, b_off, scale, out, o_off):
         out[o_off + 2 * j + 1] = _FP4[byte >> 4] * np.float32(2.0) * scale
 
 
-_row_dot = mxfp4_row_dot_pshufb if HAVE_PSHUFB else mxfp4_row_dot_plain
+_row_dot = mxfp4_row_dot_avx2 if HAVE_AVX2 else mxfp4_row_dot_plain
 _block_decode = mxfp4_block_decode_pshufb if HAVE_PSHUFB else mxfp4_block_decode_plain
 
 
-def _mxfp4_decode(blocks, scales, out):
+@jit()
+def _mxfp4_decode_row(flat_b, flat_s, out, r, nb):
+    for b in range(nb):
+        i = r * nb + b
+        _block_decode(flat_b, i * 16, _E8M0_HALF[flat_s[i]], out, i * 32)
+
+
+@jit(parallel=True)
+def mxfp4_decode(blocks, scales, out):
     """blocks [rows, n_blocks, 16] u8, scales [rows, n_blocks] u8 -> out [rows, n_blocks*32] f32.
 
     Twin: mxfp4.decode. Exact: each value is one E2M1 value times a power of two (only -0.0
-    comes out as +0.0). Prefill decodes experts with the serial variant a tile of rows at a time,
-    in each worker thread, for BLAS, into a reused buffer.
+    comes out as +0.0).
     """
     rows, nb, _ = blocks.shape
-    out = out.reshape(-1)
-    flat_b = blocks.reshape(-1)
-    flat_s = scales.reshape(-1)
+    flat_b, flat_s, flat_out = blocks.reshape(-1), scales.reshape(-1), out.reshape(-1)
     for r in numba.prange(rows):
-        for b in range(nb):
-            i = r * nb + b
-            _block_decode(flat_b, i * 16, _E8M0_HALF[flat_s[i]], out, i * 32)
+        _mxfp4_decode_row(flat_b, flat_s, flat_out, r, nb)
 
 
-mxfp4_decode = jit(parallel=True)(_mxfp4_decode)
-mxfp4_decode_serial = jit()(_mxfp4_decode)
-
-
-def split_even_odd(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """x [k, n_blocks*32] -> (even, odd) elements of every block, each [k, n_blocks*16] contiguous:
-    the order in which an MXFP4 byte holds its two nibbles."""
-    pairs = x.reshape(x.shape[0], -1, 16, 2)
-    return (np.ascontiguousarray(pairs[..., 0]).reshape(x.shape[0], -1),
-            np.ascontiguousarray(pairs[..., 1]).reshape(x.shape[0], -1))
+# A serial twin of a parallel kernel is its own function: numba's disk cache keys entries by
+# function name and line, so two dispatchers of one function would load each other's code
+# (a "parallel" kernel then silently runs on one core). tests/test_kernels checks it.
+@jit()
+def mxfp4_decode_serial(blocks, scales, out):
+    """`mxfp4_decode` on the calling thread: prefill's worker threads decode a tile of rows at
+    a time into their own reused buffer, for BLAS."""
+    rows, nb, _ = blocks.shape
+    flat_b, flat_s, flat_out = blocks.reshape(-1), scales.reshape(-1), out.reshape(-1)
+    for r in range(rows):
+        _mxfp4_decode_row(flat_b, flat_s, flat_out, r, nb)
 
 
 @jit(parallel=True, fastmath=True)
-def f32_mf4w_moe_matvec(blocks, scales, bias, experts, xe, xo, out):
+def f32_mf4w_moe_matvec(blocks, scales, bias, experts, xl, out):
     """out[k, r] = sum_c W_e[r, c] x_k[c] + bias[e, r] for e = experts[k]; W_e in MXFP4.
 
     blocks [E, R, nb, 16] u8, scales [E, R, nb] u8, bias [E, R] bf16, experts [K] int,
-    xe/xo [K, nb*16] f32 (`split_even_odd` of x [K, nb*32]), out [K, R] f32.
+    xl [K, nb*32] f32 (x in lane order: `to_lane_order(x)`), out [K, R] f32.
     Reads only the K experts' rows, decoding on the fly: no expert is ever materialized in float.
     Twin: model.moe_block's `x @ mxfp4.decode(...).T + bias` (sums reordered: rtol 1e-5).
     """
@@ -113,8 +129,7 @@ def f32_mf4w_moe_matvec(blocks, scales, bias, experts, xe, xo, out):
     K = experts.shape[0]
     flat_b = blocks.reshape(-1)
     flat_s = scales.reshape(-1)
-    flat_e = xe.reshape(-1)
-    flat_o = xo.reshape(-1)
+    flat_x = xl.reshape(-1)
     tasks_per_expert = (R + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in numba.prange(K * tasks_per_expert):
         k = task // tasks_per_expert
@@ -122,8 +137,7 @@ def f32_mf4w_moe_matvec(blocks, scales, bias, experts, xe, xo, out):
         r0 = (task % tasks_per_expert) * ROWS_PER_TASK
         for r in range(r0, min(r0 + ROWS_PER_TASK, R)):
             row = e * R + r
-            dot = _row_dot(flat_b, row * nb * 16, flat_s, row * nb, _E8M0_HALF, flat_e, flat_o,
-                           k * nb * 16, nb)
+            dot = _row_dot(flat_b, row * nb * 16, flat_s, row * nb, _E8M0, flat_x, k * nb * 32, nb)
             out[k, r] = dot + as_float32(np.uint32(bias[e, r]) << np.uint32(16))
 
 
@@ -147,7 +161,8 @@ def _bf16_rows(w, x, bias, out, r0, r1):
         out[r] = acc
 
 
-def _f32_bf16w_matvec(w, x, bias, out):
+@jit(parallel=True, fastmath=True)
+def f32_bf16w_matvec(w, x, bias, out):
     """out[r] = sum_c bf16(w[r, c]) x[c] (+ bf16(bias[r]) if bias is non-empty).
 
     w [R, C] uint16, x [C] f32, out [R] f32. Twin: model.linear (rtol 1e-5).
@@ -158,9 +173,11 @@ def _f32_bf16w_matvec(w, x, bias, out):
         _bf16_rows(w, x, bias, out, task * ROWS_PER_TASK, min((task + 1) * ROWS_PER_TASK, R))
 
 
-f32_bf16w_matvec = jit(parallel=True, fastmath=True)(_f32_bf16w_matvec)
-# small matrices (the router: E rows) cost less than waking the worker threads
-f32_bf16w_matvec_serial = jit(fastmath=True)(_f32_bf16w_matvec)
+@jit(fastmath=True)
+def f32_bf16w_matvec_serial(w, x, bias, out):
+    """`f32_bf16w_matvec` on the calling thread: for small matrices (the router: E rows), which
+    cost less than waking the worker threads."""
+    _bf16_rows(w, x, bias, out, 0, w.shape[0])
 
 
 @jit(parallel=True, fastmath=True)

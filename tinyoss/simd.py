@@ -1,23 +1,26 @@
-"""The few lines numba can't say in Python: a bitcast, and the MXFP4 row dot product in vector IR.
+"""The few lines numba can't say in Python: a bitcast, and MXFP4 decoding in vector IR.
 
 LLVM does not turn a 16-entry table lookup into a SIMD shuffle by itself, and that lookup is the
-whole cost of an MXFP4 matvec. Here we write it out for x86 (SSSE3 `pshufb`, which every AVX2 CPU
-has): 16 packed bytes -> 32 nibbles -> 32 table values in two instructions. On other CPUs
-`HAVE_PSHUFB` is False and kernels.py uses its plain-numba row dot instead.
+whole cost of an MXFP4 matvec. Here we write it out for x86 with `pshufb`: the decode matvec of
+one token (AVX2, `mxfp4_row_dot_avx2`) and the block decoder of prefill (SSSE3). On CPUs
+without them (`HAVE_AVX2`, `HAVE_PSHUFB` False) kernels.py uses its plain-numba twins.
 
-Both are tested equal to the numpy definition (`mxfp4.decode(...) @ x`).
+All are tested equal to the numpy definition (`mxfp4.decode(...) @ x`).
 """
 
 from __future__ import annotations
 
 import llvmlite.binding as llvm
+import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-HAVE_PSHUFB = "+ssse3" in llvm.get_host_cpu_features().flatten().split(",") and \
-    llvm.get_host_cpu_name() not in ("generic",)
+_FEATURES = llvm.get_host_cpu_features().flatten().split(",")
+_KNOWN_CPU = llvm.get_host_cpu_name() not in ("generic",)
+HAVE_PSHUFB = "+ssse3" in _FEATURES and _KNOWN_CPU
+HAVE_AVX2 = "+avx2" in _FEATURES and _KNOWN_CPU
 
 _i8, _i32, _i64, _f32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
 _V16i8, _V16i32, _V16f = ir.VectorType(_i8, 16), ir.VectorType(_i32, 16), ir.VectorType(_f32, 16)
@@ -74,49 +77,98 @@ def _sum_lanes(builder, vec, width: int):
     return builder.extract_element(vec, ir.Constant(_i32, 0))
 
 
+# --- the MXFP4 matvec: E2M1 values looked up as bf16 bytes -------------------------------------
+# Every E2M1 value is exact in bf16, and a bf16 widens to float32 by landing in the high half of a
+# 32-bit lane. So two pshufb tables (the bf16's high byte, its low byte), one byte interleave and
+# a shift or a mask turn 32 nibbles into 32 float32s with no int->float conversion and no
+# lane-crossing shuffle: ~15 vector instructions per 32 weights (the int8 table + sign-extend +
+# convert way took ~25 and saturated the shuffle ports). The price is the order the values come
+# out in, MXFP4_LANE_ORDER; x is put in that order once per matvec (it is shared by all rows).
+
+_E2M1_BF16 = [int(b) for b in (np.asarray([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
+                               .view(np.uint32) >> 16)]
+_E2M1_BF16 += [b | 0x8000 for b in _E2M1_BF16]  # nibble bit 3 is the sign
+# Element of a block in each of the 32 float lanes: lane half 0/1 of the 256-bit vector holds the
+# low/high nibbles (elements 2j / 2j+1 of byte j), the interleave pairs bytes j = half, half+1..,
+# and the shift (even word) / mask (odd word) take every other pair.
+MXFP4_LANE_ORDER = tuple(2 * (half + 2 * d + odd) + nibble for half in (0, 8) for odd in (0, 1)
+                         for nibble in (0, 1) for d in range(4))
+
+
+def _e2m1_decode_bf16(builder, bptr):
+    """The 16 bytes at bptr -> four <8 x float> E2M1 values (unscaled), in MXFP4_LANE_ORDER."""
+    v32i8, v8i32, v8f = ir.VectorType(_i8, 32), ir.VectorType(_i32, 8), ir.VectorType(_f32, 8)
+    pshufb = builder.module.declare_intrinsic(
+        "llvm.x86.avx2.pshuf.b", fnty=ir.FunctionType(v32i8, [v32i8, v32i8]))
+    packed = builder.load(builder.bitcast(bptr, _V16i8.as_pointer()), align=1)
+    both = builder.shuffle_vector(packed, packed, ir.Constant(ir.VectorType(_i32, 32),
+                                                              list(range(16)) * 2))
+    shifted = builder.lshr(builder.bitcast(both, v8i32), ir.Constant(v8i32, [0] * 4 + [4] * 4))
+    nibbles = builder.and_(builder.bitcast(shifted, v32i8), ir.Constant(v32i8, [15] * 32))
+    hi = builder.call(pshufb, [ir.Constant(v32i8, [b >> 8 for b in _E2M1_BF16] * 2), nibbles])
+    lo = builder.call(pshufb, [ir.Constant(v32i8, [b & 0xFF for b in _E2M1_BF16] * 2), nibbles])
+    values = []
+    for half in (0, 8):  # bytes j = half..half+7 of each 128-bit lane -> 16-bit words (lo, hi)
+        order = [k for lane in (0, 16) for j in range(half, half + 8) for k in (lane + j, 32 + lane + j)]
+        words = builder.bitcast(builder.shuffle_vector(
+            lo, hi, ir.Constant(ir.VectorType(_i32, 32), order)), v8i32)
+        values.append(builder.bitcast(builder.shl(words, ir.Constant(v8i32, [16] * 8)), v8f))
+        values.append(builder.bitcast(builder.and_(words, ir.Constant(v8i32, [-65536] * 8)), v8f))
+    return values
+
+
 @intrinsic
-def mxfp4_row_dot_pshufb(typingctx, blocks, b_off, scales, s_off, half_scale, xe, xo, x_off, nb):
+def mxfp4_row_dot_avx2(typingctx, blocks, b_off, scales, s_off, scale_table, xl, x_off, nb):
     """sum over one MXFP4 weight row of w[c] * x[c] (float32).
 
     blocks/scales: flat uint8 arrays, the row's nb blocks start at blocks[b_off], scales[s_off].
-    xe/xo: flat float32 arrays of x's even and odd elements per block ([nb, 16] each, from x_off):
-    the low nibble of byte j is element 2j, the high nibble element 2j+1.
-    half_scale: float32 table, byte s -> 2**(s-128) (the doubled table values are halved here).
+    xl: flat float32, x with each block of 32 in MXFP4_LANE_ORDER (`kernels.to_lane_order`),
+    the row's x starting at xl[x_off]. scale_table: float32, byte s -> 2**(s-127).
+    Each block's 32 products are summed, then scaled (exact: a power of two); two accumulators.
     """
-    sig = types.float32(blocks, types.intp, scales, types.intp, half_scale, xe, xo, types.intp,
+    sig = types.float32(blocks, types.intp, scales, types.intp, scale_table, xl, types.intp,
                         types.intp)
 
     def codegen(context, builder, signature, args):
-        blocks_a, b_off, scales_a, s_off, table_a, xe_a, xo_a, x_off, nb = args
+        blocks_a, b_off, scales_a, s_off, table_a, xl_a, x_off, nb = args
         a = signature.args
+        v8f = ir.VectorType(_f32, 8)
         bptr = builder.gep(_data(context, builder, a[0], blocks_a), [b_off])
         sptr = builder.gep(_data(context, builder, a[2], scales_a), [s_off])
         tptr = _data(context, builder, a[4], table_a)
-        eptr = builder.gep(_data(context, builder, a[5], xe_a), [x_off])
-        optr = builder.gep(_data(context, builder, a[6], xo_a), [x_off])
-        acc_slot = cgutils.alloca_once_value(builder, ir.Constant(_V16f, [0.0] * 16))
-        with cgutils.for_range(builder, nb) as loop:
-            off = builder.mul(loop.index, ir.Constant(_i64, 16))
-            packed = builder.load(builder.bitcast(builder.gep(bptr, [off]), _V16i8.as_pointer()),
-                                  align=1)  # 16 bytes = 32 nibbles
-            lo, hi = _e2m1_lookup(builder, packed)  # elements 0, 2, 4, ... and 1, 3, 5, ...
-            flo = builder.sitofp(builder.sext(lo, _V16i32), _V16f)
-            fhi = builder.sitofp(builder.sext(hi, _V16i32), _V16f)
-            x_even = builder.load(builder.bitcast(builder.gep(eptr, [off]), _V16f.as_pointer()),
-                                  align=4)
-            x_odd = builder.load(builder.bitcast(builder.gep(optr, [off]), _V16f.as_pointer()),
-                                 align=4)
-            part = builder.fadd(builder.fmul(flo, x_even, flags=_FAST),
-                                builder.fmul(fhi, x_odd, flags=_FAST), flags=_FAST)
-            s = builder.load(builder.gep(sptr, [loop.index]))
-            scale = builder.load(builder.gep(tptr, [builder.zext(s, _i64)]))
-            splat = _splat(builder, scale, 16)
+        xptr = builder.gep(_data(context, builder, a[5], xl_a), [x_off])
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8)) for _ in (0, 1)]
+
+        def block(b, acc_slot):
+            w = _e2m1_decode_bf16(builder, builder.gep(bptr, [builder.mul(b, _const(16))]))
+            x0 = builder.mul(b, _const(32))
+            part = None
+            for i in range(4):
+                xv = builder.load(builder.bitcast(builder.gep(xptr, [builder.add(x0, _const(8 * i))]),
+                                                  v8f.as_pointer()), align=4)
+                prod = builder.fmul(w[i], xv, flags=_FAST)
+                part = prod if part is None else builder.fadd(part, prod, flags=_FAST)
+            scale = builder.load(builder.gep(tptr, [builder.zext(builder.load(
+                builder.gep(sptr, [b])), _i64)]))
             acc = builder.load(acc_slot)
-            builder.store(builder.fadd(acc, builder.fmul(part, splat, flags=_FAST), flags=_FAST),
-                          acc_slot)
-        return _sum_lanes(builder, builder.load(acc_slot), 16)
+            builder.store(builder.fadd(acc, builder.fmul(part, _splat(builder, scale, 8),
+                                                         flags=_FAST), flags=_FAST), acc_slot)
+
+        pairs = builder.udiv(nb, _const(2))
+        with cgutils.for_range(builder, pairs) as loop:  # two blocks a step: two add chains
+            b0 = builder.mul(loop.index, _const(2))
+            block(b0, accs[0])
+            block(builder.add(b0, _const(1)), accs[1])
+        with builder.if_then(builder.icmp_unsigned("!=", builder.mul(pairs, _const(2)), nb)):
+            block(builder.sub(nb, _const(1)), accs[0])
+        total = builder.fadd(builder.load(accs[0]), builder.load(accs[1]), flags=_FAST)
+        return _sum_lanes(builder, total, 8)
 
     return sig, codegen
+
+
+def _const(n: int):
+    return ir.Constant(_i64, n)
 
 
 @intrinsic
