@@ -2,7 +2,7 @@
 
 Decode is memory-bound: every token reads all dense weights, the routed experts' weights and the
 KV cache. So next to tok/s we report the bytes a token reads, the memory read bandwidth measured in
-the same run (a parallel sum over a 1 GiB buffer), and the fraction of that roofline reached.
+the same run (a 1 GiB buffer streamed by all threads), and the fraction of that roofline reached.
 Decode at a context depth D fills the KV cache with D random keys/values first (decode speed
 depends on the cache's size, not its content), so depth costs no D-token prefill.
 """
