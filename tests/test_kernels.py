@@ -198,17 +198,51 @@ def test_qkv_matvec_is_three_matvecs(seed, rq, rk, half_cols):
         _close(o, bf16_to_f32(m) @ x + bf16_to_f32(b), np.abs(bf16_to_f32(m)) @ np.abs(x) + 1)
 
 
+@st.composite
+def decode_case(draw):
+    """One query against `count` cached keys in a buffer of more slots; half the cases in
+    gpt-oss's shape (8 queries of 64 per KV head: the kernels' vector path)."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    if draw(st.booleans()):
+        Hkv, q_mult, dh = draw(st.integers(1, 3)), 8, 64
+    else:
+        Hkv, q_mult, dh = draw(st.integers(1, 3)), draw(st.integers(1, 5)), draw(st.sampled_from([2, 8, 16]))
+    count, extra = draw(st.integers(1, 1100)), draw(st.integers(0, 5))
+    q = rng.standard_normal((1, Hkv * q_mult, dh)).astype(np.float32) * 2
+    k_buf = rng.standard_normal((Hkv, count + extra, dh)).astype(np.float32) * 2
+    v_buf = rng.standard_normal((Hkv, count + extra, dh)).astype(np.float32)
+    sinks = rng.standard_normal(Hkv * q_mult).astype(np.float32) * 3
+    return q, k_buf, v_buf, count, sinks
+
+
 @SETTINGS
-@given(attention_case())
+@given(decode_case())
 def test_decode_attention_equals_sdpa(case):
-    """fast.attend_one (one query that sees every key) against the numpy definition."""
+    """fast.attend_one (one query that sees every cached key: the two decode kernels and the
+    softmax between them) against the numpy definition."""
     from tinyoss.fast import attend_one
 
-    q, k, v, sinks, _, _ = case
-    T = k.shape[0]
-    want = _sdpa_twin(q[-1:], k, v, sinks, T - 1, 0)
-    got = attend_one(q[-1:], k.transpose(1, 0, 2), v.transpose(1, 0, 2), sinks)
+    q, k_buf, v_buf, count, sinks = case
+    k, v = k_buf[:, :count].transpose(1, 0, 2), v_buf[:, :count].transpose(1, 0, 2)
+    want = _sdpa_twin(q, k, v, sinks, count - 1, 0)
+    got = attend_one(q, k_buf, v_buf, count, sinks)
     _close(got, want, np.abs(v).max())
+
+
+@SETTINGS
+@given(decode_case())
+def test_decode_attention_kernels_equal_their_twins(case):
+    q, k_buf, v_buf, count, sinks = case
+    Hkv, _, dh = k_buf.shape
+    qh = q[0].reshape(Hkv, -1, dh)
+    scores = np.empty((Hkv, qh.shape[1], count), np.float32)
+    kernels.f32_decode_scores(qh, k_buf, count, scores)
+    want = qh @ k_buf[:, :count].transpose(0, 2, 1) / np.float32(np.sqrt(dh))
+    _close(scores, want, np.abs(qh) @ np.abs(k_buf[:, :count]).transpose(0, 2, 1) / np.sqrt(dh))
+    w = np.abs(scores)  # any weights
+    out = np.empty(qh.shape, np.float32)
+    kernels.f32_decode_values(w, v_buf, count, out)
+    _close(out, w @ v_buf[:, :count], w @ np.abs(v_buf[:, :count]))
 
 
 def test_every_kernel_has_its_own_disk_cache_entry():

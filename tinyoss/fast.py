@@ -173,25 +173,45 @@ def attention(c: Config, layer: int, fl: FastLayer, cache: KVCache, q, k, v,
     end = int(positions[-1]) + 1
     if n == 1:  # decode: every cached key is visible, in any slot order
         count = min(end, cache.window) if sliding else end
-        return attend_one(q, cache.k[layer][:, :count], cache.v[layer][:, :count], fl.sinks)
+        return attend_one(q, cache.k[layer], cache.v[layer], count, fl.sinks)
     out = np.empty((n, c.q_dim), np.float32)
     kernels.f32_attention(q, cache.k[layer], cache.v[layer], fl.sinks, int(positions[0]), 0, 0,
                           0, 0, out)
     return out
 
 
-def attend_one(q: np.ndarray, keys: np.ndarray, values: np.ndarray, sinks: np.ndarray
-               ) -> np.ndarray:
-    """One query token against keys/values it may all see: model.sdpa without a mask, as two
-    small matmuls per kv head. q [1, Hq, dh], keys/values [Hkv, T, dh], sinks [Hq] -> [1, Hq*dh]."""
-    Hkv, T, dh = keys.shape
+def attend_one(q: np.ndarray, k_buf: np.ndarray, v_buf: np.ndarray, count: int,
+               sinks: np.ndarray) -> np.ndarray:
+    """One query token against the first `count` slots of the cache, all visible (in any slot
+    order): model.sdpa without a mask. q [1, Hq, dh], k_buf/v_buf [Hkv, S, dh] (cache buffers),
+    sinks [Hq] -> [1, Hq*dh]. Scores and the weighted sum of values are kernels on all cores;
+    the softmax between them is numpy's (vectorized exp), in place in a reused buffer."""
+    Hkv, _, dh = k_buf.shape
     qh = q[0].reshape(Hkv, -1, dh)  # [Hkv, q_mult, dh]
-    scores = (qh @ keys.transpose(0, 2, 1)) * np.float32(1 / np.sqrt(dh))  # [Hkv, q_mult, T]
-    sink = sinks.reshape(Hkv, -1, 1)
+    q_mult = qh.shape[1]
+    scores = _scratch(Hkv * q_mult * count).reshape(Hkv, q_mult, count)
+    kernels.f32_decode_scores(qh, k_buf, count, scores)
+    sink = sinks.reshape(Hkv, q_mult, 1)
     m = np.maximum(scores.max(axis=-1, keepdims=True), sink)  # the sink: one more column
-    w = np.exp(scores - m)
-    out = (w @ values) / (w.sum(axis=-1, keepdims=True) + np.exp(sink - m))  # [Hkv, q_mult, dh]
+    scores -= m
+    np.exp(scores, out=scores)
+    denom = scores.sum(axis=-1) + np.exp(sink - m)[..., 0]  # [Hkv, q_mult]
+    out = np.empty((Hkv, q_mult, dh), np.float32)
+    kernels.f32_decode_values(scores, v_buf, count, out)
+    out /= denom[..., None]
     return out.reshape(1, -1)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(n: int) -> np.ndarray:
+    """A float32 buffer of n values, reused across calls of this thread (a fresh MB-sized array
+    page-faults on every decoded token)."""
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.size < n:
+        buf = _SCRATCH.buf = np.empty(max(n, 2 * (0 if buf is None else buf.size)), np.float32)
+    return buf[:n]
 
 
 def moe(c: Config, fl: FastLayer, t: np.ndarray) -> np.ndarray:

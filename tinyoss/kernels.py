@@ -19,8 +19,9 @@ import numba
 import numpy as np
 
 from . import mxfp4
-from .simd import (HAVE_AVX2, HAVE_PSHUFB, MXFP4_LANE_ORDER, as_float32, bf16_row_dot,
-                   mxfp4_block_decode_pshufb, mxfp4_row_dot_avx2, q8_row_dot)
+from .simd import (HAVE_AVX2, HAVE_PSHUFB, MXFP4_LANE_ORDER, QK_DIM, QK_HEADS, as_float32,
+                   bf16_row_dot, mxfp4_block_decode_pshufb, mxfp4_row_dot_avx2, q8_row_dot,
+                   qk8_scores, weighted_rows64)
 
 CACHE = os.environ.get("TINYOSS_NUMBA_CACHE", "1") != "0"
 
@@ -309,3 +310,68 @@ def f32_attention(q, k_buf, v_buf, sinks, q_pos0, first_pos, ring, k_pos0, windo
                     acc[d] += w * v_buf[h, row, d]
             for d in range(dh):
                 out[i, hq * dh + d] = acc[d] / denom
+
+
+# ---------------------------------------------------------------------------------------------
+# decode attention: one query token, every cached key visible (fast.attend_one does the softmax)
+
+
+@jit(parallel=True, fastmath=True)
+def f32_decode_scores(q, k_buf, count, out):
+    """out[h, m, t] = q[h, m] . k_buf[h, t] / sqrt(dh) for the first `count` slots.
+
+    q [Hkv, q_mult, dh] (roped), k_buf [Hkv, S, dh] (the cache buffer), out [Hkv, q_mult, count].
+    gpt-oss's shape (8 queries of 64 per KV head) runs simd.qk8_scores; others plain loops.
+    Twin: the scores of model.sdpa (rtol 1e-5).
+    """
+    Hkv, qm, dh = q.shape
+    S = k_buf.shape[1]
+    scale = np.float32(1.0 / math.sqrt(dh))
+    flat_k, flat_out = k_buf.reshape(-1), out.reshape(-1)
+    if qm == QK_HEADS and dh == QK_DIM:
+        qt = np.ascontiguousarray(q.transpose(0, 2, 1)).reshape(-1)  # [Hkv, dh, qm]
+        chunk = 512  # keys a task: tasks enough to share between the threads
+        chunks = (count + chunk - 1) // chunk
+        for task in numba.prange(Hkv * chunks):
+            h, t0 = task // chunks, (task % chunks) * chunk
+            n = min(chunk, count - t0)
+            qk8_scores(qt, h * dh * qm, flat_k, (h * S + t0) * dh, n, scale, flat_out,
+                       h * qm * count + t0, count)
+        return
+    for h in numba.prange(Hkv):
+        for t in range(count):
+            for m in range(qm):
+                s = np.float32(0.0)
+                for d in range(dh):
+                    s += q[h, m, d] * k_buf[h, t, d]
+                out[h, m, t] = s * scale
+
+
+@jit(parallel=True, fastmath=True)
+def f32_decode_values(w, v_buf, count, out):
+    """out[h, m] = sum_t w[h, m, t] v_buf[h, t] over the first `count` slots.
+
+    w [Hkv, q_mult, count] (softmax weights), v_buf [Hkv, S, dh], out [Hkv, q_mult, dh].
+    dh = 64 runs simd.weighted_rows64; others plain loops. Twin: weights @ values (rtol 1e-5).
+    """
+    Hkv, S, dh = v_buf.shape
+    qm = w.shape[1]
+    flat_w, flat_v, flat_out = w.reshape(-1), v_buf.reshape(-1), out.reshape(-1)
+    if dh == QK_DIM:
+        chunk = 256  # value rows (64 KiB) that stay in L1/L2 while the q_mult queries use them
+        for h in numba.prange(Hkv):
+            flat_out[h * qm * dh:(h + 1) * qm * dh] = 0.0
+            for t0 in range(0, count, chunk):
+                n = min(chunk, count - t0)
+                for m in range(qm):
+                    hm = h * qm + m
+                    weighted_rows64(flat_w, hm * count + t0, 1, flat_v, (h * S + t0) * dh, n,
+                                    flat_out, hm * dh)
+        return
+    for task in numba.prange(Hkv * qm):
+        h, m = task // qm, task % qm
+        for d in range(dh):
+            acc = np.float32(0.0)
+            for t in range(count):
+                acc += w[h, m, t] * v_buf[h, t, d]
+            out[h, m, d] = acc

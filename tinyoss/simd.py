@@ -25,6 +25,7 @@ HAVE_AVX2 = "+avx2" in _FEATURES and _KNOWN_CPU
 _i8, _i32, _i64, _f32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
 _V16i8, _V16i32, _V16f = ir.VectorType(_i8, 16), ir.VectorType(_i32, 16), ir.VectorType(_f32, 16)
 _FAST = ("fast",)  # IR-level fast flags, only on the adds/muls of a dot product (reassociation)
+_FMA = ("contract",)  # mul + add may fuse, but the order of the sums stays as written
 
 # E2M1 values times two, as int8 (pshufb looks bytes up): nibble -> 2 * value
 _E2M1_X2 = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12]
@@ -251,5 +252,77 @@ def bf16_row_dot(typingctx, w, w_off, x, n):
             builder.store(builder.fadd(acc, builder.fmul(wf, xv, flags=_FAST), flags=_FAST),
                           acc_slot)
         return _sum_lanes(builder, builder.load(acc_slot), 32)
+
+    return sig, codegen
+
+
+# --- decode attention: one KV head's 8 query heads (gpt-oss: 64 query heads on 8 KV heads) ------
+
+QK_HEADS, QK_DIM = 8, 64  # the shape the two kernels below are written for (both gpt-oss models)
+
+
+@intrinsic
+def qk8_scores(typingctx, qt, q_off, keys, k_off, count, scale, out, o_off, o_stride):
+    """out[o_off + m * o_stride + t] = scale * sum_d keys[k_off + 64t + d] * qt[q_off + 8d + m]
+    for t < count, m < 8 (float32): one KV head's 8 queries (transposed: qt [64, 8]) against
+    `count` keys [count, 64]. The 8 queries fill one vector: every key element is one broadcast and one FMA,
+    with no horizontal sums; eight partial sums (d mod 8) keep the FMAs independent."""
+    sig = types.void(qt, types.intp, keys, types.intp, types.intp, types.float32, out, types.intp,
+                     types.intp)
+
+    def codegen(context, builder, signature, args):
+        qt_a, q_off, keys_a, k_off, count, scale, out_a, o_off, o_stride = args
+        a = signature.args
+        v8f = ir.VectorType(_f32, QK_HEADS)
+        qptr = builder.gep(_data(context, builder, a[0], qt_a), [q_off])
+        kptr = builder.gep(_data(context, builder, a[2], keys_a), [k_off])
+        optr = builder.gep(_data(context, builder, a[6], out_a), [o_off])
+        qrows = [builder.load(builder.bitcast(builder.gep(qptr, [_const(QK_HEADS * d)]),
+                                              v8f.as_pointer()), align=4) for d in range(QK_DIM)]
+        splat_scale = _splat(builder, scale, QK_HEADS)
+        with cgutils.for_range(builder, count) as loop:
+            row = builder.mul(loop.index, _const(QK_DIM))
+            parts = [None] * 8
+            for d in range(QK_DIM):
+                kd = builder.load(builder.gep(kptr, [builder.add(row, _const(d))]))
+                prod = builder.fmul(_splat(builder, kd, QK_HEADS), qrows[d], flags=_FMA)
+                j = d % 8
+                parts[j] = prod if parts[j] is None else builder.fadd(parts[j], prod, flags=_FMA)
+            while len(parts) > 1:
+                parts = [builder.fadd(parts[i], parts[i + 1], flags=_FMA)
+                         for i in range(0, len(parts), 2)]
+            scores = builder.fmul(parts[0], splat_scale, flags=_FMA)
+            for m in range(QK_HEADS):  # query-major: the softmax then reduces contiguous rows
+                dst = builder.gep(optr, [builder.add(builder.mul(o_stride, _const(m)), loop.index)])
+                builder.store(builder.extract_element(scores, ir.Constant(_i32, m)), dst)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def weighted_rows64(typingctx, w, w_off, w_stride, rows, r_off, count, out, o_off):
+    """out[o_off + d] += sum_t w[w_off + t * w_stride] * rows[r_off + 64t + d] for d < 64
+    (float32): attention's weighted sum of value rows, the 64 accumulators in registers."""
+    sig = types.void(w, types.intp, types.intp, rows, types.intp, types.intp, out, types.intp)
+
+    def codegen(context, builder, signature, args):
+        w_a, w_off, w_stride, rows_a, r_off, count, out_a, o_off = args
+        a = signature.args
+        v64f = ir.VectorType(_f32, QK_DIM)
+        wptr = builder.gep(_data(context, builder, a[0], w_a), [w_off])
+        rptr = builder.gep(_data(context, builder, a[3], rows_a), [r_off])
+        optr = builder.bitcast(builder.gep(_data(context, builder, a[6], out_a), [o_off]),
+                               v64f.as_pointer())
+        acc_slot = cgutils.alloca_once_value(builder, builder.load(optr, align=4))
+        with cgutils.for_range(builder, count) as loop:
+            wt = builder.load(builder.gep(wptr, [builder.mul(loop.index, w_stride)]))
+            row = builder.load(builder.bitcast(builder.gep(
+                rptr, [builder.mul(loop.index, _const(QK_DIM))]), v64f.as_pointer()), align=4)
+            acc = builder.load(acc_slot)
+            builder.store(builder.fadd(acc, builder.fmul(_splat(builder, wt, QK_DIM), row,
+                                                         flags=_FAST), flags=_FAST), acc_slot)
+        builder.store(builder.load(acc_slot), optr, align=4)
+        return context.get_dummy_value()
 
     return sig, codegen
