@@ -266,3 +266,42 @@ def test_every_kernel_has_its_own_disk_cache_entry():
                 owners.setdefault(key, set()).add(f"{info.name}.{name}")
     shared = [sorted(names) for names in owners.values() if len(names) > 1]
     assert len(owners) > 10 and not shared, shared
+
+
+@SETTINGS
+@given(st.integers(0, 2**32 - 1), st.integers(1, 6), st.integers(1, 300), st.floats(0.1, 50))
+def test_softmax_rows_equals_numpy(seed, R, T, spread):
+    rng = np.random.default_rng(seed)
+    scores = (rng.standard_normal((R, T)) * spread).astype(np.float32)
+    sinks = (rng.standard_normal(R) * spread).astype(np.float32)
+    top = np.maximum(scores.max(axis=1), sinks)
+    want = np.exp(scores - top[:, None])
+    want_denom = want.sum(axis=1) + np.exp(sinks - top)
+    denom = np.empty(R, np.float32)
+    kernels.f32_softmax_rows(scores, sinks, denom)
+    _close(scores, want, 1.0)
+    _close(denom, want_denom, want_denom)
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(0, 2**32 - 1))
+def test_vector_exp_within_5_ulp(seed):
+    """simd's expf against float64 exp over the softmax's range [ln FLT_MIN, 0]: within 5 ULP
+    down to 1e-36, 1e-5 relative down to FLT_MIN; below, at most FLT_MIN (next to 1.0, nothing)."""
+    from tinyoss.simd import EXP_MIN
+
+    rng = np.random.default_rng(seed)
+    x = np.concatenate([rng.uniform(EXP_MIN, 0, 4000), rng.uniform(-1, 0, 4000), [0.0, EXP_MIN]])
+    x = x.astype(np.float32)
+    got = x.copy()
+    kernels.f32_softmax_rows(got.reshape(1, -1), np.zeros(1, np.float32), np.empty(1, np.float32))
+    want = np.exp(x.astype(np.float64))
+    ulp = np.spacing(want.astype(np.float32)).astype(np.float64)
+    err = np.abs(got - want)
+    big, normal = want >= 1e-36, want >= np.finfo(np.float32).tiny
+    assert np.all(err[big] <= 5 * ulp[big]), (err / ulp)[big].max()
+    assert np.all(err[normal] <= 1e-5 * want[normal])
+    assert np.all(got[~normal] <= np.float32(1.2e-38))
+    below = np.array([EXP_MIN - 1, -200, -np.inf], np.float32)
+    kernels.f32_softmax_rows(below.reshape(1, -1), np.zeros(1, np.float32), np.empty(1, np.float32))
+    assert np.all(below <= np.float32(1.2e-38))

@@ -184,21 +184,18 @@ def attend_one(q: np.ndarray, k_buf: np.ndarray, v_buf: np.ndarray, count: int,
                sinks: np.ndarray) -> np.ndarray:
     """One query token against the first `count` slots of the cache, all visible (in any slot
     order): model.sdpa without a mask. q [1, Hq, dh], k_buf/v_buf [Hkv, S, dh] (cache buffers),
-    sinks [Hq] -> [1, Hq*dh]. Scores and the weighted sum of values are kernels on all cores;
-    the softmax between them is numpy's (vectorized exp), in place in a reused buffer."""
+    sinks [Hq] -> [1, Hq*dh]. Three kernels on all cores: scores, softmax (in place, in a
+    reused buffer), weighted sum of values."""
     Hkv, _, dh = k_buf.shape
     qh = q[0].reshape(Hkv, -1, dh)  # [Hkv, q_mult, dh]
     q_mult = qh.shape[1]
     scores = _scratch(Hkv * q_mult * count).reshape(Hkv, q_mult, count)
     kernels.f32_decode_scores(qh, k_buf, count, scores)
-    sink = sinks.reshape(Hkv, q_mult, 1)
-    m = np.maximum(scores.max(axis=-1, keepdims=True), sink)  # the sink: one more column
-    scores -= m
-    np.exp(scores, out=scores)
-    denom = scores.sum(axis=-1) + np.exp(sink - m)[..., 0]  # [Hkv, q_mult]
+    denom = np.empty(Hkv * q_mult, np.float32)
+    kernels.f32_softmax_rows(scores.reshape(-1, count), sinks, denom)  # the sink: one more column
     out = np.empty((Hkv, q_mult, dh), np.float32)
     kernels.f32_decode_values(scores, v_buf, count, out)
-    out /= denom[..., None]
+    out /= denom.reshape(Hkv, q_mult, 1)
     return out.reshape(1, -1)
 
 

@@ -20,8 +20,8 @@ import numpy as np
 
 from . import mxfp4
 from .simd import (HAVE_AVX2, HAVE_PSHUFB, MXFP4_LANE_ORDER, QK_DIM, QK_HEADS, as_float32,
-                   bf16_row_dot, mxfp4_block_decode_pshufb, mxfp4_row_dot_avx2, q8_row_dot,
-                   qk8_scores, weighted_rows64)
+                   bf16_row_dot, exp_shifted_sum, mxfp4_block_decode_pshufb, mxfp4_row_dot_avx2,
+                   q8_row_dot, qk8_scores, weighted_rows64)
 
 CACHE = os.environ.get("TINYOSS_NUMBA_CACHE", "1") != "0"
 
@@ -375,3 +375,20 @@ def f32_decode_values(w, v_buf, count, out):
             for t in range(count):
                 acc += w[h, m, t] * v_buf[h, t, d]
             out[h, m, d] = acc
+
+
+@jit(parallel=True, fastmath=True)
+def f32_softmax_rows(scores, sinks, denom):
+    """Softmax with a sink, unnormalized, in place: with top = max(sinks[r], max scores[r]),
+    scores[r] <- exp(scores[r] - top) and denom[r] = their sum + exp(sinks[r] - top).
+
+    scores [R, T] f32, sinks [R] f32, denom [R] f32. The exp is simd's vector expf (5 ULP).
+    Twin: the softmax of model.sdpa, the sink as one more column (rtol 1e-5).
+    """
+    R, T = scores.shape
+    flat = scores.reshape(-1)
+    for r in numba.prange(R):
+        top = sinks[r]
+        for t in range(T):
+            top = max(top, scores[r, t])
+        denom[r] = exp_shifted_sum(flat, r * T, T, top) + np.exp(sinks[r] - top)

@@ -326,3 +326,71 @@ def weighted_rows64(typingctx, w, w_off, w_stride, rows, r_off, count, out, o_of
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+# --- softmax rows: exp in vector IR ----------------------------------------------------------
+# Decode attention exponentiates ~260k scores per dense layer at 4096 tokens of context; numba's
+# scalar expf costs ~30 cycles each, numpy's needs the scores in memory between two kernels. This
+# is Cephes' expf (range reduction by ln 2, a degree-5 polynomial, the power of two added to the
+# exponent bits): within 5 ULP of the true exp down to 1e-36, within 1e-5 relative down to
+# FLT_MIN (tests/test_kernels checks it against float64; numpy's float32 exp is within ~1 ULP).
+# Arguments below EXP_MIN give exp(EXP_MIN) ~ 1.2e-38 (the true value would be subnormal or 0):
+# next to the softmax's largest term, 1.0, the difference is below float32's resolution.
+
+EXP_MIN = -87.33654  # ln(FLT_MIN)
+_LOG2E, _LN2_HI, _LN2_LO = 1.44269504088896341, 0.693359375, -2.12194440e-4
+_EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
+             5.0000001201e-1)
+
+
+def _exp8(builder, x):
+    """exp of a <8 x float>, lane by lane (see above)."""
+    v8f, v8i = ir.VectorType(_f32, 8), ir.VectorType(_i32, 8)
+    const = lambda c: ir.Constant(v8f, [float(np.float32(c))] * 8)  # noqa: E731
+    maxnum = builder.module.declare_intrinsic("llvm.maxnum.v8f32",
+                                              fnty=ir.FunctionType(v8f, [v8f, v8f]))
+    floor = builder.module.declare_intrinsic("llvm.floor.v8f32", fnty=ir.FunctionType(v8f, [v8f]))
+    x = builder.call(maxnum, [x, const(EXP_MIN)])
+    n = builder.call(floor, [builder.fadd(builder.fmul(x, const(_LOG2E)), const(0.5))])
+    r = builder.fsub(builder.fsub(x, builder.fmul(n, const(_LN2_HI))), builder.fmul(n, const(_LN2_LO)))
+    poly = const(_EXP_POLY[0])
+    for c in _EXP_POLY[1:]:
+        poly = builder.fadd(builder.fmul(poly, r, flags=_FMA), const(c), flags=_FMA)
+    y = builder.fadd(builder.fadd(builder.fmul(poly, builder.fmul(r, r), flags=_FMA), r), const(1.0))
+    bits = builder.shl(builder.add(builder.fptosi(n, v8i), ir.Constant(v8i, [127] * 8)),
+                       ir.Constant(v8i, [23] * 8))
+    return builder.fmul(y, builder.bitcast(bits, v8f))
+
+
+@intrinsic
+def exp_shifted_sum(typingctx, a, off, count, shift):
+    """a[off + t] = exp(a[off + t] - shift) for t < count, in place; returns their float32 sum
+    (8 lanes a step, the last count % 8 one at a time)."""
+    sig = types.float32(a, types.intp, types.intp, types.float32)
+
+    def codegen(context, builder, signature, args):
+        a_a, off, count, shift = args
+        v8f = ir.VectorType(_f32, 8)
+        ptr = builder.gep(_data(context, builder, signature.args[0], a_a), [off])
+        splat_shift = _splat(builder, shift, 8)
+        acc_slot = cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8))
+        steps = builder.udiv(count, _const(8))
+        with cgutils.for_range(builder, steps) as loop:
+            vptr = builder.bitcast(builder.gep(ptr, [builder.mul(loop.index, _const(8))]),
+                                   v8f.as_pointer())
+            e = _exp8(builder, builder.fsub(builder.load(vptr, align=4), splat_shift))
+            builder.store(e, vptr, align=4)
+            builder.store(builder.fadd(builder.load(acc_slot), e), acc_slot)
+        total = _sum_lanes(builder, builder.load(acc_slot), 8)
+        total_slot = cgutils.alloca_once_value(builder, total)
+        with cgutils.for_range_slice(builder, builder.mul(steps, _const(8)), count, _const(1)) \
+                as (t, _):  # the last count % 8, one lane at a time
+            sptr = builder.gep(ptr, [t])
+            vec = builder.insert_element(ir.Constant(v8f, [float("-inf")] * 8),
+                                         builder.fsub(builder.load(sptr), shift), ir.Constant(_i32, 0))
+            e = builder.extract_element(_exp8(builder, vec), ir.Constant(_i32, 0))
+            builder.store(e, sptr)
+            builder.store(builder.fadd(builder.load(total_slot), e), total_slot)
+        return builder.load(total_slot)
+
+    return sig, codegen
