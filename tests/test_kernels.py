@@ -305,3 +305,19 @@ def test_vector_exp_within_5_ulp(seed):
     below = np.array([EXP_MIN - 1, -200, -np.inf], np.float32)
     kernels.f32_softmax_rows(below.reshape(1, -1), np.zeros(1, np.float32), np.empty(1, np.float32))
     assert np.all(below <= np.float32(1.2e-38))
+
+
+@SETTINGS
+@given(st.integers(0, 2**32 - 1), st.integers(1, 40), st.integers(1, 4), st.integers(1, 11))
+def test_mxfp4_matmul_equals_decode_then_matmul(seed, R, nb, m):
+    """Prefill's fused kernel for an expert a few tokens chose (tokens four at a time, then the
+    remainder: m covers every group size)."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (R, nb, 16), dtype=np.uint8)
+    scales = rng.integers(100, 150, (R, nb), dtype=np.uint8)
+    bias = f32_to_bf16(rng.standard_normal(R).astype(np.float32))
+    x = rng.standard_normal((m, nb * 32)).astype(np.float32)
+    w = mxfp4.decode(blocks, scales)
+    out = np.full((m, R), np.nan, np.float32)
+    kernels.f32_mf4w_matmul(blocks, scales, bias, kernels.to_lane_order(x), out)
+    _close(out, x @ w.T + bf16_to_f32(bias), np.abs(x) @ np.abs(w).T + np.abs(bf16_to_f32(bias)))

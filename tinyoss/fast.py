@@ -4,7 +4,8 @@ Same math, same order of steps as `model.forward_reference` (read that first); w
   - dense weights: one token -> the bf16 (or int8) matvec kernel, reading each weight once;
     many tokens -> BLAS on float32 tiles widened a few rows at a time;
   - experts: one token -> the fused MXFP4 matvec kernel (decodes on the fly, reads only the routed
-    experts); many tokens -> grouped by expert, each expert decoded tile by tile once per call;
+    experts); many tokens -> grouped by expert, each expert decoded once per call: block by
+    block in registers for the few tokens that chose it, or tile by tile for BLAS for many;
   - attention: the kernel reads keys straight from the KV cache (ring buffer on banded layers) and
     touches only the visible band.
 """
@@ -24,6 +25,7 @@ from .model import KVCache, LayerWeights, Weights, apply_rope, rmsnorm, rope_cos
 from .store import bf16_to_f32
 
 MATVEC_MAX_TOKENS = 1  # above this many tokens, widening tiles for BLAS beats matvec kernels
+FUSED_MAX_TOKENS = 8  # experts chosen by up to this many tokens run the fused MXFP4 matmul
 TILE_ROWS = 512  # rows widened/decoded at once for BLAS: a few MB, stays in cache
 _NO_BIAS = np.zeros(0, np.uint16)
 
@@ -226,11 +228,11 @@ def moe(c: Config, fl: FastLayer, t: np.ndarray) -> np.ndarray:
             y = expert_matvec(c, lw, experts[i], np.broadcast_to(t[i], (k, t.shape[1])))
             out[i] = weights[i] @ y
         return out
-    for e in np.unique(experts):  # prefill: each routed expert decoded once, tile by tile
+    for e in np.unique(experts):  # prefill: each routed expert decoded once
         tok, slot = np.nonzero(experts == e)
-        if len(tok) <= MATVEC_MAX_TOKENS:  # one token: the fused kernel reads the expert once
-            y = expert_matvec(c, lw, np.full(len(tok), e), t[tok])
-        else:
+        if len(tok) <= FUSED_MAX_TOKENS:  # few tokens: decoded block by block, in registers
+            y = expert_few(c, lw, int(e), t[tok])
+        else:  # many: decoded tile by tile for BLAS
             y = expert_tiles(c, lw, int(e), t[tok])
         out[tok] += weights[tok, slot, None] * y
     return out
@@ -247,6 +249,19 @@ def expert_matvec(c: Config, lw: LayerWeights, experts: np.ndarray, x: np.ndarra
     y = np.empty((m, c.hidden_size), np.float32)
     kernels.f32_mf4w_moe_matvec(lw.mlp2_blocks, lw.mlp2_scales, lw.mlp2_bias, experts,
                                 kernels.to_lane_order(a), y)
+    return y
+
+
+def expert_few(c: Config, lw: LayerWeights, e: int, x: np.ndarray) -> np.ndarray:
+    """One expert on a few tokens: x [m, D] -> [m, D], each block decoded once for all m."""
+    m = x.shape[0]
+    h = np.empty((m, 2 * c.intermediate_size), np.float32)
+    kernels.f32_mf4w_matmul(lw.mlp1_blocks[e], lw.mlp1_scales[e], lw.mlp1_bias[e],
+                            kernels.to_lane_order(x), h)
+    a = swiglu(h, c.swiglu_limit)
+    y = np.empty((m, c.hidden_size), np.float32)
+    kernels.f32_mf4w_matmul(lw.mlp2_blocks[e], lw.mlp2_scales[e], lw.mlp2_bias[e],
+                            kernels.to_lane_order(a), y)
     return y
 
 

@@ -20,8 +20,9 @@ import numpy as np
 
 from . import mxfp4
 from .simd import (HAVE_AVX2, HAVE_PSHUFB, MXFP4_LANE_ORDER, QK_DIM, QK_HEADS, as_float32,
-                   bf16_row_dot, exp_shifted_sum, mxfp4_block_decode_pshufb, mxfp4_row_dot_avx2,
-                   q8_row_dot, qk8_scores, weighted_rows64)
+                   bf16_row_dot, dots1, dots2, dots3, dots4, exp_shifted_sum,
+                   mxfp4_block_decode_pshufb, mxfp4_row_dot_avx2, q8_row_dot, qk8_scores,
+                   weighted_rows64)
 
 CACHE = os.environ.get("TINYOSS_NUMBA_CACHE", "1") != "0"
 
@@ -140,6 +141,43 @@ def f32_mf4w_moe_matvec(blocks, scales, bias, experts, xl, out):
             row = e * R + r
             dot = _row_dot(flat_b, row * nb * 16, flat_s, row * nb, _E8M0, flat_x, k * nb * 32, nb)
             out[k, r] = dot + as_float32(np.uint32(bias[e, r]) << np.uint32(16))
+
+
+@jit(parallel=True, fastmath=True)
+def f32_mf4w_matmul(blocks, scales, bias, xl, out):
+    """out[j, r] = sum_c W[r, c] x_j[c] + bias[r] for one expert W in MXFP4, a few tokens.
+
+    blocks [R, nb, 16] u8, scales [R, nb] u8, bias [R] bf16, xl [m, nb*32] f32 (lane order),
+    out [m, R] f32. Each block is decoded once for all m tokens (prefill's experts that few
+    tokens chose). Twin: x @ mxfp4.decode(blocks, scales).T + bias (rtol 1e-5).
+    """
+    R, nb, _ = blocks.shape
+    m = xl.shape[0]
+    flat_b, flat_s, flat_x, flat_out = blocks.reshape(-1), scales.reshape(-1), xl.reshape(-1), \
+        out.reshape(-1)
+    n_tasks = (R + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for task in numba.prange(n_tasks):
+        for r in range(task * ROWS_PER_TASK, min((task + 1) * ROWS_PER_TASK, R)):
+            if HAVE_AVX2:  # tokens four at a time: each block decoded once per four
+                for j0 in range(0, m, 4):
+                    args = (flat_b, r * nb * 16, flat_s, r * nb, _E8M0, flat_x, j0 * nb * 32,
+                            nb * 32, nb, flat_out, j0 * R + r, R)
+                    g = min(4, m - j0)
+                    if g == 4:
+                        dots4(*args)
+                    elif g == 3:
+                        dots3(*args)
+                    elif g == 2:
+                        dots2(*args)
+                    else:
+                        dots1(*args)
+            else:
+                for j in range(m):
+                    out[j, r] = mxfp4_row_dot_plain(flat_b, r * nb * 16, flat_s, r * nb, _E8M0,
+                                                    flat_x, j * nb * 32, nb)
+            b = as_float32(np.uint32(bias[r]) << np.uint32(16))
+            for j in range(m):
+                out[j, r] += b
 
 
 # ---------------------------------------------------------------------------------------------

@@ -168,6 +168,62 @@ def mxfp4_row_dot_avx2(typingctx, blocks, b_off, scales, s_off, scale_table, xl,
     return sig, codegen
 
 
+def _mxfp4_row_dots(group: int):
+    """The intrinsic for one MXFP4 weight row against `group` vectors (see mxfp4_row_dots)."""
+
+    @intrinsic
+    def row_dots(typingctx, blocks, b_off, scales, s_off, scale_table, xl, x_off, x_len, nb, out,
+                 o_off, o_stride):
+        sig = types.void(blocks, types.intp, scales, types.intp, scale_table, xl, types.intp,
+                         types.intp, types.intp, out, types.intp, types.intp)
+
+        def codegen(context, builder, signature, args):
+            blocks_a, b_off, scales_a, s_off, table_a, xl_a, x_off, x_len, nb, out_a, o_off, \
+                o_stride = args
+            a = signature.args
+            v8f = ir.VectorType(_f32, 8)
+            bptr = builder.gep(_data(context, builder, a[0], blocks_a), [b_off])
+            sptr = builder.gep(_data(context, builder, a[2], scales_a), [s_off])
+            tptr = _data(context, builder, a[4], table_a)
+            xptr = builder.gep(_data(context, builder, a[5], xl_a), [x_off])
+            optr = builder.gep(_data(context, builder, a[9], out_a), [o_off])
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8))
+                    for _ in range(group)]
+            with cgutils.for_range(builder, nb) as loop:
+                b = loop.index
+                w = _e2m1_decode_bf16(builder, builder.gep(bptr, [builder.mul(b, _const(16))]))
+                scale = _splat(builder, builder.load(builder.gep(tptr, [builder.zext(
+                    builder.load(builder.gep(sptr, [b])), _i64)])), 8)
+                x0 = builder.mul(b, _const(32))
+                for j in range(group):
+                    xj = builder.gep(xptr, [builder.add(builder.mul(_const(j), x_len), x0)])
+                    part = None
+                    for i in range(4):
+                        xv = builder.load(builder.bitcast(builder.gep(xj, [_const(8 * i)]),
+                                                          v8f.as_pointer()), align=4)
+                        prod = builder.fmul(w[i], xv, flags=_FAST)
+                        part = prod if part is None else builder.fadd(part, prod, flags=_FAST)
+                    builder.store(builder.fadd(builder.load(accs[j]), builder.fmul(
+                        part, scale, flags=_FAST), flags=_FAST), accs[j])
+            for j in range(group):
+                builder.store(_sum_lanes(builder, builder.load(accs[j]), 8),
+                              builder.gep(optr, [builder.mul(_const(j), o_stride)]))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return row_dots
+
+
+# mxfp4_row_dots[g](blocks, b_off, scales, s_off, scale_table, xl, x_off, x_len, nb, out, o_off,
+# o_stride): one MXFP4 weight row against g vectors x_j = xl[x_off + j * x_len :] (each in lane
+# order, as for mxfp4_row_dot_avx2): out[o_off + j * o_stride] = sum_c w[c] * x_j[c], j < g.
+# Each block is decoded once for the g vectors, their sums stay in registers (g = 1..4).
+MXFP4_ROW_DOTS_MAX = 4
+mxfp4_row_dots = tuple(_mxfp4_row_dots(g) for g in range(1, MXFP4_ROW_DOTS_MAX + 1))
+dots1, dots2, dots3, dots4 = mxfp4_row_dots  # numba calls globals, not tuple items
+
+
 def _const(n: int):
     return ir.Constant(_i64, n)
 
