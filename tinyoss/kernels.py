@@ -20,9 +20,9 @@ import numpy as np
 
 from . import mxfp4
 from .simd import (HAVE_AVX2, HAVE_PSHUFB, MXFP4_LANE_ORDER, QK_DIM, QK_HEADS, as_float32,
-                   bf16_row_dot, dots1, dots2, dots3, dots4, exp_shifted_sum,
-                   mxfp4_block_decode_pshufb, mxfp4_row_dot_avx2, q8_row_dot, qk8_scores,
-                   weighted_rows64)
+                   bf16_row_dot, exp_shifted_sum, mxfp4_block_decode_pshufb, mxfp4_row_dot_avx2,
+                   mxfp4_row_dots_1, mxfp4_row_dots_2, mxfp4_row_dots_3, mxfp4_row_dots_4,
+                   q8_row_dot, qk8_scores, weighted_rows64)
 
 CACHE = os.environ.get("TINYOSS_NUMBA_CACHE", "1") != "0"
 
@@ -164,13 +164,13 @@ def f32_mf4w_matmul(blocks, scales, bias, xl, out):
                             nb * 32, nb, flat_out, j0 * R + r, R)
                     g = min(4, m - j0)
                     if g == 4:
-                        dots4(*args)
+                        mxfp4_row_dots_4(*args)
                     elif g == 3:
-                        dots3(*args)
+                        mxfp4_row_dots_3(*args)
                     elif g == 2:
-                        dots2(*args)
+                        mxfp4_row_dots_2(*args)
                     else:
-                        dots1(*args)
+                        mxfp4_row_dots_1(*args)
             else:
                 for j in range(m):
                     out[j, r] = mxfp4_row_dot_plain(flat_b, r * nb * 16, flat_s, r * nb, _E8M0,

@@ -1,11 +1,14 @@
-"""The few lines numba can't say in Python: a bitcast, and MXFP4 decoding in vector IR.
+"""The few lines numba can't say in Python, in LLVM vector IR: a bitcast, MXFP4 decoding, the
+row dot products of the matvec kernels, decode attention's inner loops and a vector exp.
 
 LLVM does not turn a 16-entry table lookup into a SIMD shuffle by itself, and that lookup is the
-whole cost of an MXFP4 matvec. Here we write it out for x86 with `pshufb`: the decode matvec of
-one token (AVX2, `mxfp4_row_dot_avx2`) and the block decoder of prefill (SSSE3). On CPUs
-without them (`HAVE_AVX2`, `HAVE_PSHUFB` False) kernels.py uses its plain-numba twins.
+whole cost of an MXFP4 matvec. Here we write it out for x86 with `pshufb`: the matvec of one
+token and the fused matmul of a few (AVX2, `mxfp4_row_dot_avx2`, `mxfp4_row_dots_*`) and the
+block decoder of prefill's tiles (SSSE3). On CPUs without them (`HAVE_AVX2`, `HAVE_PSHUFB`
+False) kernels.py uses its plain-numba twins. The rest is portable vector IR: numba's loops
+would not keep these sums in registers, or would reassociate them into one long chain.
 
-All are tested equal to the numpy definition (`mxfp4.decode(...) @ x`).
+Every kernel built on these is tested against its numpy twin in tests/test_kernels.py.
 """
 
 from __future__ import annotations
@@ -219,9 +222,8 @@ def _mxfp4_row_dots(group: int):
 # o_stride): one MXFP4 weight row against g vectors x_j = xl[x_off + j * x_len :] (each in lane
 # order, as for mxfp4_row_dot_avx2): out[o_off + j * o_stride] = sum_c w[c] * x_j[c], j < g.
 # Each block is decoded once for the g vectors, their sums stay in registers (g = 1..4).
-MXFP4_ROW_DOTS_MAX = 4
-mxfp4_row_dots = tuple(_mxfp4_row_dots(g) for g in range(1, MXFP4_ROW_DOTS_MAX + 1))
-dots1, dots2, dots3, dots4 = mxfp4_row_dots  # numba calls globals, not tuple items
+mxfp4_row_dots_1, mxfp4_row_dots_2, mxfp4_row_dots_3, mxfp4_row_dots_4 = (
+    _mxfp4_row_dots(g) for g in (1, 2, 3, 4))
 
 
 def _const(n: int):
