@@ -20,7 +20,7 @@ import numpy as np
 
 from . import mxfp4
 from .simd import (HAVE_AVX2, HAVE_PSHUFB, MXFP4_LANE_ORDER, QK_DIM, QK_HEADS, as_float32,
-                   bf16_row_dot, exp_shifted_sum, mxfp4_block_decode_pshufb, mxfp4_row_dot_avx2,
+                   bf16_row_dot, exp_shifted_sum, mxfp4_block_decode_pshufb,
                    mxfp4_row_dots_1, mxfp4_row_dots_2, mxfp4_row_dots_3, mxfp4_row_dots_4,
                    q8_row_dot, qk8_scores, weighted_rows64)
 
@@ -52,7 +52,8 @@ _LANE_ORDER = np.array(MXFP4_LANE_ORDER, np.int64)
 
 @jit(fastmath=True)
 def mxfp4_row_dot_plain(blocks, b_off, scales, s_off, scale_table, xl, x_off, nb):
-    """Same contract as simd.mxfp4_row_dot_avx2, in plain numba (any CPU)."""
+    """One row against one vector, as simd.mxfp4_row_dots_1 (returning the sum): for CPUs
+    without AVX2."""
     total = np.float32(0.0)
     for b in range(nb):
         part = np.float32(0.0)
@@ -81,7 +82,6 @@ def mxfp4_block_decode_plain(blocks, b_off, scale, out, o_off):
         out[o_off + 2 * j + 1] = _FP4[byte >> 4] * np.float32(2.0) * scale
 
 
-_row_dot = mxfp4_row_dot_avx2 if HAVE_AVX2 else mxfp4_row_dot_plain
 _block_decode = mxfp4_block_decode_pshufb if HAVE_PSHUFB else mxfp4_block_decode_plain
 
 
@@ -131,7 +131,7 @@ def f32_mf4w_moe_matvec(blocks, scales, bias, experts, xl, out):
     K = experts.shape[0]
     flat_b = blocks.reshape(-1)
     flat_s = scales.reshape(-1)
-    flat_x = xl.reshape(-1)
+    flat_x, flat_out = xl.reshape(-1), out.reshape(-1)
     tasks_per_expert = (R + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in numba.prange(K * tasks_per_expert):
         k = task // tasks_per_expert
@@ -139,8 +139,14 @@ def f32_mf4w_moe_matvec(blocks, scales, bias, experts, xl, out):
         r0 = (task % tasks_per_expert) * ROWS_PER_TASK
         for r in range(r0, min(r0 + ROWS_PER_TASK, R)):
             row = e * R + r
-            dot = _row_dot(flat_b, row * nb * 16, flat_s, row * nb, _E8M0, flat_x, k * nb * 32, nb)
-            out[k, r] = dot + as_float32(np.uint32(bias[e, r]) << np.uint32(16))
+            b = as_float32(np.uint32(bias[e, r]) << np.uint32(16))
+            if HAVE_AVX2:
+                mxfp4_row_dots_1(flat_b, row * nb * 16, flat_s, row * nb, _E8M0, flat_x,
+                                 k * nb * 32, nb * 32, nb, flat_out, k * R + r, 1)
+                out[k, r] += b
+            else:
+                out[k, r] = mxfp4_row_dot_plain(flat_b, row * nb * 16, flat_s, row * nb, _E8M0,
+                                                flat_x, k * nb * 32, nb) + b
 
 
 @jit(parallel=True, fastmath=True)

@@ -3,7 +3,7 @@ row dot products of the matvec kernels, decode attention's inner loops and a vec
 
 LLVM does not turn a 16-entry table lookup into a SIMD shuffle by itself, and that lookup is the
 whole cost of an MXFP4 matvec. Here we write it out for x86 with `pshufb`: the matvec of one
-token and the fused matmul of a few (AVX2, `mxfp4_row_dot_avx2`, `mxfp4_row_dots_*`) and the
+token and the fused matmul of a few (AVX2, `mxfp4_row_dots_1..4`) and the
 block decoder of prefill's tiles (SSSE3). On CPUs without them (`HAVE_AVX2`, `HAVE_PSHUFB`
 False) kernels.py uses its plain-numba twins. The rest is portable vector IR: numba's loops
 would not keep these sums in registers, or would reassociate them into one long chain.
@@ -121,58 +121,8 @@ def _e2m1_decode_bf16(builder, bptr):
     return values
 
 
-@intrinsic
-def mxfp4_row_dot_avx2(typingctx, blocks, b_off, scales, s_off, scale_table, xl, x_off, nb):
-    """sum over one MXFP4 weight row of w[c] * x[c] (float32).
-
-    blocks/scales: flat uint8 arrays, the row's nb blocks start at blocks[b_off], scales[s_off].
-    xl: flat float32, x with each block of 32 in MXFP4_LANE_ORDER (`kernels.to_lane_order`),
-    the row's x starting at xl[x_off]. scale_table: float32, byte s -> 2**(s-127).
-    Each block's 32 products are summed, then scaled (exact: a power of two); two accumulators.
-    """
-    sig = types.float32(blocks, types.intp, scales, types.intp, scale_table, xl, types.intp,
-                        types.intp)
-
-    def codegen(context, builder, signature, args):
-        blocks_a, b_off, scales_a, s_off, table_a, xl_a, x_off, nb = args
-        a = signature.args
-        v8f = ir.VectorType(_f32, 8)
-        bptr = builder.gep(_data(context, builder, a[0], blocks_a), [b_off])
-        sptr = builder.gep(_data(context, builder, a[2], scales_a), [s_off])
-        tptr = _data(context, builder, a[4], table_a)
-        xptr = builder.gep(_data(context, builder, a[5], xl_a), [x_off])
-        accs = [cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8)) for _ in (0, 1)]
-
-        def block(b, acc_slot):
-            w = _e2m1_decode_bf16(builder, builder.gep(bptr, [builder.mul(b, _const(16))]))
-            x0 = builder.mul(b, _const(32))
-            part = None
-            for i in range(4):
-                xv = builder.load(builder.bitcast(builder.gep(xptr, [builder.add(x0, _const(8 * i))]),
-                                                  v8f.as_pointer()), align=4)
-                prod = builder.fmul(w[i], xv, flags=_FAST)
-                part = prod if part is None else builder.fadd(part, prod, flags=_FAST)
-            scale = builder.load(builder.gep(tptr, [builder.zext(builder.load(
-                builder.gep(sptr, [b])), _i64)]))
-            acc = builder.load(acc_slot)
-            builder.store(builder.fadd(acc, builder.fmul(part, _splat(builder, scale, 8),
-                                                         flags=_FAST), flags=_FAST), acc_slot)
-
-        pairs = builder.udiv(nb, _const(2))
-        with cgutils.for_range(builder, pairs) as loop:  # two blocks a step: two add chains
-            b0 = builder.mul(loop.index, _const(2))
-            block(b0, accs[0])
-            block(builder.add(b0, _const(1)), accs[1])
-        with builder.if_then(builder.icmp_unsigned("!=", builder.mul(pairs, _const(2)), nb)):
-            block(builder.sub(nb, _const(1)), accs[0])
-        total = builder.fadd(builder.load(accs[0]), builder.load(accs[1]), flags=_FAST)
-        return _sum_lanes(builder, total, 8)
-
-    return sig, codegen
-
-
 def _mxfp4_row_dots(group: int):
-    """The intrinsic for one MXFP4 weight row against `group` vectors (see mxfp4_row_dots)."""
+    """The intrinsic for one MXFP4 weight row against `group` vectors (see below)."""
 
     @intrinsic
     def row_dots(typingctx, blocks, b_off, scales, s_off, scale_table, xl, x_off, x_len, nb, out,
@@ -218,10 +168,13 @@ def _mxfp4_row_dots(group: int):
     return row_dots
 
 
-# mxfp4_row_dots[g](blocks, b_off, scales, s_off, scale_table, xl, x_off, x_len, nb, out, o_off,
-# o_stride): one MXFP4 weight row against g vectors x_j = xl[x_off + j * x_len :] (each in lane
-# order, as for mxfp4_row_dot_avx2): out[o_off + j * o_stride] = sum_c w[c] * x_j[c], j < g.
-# Each block is decoded once for the g vectors, their sums stay in registers (g = 1..4).
+# mxfp4_row_dots_g(blocks, b_off, scales, s_off, scale_table, xl, x_off, x_len, nb, out, o_off,
+# o_stride): one MXFP4 weight row against g vectors, out[o_off + j * o_stride] = sum_c w[c] x_j[c]
+# for j < g (float32). blocks/scales: flat uint8, the row's nb blocks start at blocks[b_off],
+# scales[s_off]; scale_table: float32, byte s -> 2**(s-127); x_j = xl[x_off + j * x_len :], each
+# block of 32 in MXFP4_LANE_ORDER (`kernels.to_lane_order`). Each block is decoded once for the g
+# vectors; its products are summed, then scaled (exact: a power of two); the g sums stay in
+# registers. g = 1 is decode's matvec, g = 1..4 prefill's few-token matmul.
 mxfp4_row_dots_1, mxfp4_row_dots_2, mxfp4_row_dots_3, mxfp4_row_dots_4 = (
     _mxfp4_row_dots(g) for g in (1, 2, 3, 4))
 
