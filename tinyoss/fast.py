@@ -1,8 +1,9 @@
 """The fast path: the forward pass of model.py with numba kernels, for prefill and decode.
 
 Same math, same order of steps as `model.forward_reference` (read that first); what changes:
-  - dense weights: one token -> the bf16 (or int8) matvec kernel, reading each weight once;
-    many tokens -> BLAS on float32 tiles widened a few rows at a time;
+  - dense weights: one token -> the bf16 (or int8) matvec kernel, reading each weight once (a
+    few tokens: the bf16 matmul kernel, the same); many -> BLAS on float32 tiles widened a few
+    rows at a time;
   - experts: one token -> the fused MXFP4 matvec kernel (decodes on the fly, reads only the routed
     experts); many tokens -> grouped by expert, each expert decoded once per call: block by
     block in registers for the few tokens that chose it, or tile by tile for BLAS for many;
@@ -25,7 +26,8 @@ from .model import KVCache, LayerWeights, Weights, apply_rope, rmsnorm, rope_cos
 from .store import bf16_to_f32
 
 MATVEC_MAX_TOKENS = 1  # above this many tokens, widening tiles for BLAS beats matvec kernels
-FUSED_MAX_TOKENS = 8  # experts chosen by up to this many tokens run the fused MXFP4 matmul
+FUSED_MAX_TOKENS = 8  # up to this many tokens, fused kernels (each weight decoded once, the
+# tokens' sums in registers) beat widening tiles for BLAS: dense bf16 weights and each expert
 TILE_ROWS = 512  # rows widened/decoded at once for BLAS: a few MB, stays in cache
 _NO_BIAS = np.zeros(0, np.uint16)
 
@@ -103,6 +105,9 @@ class Dense:
                 else:
                     kernels.f32_bf16w_matvec(self.w, x[i], self.bias, out[i])
             return out
+        if n <= FUSED_MAX_TOKENS and not self.q8:  # a few tokens: each weight read once
+            kernels.f32_bf16w_matmul(self.w, np.ascontiguousarray(x), self.bias, out)
+            return out
         if self.q8:
             q, s = self.q8
             fill = lambda r0, r1, tile: kernels.q8_dequantize(q[r0:r1], s[r0:r1], tile)  # noqa
@@ -125,14 +130,15 @@ class FastLayer:
         self.sinks = bf16_to_f32(lw.sinks)  # [Hq]
 
     def qkv(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """t [n, D] -> q [n, Hq*dh], k, v [n, Hkv*dh]; one kernel launch for a bf16 token."""
-        if t.shape[0] != 1 or self.q.q8:
+        """t [n, D] -> q [n, Hq*dh], k, v [n, Hkv*dh]; one kernel launch for a few bf16 tokens."""
+        n = t.shape[0]
+        if n > FUSED_MAX_TOKENS or self.q.q8:
             return self.q(t), self.k(t), self.v(t)
-        q = np.empty((1, self.q.rows), np.float32)
-        k = np.empty((1, self.k.rows), np.float32)
-        v = np.empty((1, self.v.rows), np.float32)
-        kernels.f32_bf16w_qkv_matvec(self.q.w, self.q.bias, q[0], self.k.w, self.k.bias, k[0],
-                                     self.v.w, self.v.bias, v[0], t[0])
+        q = np.empty((n, self.q.rows), np.float32)
+        k = np.empty((n, self.k.rows), np.float32)
+        v = np.empty((n, self.v.rows), np.float32)
+        kernels.f32_bf16w_qkv_matmul(self.q.w, self.q.bias, q, self.k.w, self.k.bias, k,
+                                     self.v.w, self.v.bias, v, np.ascontiguousarray(t))
         return q, k, v
 
 

@@ -20,7 +20,8 @@ import numpy as np
 
 from . import mxfp4
 from .simd import (HAVE_AVX2, HAVE_PSHUFB, MXFP4_LANE_ORDER, QK_DIM, QK_HEADS, as_float32,
-                   bf16_row_dot, exp_shifted_sum, mxfp4_block_decode_pshufb,
+                   bf16_row_dots_1, bf16_row_dots_2, bf16_row_dots_3, bf16_row_dots_4,
+                   exp_shifted_sum, mxfp4_block_decode_pshufb,
                    mxfp4_row_dots_1, mxfp4_row_dots_2, mxfp4_row_dots_3, mxfp4_row_dots_4,
                    q8_row_dot, qk8_scores, weighted_rows64)
 
@@ -191,19 +192,33 @@ def f32_mf4w_matmul(blocks, scales, bias, xl, out):
 
 
 @jit(fastmath=True)
-def _bf16_rows(w, x, bias, out, r0, r1):
-    """Rows r0..r1 of `f32_bf16w_matvec`: 32 columns a step in vector IR (simd.bf16_row_dot),
-    the last C % 32 one by one."""
-    C = w.shape[1]
-    flat = w.reshape(-1)
+def _bf16_rows(w, xs, bias, out, r0, r1):
+    """Rows r0..r1 of out[j, r] = sum_c bf16(w[r, c]) xs[j, c] (+ bf16(bias[r])) for every
+    token j: 32 columns a step in vector IR (simd.bf16_row_dots_*, each row widened once per
+    four tokens), the last C % 32 one by one."""
+    R, C = w.shape
+    m = xs.shape[0]
+    flat, flat_x, flat_out = w.reshape(-1), xs.reshape(-1), out.reshape(-1)
     main = C - C % 32
     for r in range(r0, r1):
-        acc = bf16_row_dot(flat, r * C, x, main)
-        for c in range(main, C):
-            acc += as_float32(np.uint32(flat[r * C + c]) << np.uint32(16)) * x[c]
-        if bias.shape[0] > 0:
-            acc += as_float32(np.uint32(bias[r]) << np.uint32(16))
-        out[r] = acc
+        for j0 in range(0, m, 4):
+            args = (flat, r * C, flat_x, j0 * C, C, main, flat_out, j0 * R + r, R)
+            g = min(4, m - j0)
+            if g == 4:
+                bf16_row_dots_4(*args)
+            elif g == 3:
+                bf16_row_dots_3(*args)
+            elif g == 2:
+                bf16_row_dots_2(*args)
+            else:
+                bf16_row_dots_1(*args)
+        for j in range(m):
+            acc = out[j, r]
+            for c in range(main, C):
+                acc += as_float32(np.uint32(flat[r * C + c]) << np.uint32(16)) * xs[j, c]
+            if bias.shape[0] > 0:
+                acc += as_float32(np.uint32(bias[r]) << np.uint32(16))
+            out[j, r] = acc
 
 
 @jit(parallel=True, fastmath=True)
@@ -213,34 +228,47 @@ def f32_bf16w_matvec(w, x, bias, out):
     w [R, C] uint16, x [C] f32, out [R] f32. Twin: model.linear (rtol 1e-5).
     """
     R = w.shape[0]
+    xs, outs = x.reshape(1, -1), out.reshape(1, -1)
     n_tasks = (R + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in numba.prange(n_tasks):
-        _bf16_rows(w, x, bias, out, task * ROWS_PER_TASK, min((task + 1) * ROWS_PER_TASK, R))
+        _bf16_rows(w, xs, bias, outs, task * ROWS_PER_TASK, min((task + 1) * ROWS_PER_TASK, R))
+
+
+@jit(parallel=True, fastmath=True)
+def f32_bf16w_matmul(w, xs, bias, out):
+    """out[j] = `f32_bf16w_matvec`(w, xs[j]) for a few tokens: xs [m, C] f32, out [m, R] f32;
+    each weight is read and widened once for all of them (prefill of a short prompt).
+    Twin: model.linear (rtol 1e-5)."""
+    R = w.shape[0]
+    n_tasks = (R + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for task in numba.prange(n_tasks):
+        _bf16_rows(w, xs, bias, out, task * ROWS_PER_TASK, min((task + 1) * ROWS_PER_TASK, R))
 
 
 @jit(fastmath=True)
 def f32_bf16w_matvec_serial(w, x, bias, out):
     """`f32_bf16w_matvec` on the calling thread: for small matrices (the router: E rows), which
     cost less than waking the worker threads."""
-    _bf16_rows(w, x, bias, out, 0, w.shape[0])
+    _bf16_rows(w, x.reshape(1, -1), bias, out.reshape(1, -1), 0, w.shape[0])
 
 
 @jit(parallel=True, fastmath=True)
-def f32_bf16w_qkv_matvec(wq, bq, oq, wk, bk, ok, wv, bv, ov, x):
-    """q, k and v projections of one token in one parallel launch: three `f32_bf16w_matvec`s."""
+def f32_bf16w_qkv_matmul(wq, bq, oq, wk, bk, ok, wv, bv, ov, xs):
+    """q, k and v projections of one or a few tokens in one parallel launch: three
+    `f32_bf16w_matmul`s. xs [m, C], oq/ok/ov [m, rows of wq/wk/wv]."""
     tq = (wq.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     tk = (wk.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     tv = (wv.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in numba.prange(tq + tk + tv):
         if task < tq:
             r0 = task * ROWS_PER_TASK
-            _bf16_rows(wq, x, bq, oq, r0, min(r0 + ROWS_PER_TASK, wq.shape[0]))
+            _bf16_rows(wq, xs, bq, oq, r0, min(r0 + ROWS_PER_TASK, wq.shape[0]))
         elif task < tq + tk:
             r0 = (task - tq) * ROWS_PER_TASK
-            _bf16_rows(wk, x, bk, ok, r0, min(r0 + ROWS_PER_TASK, wk.shape[0]))
+            _bf16_rows(wk, xs, bk, ok, r0, min(r0 + ROWS_PER_TASK, wk.shape[0]))
         else:
             r0 = (task - tq - tk) * ROWS_PER_TASK
-            _bf16_rows(wv, x, bv, ov, r0, min(r0 + ROWS_PER_TASK, wv.shape[0]))
+            _bf16_rows(wv, xs, bv, ov, r0, min(r0 + ROWS_PER_TASK, wv.shape[0]))
 
 
 @jit(parallel=True)

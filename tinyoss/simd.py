@@ -238,33 +238,50 @@ def q8_row_dot(typingctx, q, q_off, scales, s_off, x, nb):
     return sig, codegen
 
 
-@intrinsic
-def bf16_row_dot(typingctx, w, w_off, x, n):
-    """sum over one bf16 row of w[j] * x[j] (float32), 32 values a step: each uint16 widens to
-    float32 by a shift into the high half. w: flat uint16 array (row starts at w_off), x: float32
-    [n], n a multiple of 32 (the tail is left to the caller). Plain LLVM vector IR: portable."""
-    sig = types.float32(w, types.intp, x, types.intp)
+def _bf16_row_dots(group: int):
+    """The intrinsic for one bf16 row against `group` vectors (see below)."""
 
-    def codegen(context, builder, signature, args):
-        w_a, w_off, x_a, n = args
-        a = signature.args
-        v32i16, v32i32, v32f = (ir.VectorType(t, 32) for t in (ir.IntType(16), _i32, _f32))
-        wptr = builder.gep(_data(context, builder, a[0], w_a), [w_off])
-        xptr = _data(context, builder, a[2], x_a)
-        acc_slot = cgutils.alloca_once_value(builder, ir.Constant(v32f, [0.0] * 32))
-        steps = builder.udiv(n, ir.Constant(_i64, 32))
-        with cgutils.for_range(builder, steps) as loop:
-            off = builder.mul(loop.index, ir.Constant(_i64, 32))
-            wv = builder.load(builder.bitcast(builder.gep(wptr, [off]), v32i16.as_pointer()), align=2)
-            xv = builder.load(builder.bitcast(builder.gep(xptr, [off]), v32f.as_pointer()), align=4)
-            wf = builder.bitcast(builder.shl(builder.zext(wv, v32i32),
-                                             ir.Constant(v32i32, [16] * 32)), v32f)
-            acc = builder.load(acc_slot)
-            builder.store(builder.fadd(acc, builder.fmul(wf, xv, flags=_FAST), flags=_FAST),
-                          acc_slot)
-        return _sum_lanes(builder, builder.load(acc_slot), 32)
+    @intrinsic
+    def row_dots(typingctx, w, w_off, x, x_off, x_len, n, out, o_off, o_stride):
+        sig = types.void(w, types.intp, x, types.intp, types.intp, types.intp, out, types.intp,
+                         types.intp)
 
-    return sig, codegen
+        def codegen(context, builder, signature, args):
+            w_a, w_off, x_a, x_off, x_len, n, out_a, o_off, o_stride = args
+            a = signature.args
+            v32i16, v32i32, v32f = (ir.VectorType(t, 32) for t in (ir.IntType(16), _i32, _f32))
+            wptr = builder.gep(_data(context, builder, a[0], w_a), [w_off])
+            xptr = builder.gep(_data(context, builder, a[2], x_a), [x_off])
+            optr = builder.gep(_data(context, builder, a[6], out_a), [o_off])
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(v32f, [0.0] * 32))
+                    for _ in range(group)]
+            with cgutils.for_range(builder, builder.udiv(n, _const(32))) as loop:
+                off = builder.mul(loop.index, _const(32))
+                wv = builder.load(builder.bitcast(builder.gep(wptr, [off]), v32i16.as_pointer()),
+                                  align=2)
+                wf = builder.bitcast(builder.shl(builder.zext(wv, v32i32),
+                                                 ir.Constant(v32i32, [16] * 32)), v32f)
+                for j in range(group):
+                    xj = builder.gep(xptr, [builder.add(builder.mul(_const(j), x_len), off)])
+                    xv = builder.load(builder.bitcast(xj, v32f.as_pointer()), align=4)
+                    builder.store(builder.fadd(builder.load(accs[j]), builder.fmul(
+                        wf, xv, flags=_FAST), flags=_FAST), accs[j])
+            for j in range(group):
+                builder.store(_sum_lanes(builder, builder.load(accs[j]), 32),
+                              builder.gep(optr, [builder.mul(_const(j), o_stride)]))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return row_dots
+
+
+# bf16_row_dots_g(w, w_off, x, x_off, x_len, n, out, o_off, o_stride): one bf16 row against g
+# float32 vectors, out[o_off + j * o_stride] = sum_{c < n} w[w_off + c] * x[x_off + j * x_len + c]
+# for j < g, 32 values a step (n a multiple of 32: the tail is the caller's). Each uint16 widens
+# to float32 by a shift into the high half, once for the g vectors. Plain LLVM vector IR.
+bf16_row_dots_1, bf16_row_dots_2, bf16_row_dots_3, bf16_row_dots_4 = (
+    _bf16_row_dots(g) for g in (1, 2, 3, 4))
 
 
 # --- decode attention: one KV head's 8 query heads (gpt-oss: 64 query heads on 8 KV heads) ------
