@@ -5,6 +5,7 @@ i.e. float32 rounding of the absolute sum, never more.
 """
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -163,20 +164,23 @@ def test_attention_reads_a_ring_buffer(case, ring):
     _close(out, want, np.abs(v).max())
 
 
-def test_kernels_do_not_recompile(make_checkpoint):
-    """After a first prefill and decode, more calls add no new compiled signatures."""
+@pytest.mark.parametrize("dense", ["bf16", "q8"])
+def test_kernels_do_not_recompile(make_checkpoint, dense):
+    """After fast.warm_up (what `tinyoss bench` runs before timing), a checkpoint's short and
+    long prefills and its decode steps add no compiled signature: every kernel was ready."""
     import tinyoss
+    from tinyoss.fast import warm_up
 
-    model = tinyoss.load(make_checkpoint("both", seed=2, vocab_size=300))
-    cache = model.new_cache()
-    model.forward(np.arange(20), cache)
-    model.forward([3], cache)
+    warm_up(dense)
     jitted = [getattr(kernels, n) for n in dir(kernels)
               if hasattr(getattr(kernels, n), "signatures")]
     before = {k.__name__: len(k.signatures) for k in jitted}
+    model = tinyoss.load(make_checkpoint("both", seed=2, vocab_size=300), dense=dense)
+    cache = model.new_cache()
+    model.forward(np.arange(2), cache)
+    model.forward(np.arange(40), cache)
     for t in range(5):
         model.forward([t], cache)
-    model.forward(np.arange(9), cache)
     assert {k.__name__: len(k.signatures) for k in jitted} == before
 
 

@@ -333,11 +333,13 @@ def warm_up(dense: str = "bf16") -> None:
     from .model import Model
     from .store import Checkpoint
 
-    config = synth.preset_config("tiny", vocab_size=64, num_hidden_layers=2, sliding_window=2)
+    # vocab 300: the unembedding is big enough for the parallel matvec (small ones run serial)
+    config = synth.preset_config("tiny", vocab_size=300, num_hidden_layers=2, sliding_window=2)
     with tempfile.TemporaryDirectory(prefix="tinyoss-warmup-") as tmp:
         synth.write_checkpoint(f"{tmp}/m", config, "hf", "tiny", seed=0)
         model = Model(Checkpoint(f"{tmp}/m"), dense)
-        cache = model.new_cache(8)
-        model.forward([1, 2, 3], cache, last_only=True)  # prefill: tiles + BLAS, band kernel
-        model.forward([4], cache, last_only=True)  # decode: matvec kernels
+        cache = model.new_cache(64)
+        model.forward([1, 2, 3], cache)  # short prefill: fused kernels (all logits: no bias)
+        model.forward(np.arange(4, 44), cache, last_only=True)  # long: tiles + BLAS
+        model.forward([4], cache, last_only=True)  # decode: matvec and attention kernels
         del model, cache
