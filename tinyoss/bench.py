@@ -34,7 +34,8 @@ def memory_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
     memory, not the arithmetic. (A scalar sum loop is compute-bound at ~5 GB/s a core; numpy's
     sum on every core reads ~10 % slower than this probe on our 2-core Zen3.)
     """
-    w = np.ones((n_bytes // (2 * PROBE_COLS), PROBE_COLS), np.uint16)  # written: pages are real
+    # bf16 1.0 (written: the pages are real; not 0x0001, a denormal, slow on some CPUs)
+    w = np.full((n_bytes // (2 * PROBE_COLS), PROBE_COLS), 0x3F80, np.uint16)
     x = np.ones(PROBE_COLS, np.float32)
     out, no_bias = np.empty(w.shape[0], np.float32), np.zeros(0, np.uint16)
     f32_bf16w_matvec(w, x, no_bias, out)

@@ -25,7 +25,7 @@ from .config import Config
 from .model import KVCache, LayerWeights, Weights, apply_rope, rmsnorm, rope_cos_sin, swiglu
 from .store import bf16_to_f32
 
-MATVEC_MAX_TOKENS = 1  # above this many tokens, widening tiles for BLAS beats matvec kernels
+MATVEC_MAX_TOKENS = 1  # decode: one token, the matvec kernels
 FUSED_MAX_TOKENS = 8  # up to this many tokens, fused kernels (each weight decoded once, the
 # tokens' sums in registers) beat widening tiles for BLAS: dense bf16 weights and each expert
 TILE_ROWS = 512  # rows widened/decoded at once for BLAS: a few MB, stays in cache
@@ -194,7 +194,8 @@ def attend_one(q: np.ndarray, k_buf: np.ndarray, v_buf: np.ndarray, count: int,
     order): model.sdpa without a mask. q [1, Hq, dh], k_buf/v_buf [Hkv, S, dh] (cache buffers),
     sinks [Hq] -> [1, Hq*dh]. Three kernels on all cores: scores, softmax (in place, in a
     reused buffer), weighted sum of values."""
-    Hkv, _, dh = k_buf.shape
+    Hkv, slots, dh = k_buf.shape
+    assert 0 < count <= slots  # the kernels read the buffers unchecked
     qh = q[0].reshape(Hkv, -1, dh)  # [Hkv, q_mult, dh]
     q_mult = qh.shape[1]
     scores = _scratch(Hkv * q_mult * count).reshape(Hkv, q_mult, count)
@@ -231,7 +232,7 @@ def moe(c: Config, fl: FastLayer, t: np.ndarray) -> np.ndarray:
     out = np.zeros_like(t)
     if n <= MATVEC_MAX_TOKENS:
         for i in range(n):  # decode: the fused kernel, k experts at once
-            y = expert_matvec(c, lw, experts[i], np.broadcast_to(t[i], (k, t.shape[1])))
+            y = expert_matvec(c, lw, experts[i], t[i:i + 1])
             out[i] = weights[i] @ y
         return out
     for e in np.unique(experts):  # prefill: each routed expert decoded once
@@ -245,12 +246,14 @@ def moe(c: Config, fl: FastLayer, t: np.ndarray) -> np.ndarray:
 
 
 def expert_matvec(c: Config, lw: LayerWeights, experts: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """experts [m], x [m, D] -> [m, D]: expert experts[j] applied to row x[j]."""
+    """experts [m], x [m, D] (or [1, D]: the same x for all) -> [m, D]: expert experts[j] applied
+    to row x[j]."""
     m = len(experts)
     experts = np.ascontiguousarray(experts, dtype=np.int64)
+    xl = np.broadcast_to(kernels.to_lane_order(x), (m, x.shape[1]))  # permuted once if shared
     h = np.empty((m, 2 * c.intermediate_size), np.float32)
     kernels.f32_mf4w_moe_matvec(lw.mlp1_blocks, lw.mlp1_scales, lw.mlp1_bias, experts,
-                                kernels.to_lane_order(x), h)
+                                np.ascontiguousarray(xl), h)
     a = swiglu(h, c.swiglu_limit)  # [m, I]
     y = np.empty((m, c.hidden_size), np.float32)
     kernels.f32_mf4w_moe_matvec(lw.mlp2_blocks, lw.mlp2_scales, lw.mlp2_bias, experts,
@@ -259,7 +262,7 @@ def expert_matvec(c: Config, lw: LayerWeights, experts: np.ndarray, x: np.ndarra
 
 
 def expert_few(c: Config, lw: LayerWeights, e: int, x: np.ndarray) -> np.ndarray:
-    """One expert on a few tokens: x [m, D] -> [m, D], each block decoded once for all m."""
+    """One expert on a few tokens: x [m, D] -> [m, D], each block decoded once per four."""
     m = x.shape[0]
     h = np.empty((m, 2 * c.intermediate_size), np.float32)
     kernels.f32_mf4w_matmul(lw.mlp1_blocks[e], lw.mlp1_scales[e], lw.mlp1_bias[e],
@@ -333,8 +336,10 @@ def warm_up(dense: str = "bf16") -> None:
     from .model import Model
     from .store import Checkpoint
 
-    # vocab 300: the unembedding is big enough for the parallel matvec (small ones run serial)
-    config = synth.preset_config("tiny", vocab_size=300, num_hidden_layers=2, sliding_window=2)
+    # big enough for the parallel matvec (matrices under 256 rows run serial): the unembedding
+    # (no bias) and the o projection (a read-only bias, like a real checkpoint's)
+    config = synth.preset_config("tiny", vocab_size=300, hidden_size=256, num_hidden_layers=2,
+                                 sliding_window=2)
     with tempfile.TemporaryDirectory(prefix="tinyoss-warmup-") as tmp:
         synth.write_checkpoint(f"{tmp}/m", config, "hf", "tiny", seed=0)
         model = Model(Checkpoint(f"{tmp}/m"), dense)

@@ -41,7 +41,6 @@ def jit(parallel: bool = False, fastmath: bool = False):
 _FP4 = mxfp4.FP4_VALUES  # nibble -> E2M1 value
 _E8M0 = mxfp4.scale_to_f32(np.arange(256, dtype=np.uint8))  # scale byte -> 2**(s-127), exact
 _E8M0_HALF = (_E8M0.astype(np.float64) / 2).astype(np.float32)  # 2**(s-128): for doubled values
-_HI16 = np.uint32(0xFFFF0000)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,7 +154,7 @@ def f32_mf4w_matmul(blocks, scales, bias, xl, out):
     """out[j, r] = sum_c W[r, c] x_j[c] + bias[r] for one expert W in MXFP4, a few tokens.
 
     blocks [R, nb, 16] u8, scales [R, nb] u8, bias [R] bf16, xl [m, nb*32] f32 (lane order),
-    out [m, R] f32. Each block is decoded once for all m tokens (prefill's experts that few
+    out [m, R] f32. Each block is decoded once per four tokens (prefill's experts that few
     tokens chose). Twin: x @ mxfp4.decode(blocks, scales).T + bias (rtol 1e-5).
     """
     R, nb, _ = blocks.shape
@@ -237,7 +236,7 @@ def f32_bf16w_matvec(w, x, bias, out):
 @jit(parallel=True, fastmath=True)
 def f32_bf16w_matmul(w, xs, bias, out):
     """out[j] = `f32_bf16w_matvec`(w, xs[j]) for a few tokens: xs [m, C] f32, out [m, R] f32;
-    each weight is read and widened once for all of them (prefill of a short prompt).
+    each weight is read and widened once per four tokens (prefill of a short prompt).
     Twin: model.linear (rtol 1e-5)."""
     R = w.shape[0]
     n_tasks = (R + ROWS_PER_TASK - 1) // ROWS_PER_TASK
@@ -385,7 +384,7 @@ def f32_attention(q, k_buf, v_buf, sinks, q_pos0, first_pos, ring, k_pos0, windo
 
 
 # ---------------------------------------------------------------------------------------------
-# decode attention: one query token, every cached key visible (fast.attend_one does the softmax)
+# decode attention: one query token, every cached key visible (fast.attend_one runs the three)
 
 
 @jit(parallel=True, fastmath=True)
@@ -449,18 +448,23 @@ def f32_decode_values(w, v_buf, count, out):
             out[h, m, d] = acc
 
 
-@jit(parallel=True, fastmath=True)
+@jit(parallel=True)  # not fastmath: the exp's range reduction must keep its order
 def f32_softmax_rows(scores, sinks, denom):
     """Softmax with a sink, unnormalized, in place: with top = max(sinks[r], max scores[r]),
     scores[r] <- exp(scores[r] - top) and denom[r] = their sum + exp(sinks[r] - top).
 
-    scores [R, T] f32, sinks [R] f32, denom [R] f32. The exp is simd's vector expf (5 ULP).
+    scores [R, T] f32, sinks [R] f32, denom [R] f32. The exp is simd's vector expf (1 ULP).
     Twin: the softmax of model.sdpa, the sink as one more column (rtol 1e-5).
     """
     R, T = scores.shape
     flat = scores.reshape(-1)
     for r in numba.prange(R):
         top = sinks[r]
+        nan = False
         for t in range(T):
-            top = max(top, scores[r, t])
+            s = scores[r, t]
+            nan |= s != s
+            top = max(top, s)
+        if nan:  # as numpy: a NaN score makes the whole row NaN (max and the exp would drop it)
+            top = np.float32(np.nan)
         denom[r] = exp_shifted_sum(flat, r * T, T, top) + np.exp(sinks[r] - top)

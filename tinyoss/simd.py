@@ -26,9 +26,16 @@ HAVE_PSHUFB = "+ssse3" in _FEATURES and _KNOWN_CPU
 HAVE_AVX2 = "+avx2" in _FEATURES and _KNOWN_CPU
 
 _i8, _i32, _i64, _f32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
-_V16i8, _V16i32, _V16f = ir.VectorType(_i8, 16), ir.VectorType(_i32, 16), ir.VectorType(_f32, 16)
-_FAST = ("fast",)  # IR-level fast flags, only on the adds/muls of a dot product (reassociation)
-_FMA = ("contract",)  # mul + add may fuse, but the order of the sums stays as written
+_V16i8 = ir.VectorType(_i8, 16)
+# IR-level flags on the adds/muls of dot products: the safe subset of kernels.FASTMATH (sums may
+# be reordered and fused; never no-NaN/no-inf or approximate functions)
+_FAST = ("reassoc", "contract", "nsz", "arcp")
+_FMA = ("contract",)  # mul + add may fuse, but the order of the sums stays as written (only if
+# the kernel is not fastmath: numba gives its fastmath flags to every float op without flags)
+
+
+def _const(n: int):
+    return ir.Constant(_i64, n)
 
 # E2M1 values times two, as int8 (pshufb looks bytes up): nibble -> 2 * value
 _E2M1_X2 = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12]
@@ -360,10 +367,12 @@ def weighted_rows64(typingctx, w, w_off, w_stride, rows, r_off, count, out, o_of
 # Decode attention exponentiates ~260k scores per dense layer at 4096 tokens of context; numba's
 # scalar expf costs ~30 cycles each, numpy's needs the scores in memory between two kernels. This
 # is Cephes' expf (range reduction by ln 2, a degree-5 polynomial, the power of two added to the
-# exponent bits): within 5 ULP of the true exp down to 1e-36, within 1e-5 relative down to
-# FLT_MIN (tests/test_kernels checks it against float64; numpy's float32 exp is within ~1 ULP).
-# Arguments below EXP_MIN give exp(EXP_MIN) ~ 1.2e-38 (the true value would be subnormal or 0):
-# next to the softmax's largest term, 1.0, the difference is below float32's resolution.
+# exponent bits): within 1 ULP of the true exp down to 1e-36, within 1e-5 relative down to
+# FLT_MIN (tests/test_kernels checks it against float64), as numpy's float32 exp. The caller
+# must not be fastmath (reassociation folds the two-step reduction). Arguments below EXP_MIN
+# give exp(EXP_MIN) ~ 1.2e-38 (the true value would be subnormal or 0): next to the softmax's
+# largest term, 1.0, the difference is below float32's resolution. NaN gives 1.2e-38 too: the
+# caller propagates NaN itself.
 
 EXP_MIN = -87.33654  # ln(FLT_MIN)
 _LOG2E, _LN2_HI, _LN2_LO = 1.44269504088896341, 0.693359375, -2.12194440e-4
