@@ -335,3 +335,24 @@ def test_mxfp4_matmul_equals_decode_then_matmul(seed, R, nb, m):
     out = np.full((m, R), np.nan, np.float32)
     kernels.f32_mf4w_matmul(blocks, scales, bias, kernels.to_lane_order(x), out)
     _close(out, x @ w.T + bf16_to_f32(bias), np.abs(x) @ np.abs(w).T + np.abs(bf16_to_f32(bias)))
+
+
+def test_portable_paths_equal_their_twins():
+    """The kernels' branches for CPUs without AVX2/SSSE3 (ARM laptops, old x86), which never run
+    on our AVX2 machines otherwise: the MXFP4 tests again, in a process that takes them (without
+    the disk cache, which can't tell the two builds apart)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TINYOSS_PORTABLE_KERNELS="1", TINYOSS_NUMBA_CACHE="0")
+    here = os.path.dirname(__file__)
+    code = ("import sys, pytest; from tinyoss import simd; "
+            "assert not (simd.HAVE_AVX2 or simd.HAVE_PSHUFB); "
+            "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-k', "
+            "'moe_matvec or mxfp4_matmul or kernel_equals_numpy or decode_attention', "
+            f"{os.path.join(here, 'test_kernels.py')!r}, {os.path.join(here, 'test_mxfp4.py')!r}]))")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout

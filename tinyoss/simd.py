@@ -13,6 +13,8 @@ Every kernel built on these is tested against its numpy twin in tests/test_kerne
 
 from __future__ import annotations
 
+import os
+
 import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
@@ -21,7 +23,10 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 _FEATURES = llvm.get_host_cpu_features().flatten().split(",")
-_KNOWN_CPU = llvm.get_host_cpu_name() not in ("generic",)
+# TINYOSS_PORTABLE_KERNELS=1: the plain paths of CPUs without these instructions (ARM, old x86),
+# for testing them here; run it with TINYOSS_NUMBA_CACHE=0 (the disk cache can't tell the two)
+_KNOWN_CPU = llvm.get_host_cpu_name() not in ("generic",) and \
+    os.environ.get("TINYOSS_PORTABLE_KERNELS", "0") != "1"
 HAVE_PSHUFB = "+ssse3" in _FEATURES and _KNOWN_CPU
 HAVE_AVX2 = "+avx2" in _FEATURES and _KNOWN_CPU
 
