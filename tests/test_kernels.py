@@ -356,3 +356,23 @@ def test_portable_paths_equal_their_twins():
                          timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert " passed" in run.stdout and " failed" not in run.stdout
+
+
+@SETTINGS
+@given(st.integers(0, 2**32 - 1), st.integers(1, 5), st.integers(1, 300), st.integers(1, 9),
+       st.sampled_from([2, 8, 64]))
+def test_rmsnorm_and_rope_equal_model(seed, n, D, H, dh):
+    from tinyoss.model import apply_rope, rmsnorm
+
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((n, D)) * 10.0 ** rng.uniform(-3, 3)).astype(np.float32)
+    scale = f32_to_bf16(rng.standard_normal(D).astype(np.float32))
+    out = np.empty_like(x)
+    kernels.f32_rmsnorm(x, scale, 1e-5, out)
+    want = rmsnorm(x, scale, 1e-5)
+    _close(out, want, np.abs(want))
+    q = rng.standard_normal((n, H, dh)).astype(np.float32)
+    cos, sin = (rng.standard_normal((n, dh // 2)).astype(np.float32) for _ in range(2))
+    roped = np.empty_like(q)
+    kernels.f32_rope(q, cos, sin, roped)
+    np.testing.assert_array_equal(roped, apply_rope(q, cos, sin))  # same operations, bit-exact

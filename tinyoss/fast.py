@@ -22,7 +22,7 @@ import numpy as np
 
 from . import kernels
 from .config import Config
-from .model import KVCache, LayerWeights, Weights, apply_rope, rmsnorm, rope_cos_sin, swiglu
+from .model import KVCache, LayerWeights, Weights, rope_cos_sin, swiglu
 from .store import bf16_to_f32
 
 MATVEC_MAX_TOKENS = 1  # decode: one token, the matvec kernels
@@ -324,6 +324,20 @@ def _forward(fw: FastWeights, c: Config, tokens: np.ndarray, cache: KVCache,
     if last_only:
         x = x[-1:]
     return fw.unembed(rmsnorm(x, fw.norm, c.rms_norm_eps))
+
+
+def rmsnorm(x: np.ndarray, scale: np.ndarray, eps: float) -> np.ndarray:
+    """model.rmsnorm on the kernel: [n, D] -> [n, D]."""
+    out = np.empty_like(x)
+    kernels.f32_rmsnorm(np.ascontiguousarray(x), scale, eps, out)
+    return out
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """model.apply_rope on the kernel: [n, heads, dh] -> same."""
+    out = np.empty_like(x)
+    kernels.f32_rope(np.ascontiguousarray(x), cos, sin, out)
+    return out
 
 
 def warm_up(dense: str = "bf16") -> None:

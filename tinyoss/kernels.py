@@ -187,6 +187,38 @@ def f32_mf4w_matmul(blocks, scales, bias, xl, out):
 
 
 # ---------------------------------------------------------------------------------------------
+# the small steps of a layer (numpy's per-call overhead is most of their cost in decode)
+
+
+@jit(fastmath=True)
+def f32_rmsnorm(x, scale, eps, out):
+    """out[i] = x[i] / sqrt(mean(x[i]**2) + eps) * bf16(scale): x [n, D] f32, scale [D] bf16.
+    Twin: model.rmsnorm (rtol 1e-5: the sum of squares in another order)."""
+    n, D = x.shape
+    for i in range(n):
+        squares = np.float32(0.0)
+        for d in range(D):
+            squares += x[i, d] * x[i, d]
+        root = np.sqrt(squares / np.float32(D) + np.float32(eps))
+        for d in range(D):
+            out[i, d] = x[i, d] / root * as_float32(np.uint32(scale[d]) << np.uint32(16))
+
+
+@jit()  # not fastmath: the same products and differences as numpy, bit for bit
+def f32_rope(x, cos, sin, out):
+    """Half-split rotation: x [n, H, dh] f32, cos/sin [n, dh/2] -> out [n, H, dh].
+    Twin: model.apply_rope (bit-exact)."""
+    n, H, dh = x.shape
+    half = dh // 2
+    for i in range(n):
+        for h in range(H):
+            for j in range(half):
+                x1, x2 = x[i, h, j], x[i, h, j + half]
+                out[i, h, j] = x1 * cos[i, j] - x2 * sin[i, j]
+                out[i, h, j + half] = x2 * cos[i, j] + x1 * sin[i, j]
+
+
+# ---------------------------------------------------------------------------------------------
 # dense bf16 and int8 weights
 
 
