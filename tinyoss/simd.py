@@ -81,6 +81,13 @@ def _e2m1_lookup(builder, packed):
     return lo, hi
 
 
+def _store_sums(builder, accs, width: int, optr, stride):
+    """out[j * stride] = the lane sum of accumulator j (a <width x float> alloca), for each j."""
+    for j, acc in enumerate(accs):
+        builder.store(_sum_lanes(builder, builder.load(acc), width),
+                      builder.gep(optr, [builder.mul(_const(j), stride)]))
+
+
 def _sum_lanes(builder, vec, width: int):
     """Tree reduction of a <width x float> to its float32 sum."""
     while width > 1:
@@ -170,9 +177,7 @@ def _mxfp4_row_dots(group: int):
                         part = prod if part is None else builder.fadd(part, prod, flags=_FAST)
                     builder.store(builder.fadd(builder.load(accs[j]), builder.fmul(
                         part, scale, flags=_FAST), flags=_FAST), accs[j])
-            for j in range(group):
-                builder.store(_sum_lanes(builder, builder.load(accs[j]), 8),
-                              builder.gep(optr, [builder.mul(_const(j), o_stride)]))
+            _store_sums(builder, accs, 8, optr, o_stride)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -189,10 +194,6 @@ def _mxfp4_row_dots(group: int):
 # registers. g = 1 is decode's matvec, g = 1..4 prefill's few-token matmul.
 mxfp4_row_dots_1, mxfp4_row_dots_2, mxfp4_row_dots_3, mxfp4_row_dots_4 = (
     _mxfp4_row_dots(g) for g in (1, 2, 3, 4))
-
-
-def _const(n: int):
-    return ir.Constant(_i64, n)
 
 
 @intrinsic
@@ -278,9 +279,7 @@ def _bf16_row_dots(group: int):
                     xv = builder.load(builder.bitcast(xj, v32f.as_pointer()), align=4)
                     builder.store(builder.fadd(builder.load(accs[j]), builder.fmul(
                         wf, xv, flags=_FAST), flags=_FAST), accs[j])
-            for j in range(group):
-                builder.store(_sum_lanes(builder, builder.load(accs[j]), 32),
-                              builder.gep(optr, [builder.mul(_const(j), o_stride)]))
+            _store_sums(builder, accs, 32, optr, o_stride)
             return context.get_dummy_value()
 
         return sig, codegen
