@@ -7,14 +7,13 @@ calls one, generate() runs it and feeds the result back. MODEL is a checkpoint f
 random checkpoint is written to a temporary folder (random weights never call a tool on purpose).
 """
 
-import sys
 from typing import Literal
 
 import tinyoss
 from tinyoss.generate import Context, Reply, TokenEvent, ToolEvent, generate
 from tinyoss.harmony import Message, tool_from_function, tools_section
 from tinyoss.sampling import Sampler
-from tinyoss.synth import temporary_tiny
+from tinyoss.synth import run_example
 
 
 def get_weather(city: str, unit: Literal["celsius", "fahrenheit"] = "celsius") -> dict:
@@ -63,8 +62,4 @@ def main(path) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1:
-        main(sys.argv[1])
-    else:
-        with temporary_tiny() as path:  # no model given: a tiny random one (writes noise)
-            main(path)
+    run_example(main)  # main(the model named on the command line, else a tiny random one)

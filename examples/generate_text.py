@@ -6,11 +6,10 @@ MODEL is a checkpoint folder (an HF repo root such as gpt-oss-20b/, or its origi
 tiny random checkpoint is written to a temporary folder: everything runs, but random weights write noise.
 """
 
-import sys
 
 import tinyoss
 from tinyoss.generate import Reply, TokenEvent, generate
-from tinyoss.synth import temporary_tiny
+from tinyoss.synth import run_example
 from tinyoss.tokenizer import get_tokenizer
 
 
@@ -40,8 +39,4 @@ def main(path) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1:
-        main(sys.argv[1])
-    else:
-        with temporary_tiny() as path:  # no model given: a tiny random one (writes noise)
-            main(path)
+    run_example(main)  # main(the model named on the command line, else a tiny random one)

@@ -7,14 +7,13 @@ their mixing weights, and for every layer the load of its busiest expert and how
 MODEL is a checkpoint folder; without it, a tiny random checkpoint is written to a temporary folder.
 """
 
-import sys
 
 import numpy as np
 
 import tinyoss
 from tinyoss.harmony import Message, render_conversation_for_completion
 from tinyoss.recorder import record
-from tinyoss.synth import temporary_tiny
+from tinyoss.synth import run_example
 from tinyoss.tokenizer import get_tokenizer
 
 PROMPT = "def add(a, b):\n    return a + b  # 12 + 30 = 42"
@@ -42,8 +41,4 @@ def main(path) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1:
-        main(sys.argv[1])
-    else:
-        with temporary_tiny() as path:  # no model given: a tiny random one (writes noise)
-            main(path)
+    run_example(main)  # main(the model named on the command line, else a tiny random one)

@@ -8,14 +8,13 @@ each channel, and the time taken. MODEL is a checkpoint folder; without it, a ti
 to a temporary folder (random weights ignore the effort: only the prompt changes).
 """
 
-import sys
 import time
 
 import tinyoss
 from tinyoss.generate import Reply, TokenEvent, generate, prepare_conversation
 from tinyoss.harmony import render_conversation_for_completion
 from tinyoss.sampling import Sampler
-from tinyoss.synth import temporary_tiny
+from tinyoss.synth import run_example
 from tinyoss.tokenizer import get_tokenizer
 
 QUESTION = "How many prime numbers are there below 30?"
@@ -43,8 +42,4 @@ def main(path) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1:
-        main(sys.argv[1])
-    else:
-        with temporary_tiny() as path:  # no model given: a tiny random one (writes noise)
-            main(path)
+    run_example(main)  # main(the model named on the command line, else a tiny random one)

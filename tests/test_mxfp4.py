@@ -42,12 +42,12 @@ def test_every_byte_and_every_scale():
 def test_kernel_equals_numpy_decoder_exactly(blocks, data):
     """Every value identical (inf included); the kernels' only liberty: -0.0 decodes as +0.0.
     Both compiled variants (parallel, and serial for prefill's worker threads) and the plain
-    block decoder of CPUs without pshufb."""
+    block decoder of CPUs without AVX2."""
     scales = data.draw(hnp.arrays(np.uint8, blocks.shape[:2], elements=st.integers(0, 254)))
     want = mxfp4.decode(blocks, scales)
     plain = np.full(want.size, np.nan, np.float32)
     for i, (block, s) in enumerate(zip(blocks.reshape(-1, 16), scales.reshape(-1))):
-        kernels.mxfp4_block_decode_plain(block, 0, kernels._E8M0_HALF[s], plain, i * 32)
+        kernels.mxfp4_block_decode_plain(block, 0, kernels._E8M0[s], plain, i * 32)
     for decode in (kernels.mxfp4_decode, kernels.mxfp4_decode_serial):
         got = np.full(want.shape, np.nan, np.float32)
         decode(blocks, scales, got)

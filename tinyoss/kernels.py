@@ -19,9 +19,9 @@ import numba
 import numpy as np
 
 from . import mxfp4
-from .simd import (HAVE_AVX2, HAVE_PSHUFB, MXFP4_LANE_ORDER, QK_DIM, QK_HEADS, as_float32,
+from .simd import (HAVE_AVX2, MXFP4_LANE_ORDER, QK_DIM, QK_HEADS, as_float32,
                    bf16_row_dots_1, bf16_row_dots_2, bf16_row_dots_3, bf16_row_dots_4,
-                   exp_shifted_sum, mxfp4_block_decode_pshufb,
+                   exp_shifted_sum, mxfp4_block_decode_avx2,
                    mxfp4_row_dots_1, mxfp4_row_dots_2, mxfp4_row_dots_3, mxfp4_row_dots_4,
                    q8_row_dot, qk8_scores, weighted_rows64)
 
@@ -40,7 +40,6 @@ def jit(parallel: bool = False, fastmath: bool = False):
 # lookup tables (numba freezes global arrays into the compiled code)
 _FP4 = mxfp4.FP4_VALUES  # nibble -> E2M1 value
 _E8M0 = mxfp4.scale_to_f32(np.arange(256, dtype=np.uint8))  # scale byte -> 2**(s-127), exact
-_E8M0_HALF = (_E8M0.astype(np.float64) / 2).astype(np.float32)  # 2**(s-128): for doubled values
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,21 +74,21 @@ def to_lane_order(x: np.ndarray) -> np.ndarray:
 
 @jit()
 def mxfp4_block_decode_plain(blocks, b_off, scale, out, o_off):
-    """Same contract as simd.mxfp4_block_decode_pshufb, in plain numba (any CPU)."""
+    """Same contract as simd.mxfp4_block_decode_avx2, in plain numba (any CPU)."""
     for j in range(16):
         byte = blocks[b_off + j]
-        out[o_off + 2 * j] = _FP4[byte & 0x0F] * np.float32(2.0) * scale  # low nibble: element 2j
-        out[o_off + 2 * j + 1] = _FP4[byte >> 4] * np.float32(2.0) * scale
+        out[o_off + 2 * j] = _FP4[byte & 0x0F] * scale  # low nibble: element 2j
+        out[o_off + 2 * j + 1] = _FP4[byte >> 4] * scale
 
 
-_block_decode = mxfp4_block_decode_pshufb if HAVE_PSHUFB else mxfp4_block_decode_plain
+_block_decode = mxfp4_block_decode_avx2 if HAVE_AVX2 else mxfp4_block_decode_plain
 
 
 @jit()
 def _mxfp4_decode_row(flat_b, flat_s, out, r, nb):
     for b in range(nb):
         i = r * nb + b
-        _block_decode(flat_b, i * 16, _E8M0_HALF[flat_s[i]], out, i * 32)
+        _block_decode(flat_b, i * 16, _E8M0[flat_s[i]], out, i * 32)
 
 
 @jit(parallel=True)

@@ -2,11 +2,12 @@
 row dot products of the matvec kernels, decode attention's inner loops and a vector exp.
 
 LLVM does not turn a 16-entry table lookup into a SIMD shuffle by itself, and that lookup is the
-whole cost of an MXFP4 matvec. Here we write it out for x86 with `pshufb`: the matvec of one
-token and the fused matmul of a few (AVX2, `mxfp4_row_dots_1..4`) and the
-block decoder of prefill's tiles (SSSE3). On CPUs without them (`HAVE_AVX2`, `HAVE_PSHUFB`
-False) kernels.py uses its plain-numba twins. The rest is portable vector IR: numba's loops
-would not keep these sums in registers, or would reassociate them into one long chain.
+whole cost of an MXFP4 matvec. Here we write it out for x86 with AVX2 `pshufb`, once
+(`_e2m1_decode_bf16`), for the matvec of one token, the fused matmul of a few
+(`mxfp4_row_dots_1..4`) and the block decoder of prefill's tiles. On CPUs without AVX2
+(`HAVE_AVX2` False) kernels.py uses its plain-numba twins. The rest is portable vector IR:
+numba's loops would not keep these sums in registers, or would reassociate them into one long
+chain.
 
 Every kernel built on these is tested against its numpy twin in tests/test_kernels.py.
 """
@@ -27,7 +28,6 @@ _FEATURES = llvm.get_host_cpu_features().flatten().split(",")
 # for testing them here; run it with TINYOSS_NUMBA_CACHE=0 (the disk cache can't tell the two)
 _KNOWN_CPU = llvm.get_host_cpu_name() not in ("generic",) and \
     os.environ.get("TINYOSS_PORTABLE_KERNELS", "0") != "1"
-HAVE_PSHUFB = "+ssse3" in _FEATURES and _KNOWN_CPU
 HAVE_AVX2 = "+avx2" in _FEATURES and _KNOWN_CPU
 
 _i8, _i32, _i64, _f32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
@@ -42,8 +42,6 @@ _FMA = ("contract",)  # mul + add may fuse, but the order of the sums stays as w
 def _const(n: int):
     return ir.Constant(_i64, n)
 
-# E2M1 values times two, as int8 (pshufb looks bytes up): nibble -> 2 * value
-_E2M1_X2 = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12]
 
 
 @intrinsic
@@ -66,19 +64,6 @@ def _splat(builder, value, width: int):
     vec = ir.VectorType(_f32, width)
     one = builder.insert_element(ir.Constant(vec, ir.Undefined), value, ir.Constant(_i32, 0))
     return builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(_i32, width), [0] * width))
-
-
-def _e2m1_lookup(builder, packed):
-    """16 packed bytes -> (low nibbles' values, high nibbles' values) as <16 x i8> doubled E2M1
-    values: element 2j and element 2j+1 of the block, one pshufb each."""
-    pshufb = builder.module.declare_intrinsic(
-        "llvm.x86.ssse3.pshuf.b.128", fnty=ir.FunctionType(_V16i8, [_V16i8, _V16i8]))
-    lut = ir.Constant(_V16i8, [v & 0xFF for v in _E2M1_X2])
-    low4 = ir.Constant(_V16i8, [15] * 16)
-    lo = builder.call(pshufb, [lut, builder.and_(packed, low4)])
-    hi = builder.call(pshufb, [lut, builder.and_(
-        builder.lshr(packed, ir.Constant(_V16i8, [4] * 16)), low4)])
-    return lo, hi
 
 
 def _store_sums(builder, accs, width: int, optr, stride):
@@ -197,24 +182,26 @@ mxfp4_row_dots_1, mxfp4_row_dots_2, mxfp4_row_dots_3, mxfp4_row_dots_4 = (
 
 
 @intrinsic
-def mxfp4_block_decode_pshufb(typingctx, blocks, b_off, scale, out, o_off):
+def mxfp4_block_decode_avx2(typingctx, blocks, b_off, scale, out, o_off):
     """Decode the 16-byte block at blocks[b_off] into out[o_off : o_off + 32] (float32, natural
-    order: the low nibble of byte j is element 2j). `scale` is the block's 2**(s-128): the table
-    holds doubled values. Bit-exact: a small integer times a power of two."""
+    order: the low nibble of byte j is element 2j); `scale` is the block's 2**(s-127). The same
+    bf16-byte lookup as the matvec, put back in order by one shuffle. Bit-exact: an E2M1 value
+    times a power of two."""
     sig = types.void(blocks, types.intp, types.float32, out, types.intp)
 
     def codegen(context, builder, signature, args):
         blocks_a, b_off, scale, out_a, o_off = args
         bptr = builder.gep(_data(context, builder, signature.args[0], blocks_a), [b_off])
         optr = builder.gep(_data(context, builder, signature.args[3], out_a), [o_off])
-        packed = builder.load(builder.bitcast(bptr, _V16i8.as_pointer()), align=1)
-        lo, hi = _e2m1_lookup(builder, packed)
-        pairs = builder.shuffle_vector(lo, hi, ir.Constant(
-            ir.VectorType(_i32, 32), [k for j in range(16) for k in (j, 16 + j)]))  # interleave
+        w = _e2m1_decode_bf16(builder, bptr)  # four <8 x float>, in MXFP4_LANE_ORDER
         v32f = ir.VectorType(_f32, 32)
-        splat = _splat(builder, scale, 32)
-        values = builder.fmul(builder.sitofp(builder.sext(pairs, ir.VectorType(_i32, 32)), v32f),
-                              splat)
+        i32s = lambda ids: ir.Constant(ir.VectorType(_i32, len(ids)), ids)  # noqa: E731
+        lanes = builder.shuffle_vector(builder.shuffle_vector(w[0], w[1], i32s(list(range(16)))),
+                                       builder.shuffle_vector(w[2], w[3], i32s(list(range(16)))),
+                                       i32s(list(range(32))))
+        natural = builder.shuffle_vector(lanes, ir.Constant(v32f, ir.Undefined), i32s(
+            [MXFP4_LANE_ORDER.index(e) for e in range(32)]))
+        values = builder.fmul(natural, _splat(builder, scale, 32))
         builder.store(values, builder.bitcast(optr, v32f.as_pointer()), align=4)
         return context.get_dummy_value()
 

@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import struct
+import sys
 import tempfile
 import zlib
 from importlib import resources
@@ -273,9 +274,19 @@ def write_checkpoint(out: str | Path, c: Config, layout: str = "hf", preset: str
 
 @contextlib.contextmanager
 def temporary_tiny(seed: int = 0) -> Iterator[Path]:
-    """A tiny random checkpoint in a temporary folder, removed afterwards (examples, warm-up)."""
+    """A tiny random checkpoint in a temporary folder, removed afterwards (the examples)."""
     with tempfile.TemporaryDirectory(prefix="tinyoss-tiny-") as tmp:
         yield write_checkpoint(Path(tmp) / "tiny", preset_config("tiny"), "hf", "tiny", seed)
+
+
+def run_example(main: Callable[[str], None]) -> None:
+    """An example's entry point: main(model) on the model named on the command line, else on a
+    tiny random checkpoint made for the run (its text is noise)."""
+    if len(sys.argv) > 1:
+        main(sys.argv[1])
+    else:
+        with temporary_tiny() as path:
+            main(str(path))
 
 
 def listing(c: Config, layout: str, preset: str) -> list[dict]:
