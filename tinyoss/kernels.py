@@ -29,6 +29,10 @@ CACHE = os.environ.get("TINYOSS_NUMBA_CACHE", "1") != "0"
 
 FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
 ROWS_PER_TASK = 16  # rows a parallel task handles: enough work to amortize the scheduling
+# NOALIAS: numba passes every array of a parallel loop to its worker function as `noalias`, a
+# flat view (`out.reshape(-1)`, handed to an intrinsic) and the array it views included. So LLVM
+# may reorder a write through one with a read through the other: a kernel touches an output
+# through one of them only. (Found when a variant read out[k, r] before the intrinsic's store.)
 
 
 def jit(parallel: bool = False, fastmath: bool = False):
@@ -142,10 +146,10 @@ def f32_mf4w_moe_matvec(blocks, scales, bias, experts, xl, out):
             if HAVE_AVX2:
                 mxfp4_row_dots_1(flat_b, row * nb * 16, flat_s, row * nb, _E8M0, flat_x,
                                  k * nb * 32, nb * 32, nb, flat_out, k * R + r, 1)
-                out[k, r] += b
+                flat_out[k * R + r] += b  # through the view the intrinsic wrote (see NOALIAS)
             else:
-                out[k, r] = mxfp4_row_dot_plain(flat_b, row * nb * 16, flat_s, row * nb, _E8M0,
-                                                flat_x, k * nb * 32, nb) + b
+                flat_out[k * R + r] = mxfp4_row_dot_plain(flat_b, row * nb * 16, flat_s, row * nb,
+                                                          _E8M0, flat_x, k * nb * 32, nb) + b
 
 
 @jit(parallel=True, fastmath=True)
@@ -178,11 +182,11 @@ def f32_mf4w_matmul(blocks, scales, bias, xl, out):
                         mxfp4_row_dots_1(*args)
             else:
                 for j in range(m):
-                    out[j, r] = mxfp4_row_dot_plain(flat_b, r * nb * 16, flat_s, r * nb, _E8M0,
-                                                    flat_x, j * nb * 32, nb)
+                    flat_out[j * R + r] = mxfp4_row_dot_plain(flat_b, r * nb * 16, flat_s,
+                                                              r * nb, _E8M0, flat_x, j * nb * 32, nb)
             b = as_float32(np.uint32(bias[r]) << np.uint32(16))
             for j in range(m):
-                out[j, r] += b
+                flat_out[j * R + r] += b  # through the view the intrinsic wrote (see NOALIAS)
 
 
 # ---------------------------------------------------------------------------------------------
