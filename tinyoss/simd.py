@@ -287,12 +287,37 @@ bf16_row_dots_1, bf16_row_dots_2, bf16_row_dots_3, bf16_row_dots_4 = (
 QK_HEADS, QK_DIM = 8, 64  # the shape the two kernels below are written for (both gpt-oss models)
 
 
+QK_KEYS = 8  # keys a step of qk8_scores: their sums stay in registers while a q row is reused
+
+
+def _transpose8(builder, rows):
+    """8 <8 x float> rows -> their 8 columns (an 8x8 transpose, in-lane shuffles + lane swaps)."""
+    i32v8 = ir.VectorType(_i32, 8)
+
+    def shuffle(a, b, order):
+        return builder.shuffle_vector(a, b, ir.Constant(i32v8, order))
+
+    lo32, hi32 = [0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15]
+    lo64, hi64 = [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
+    t = [shuffle(rows[i], rows[i + 1], order) for i in range(0, 8, 2) for order in (lo32, hi32)]
+    u = [shuffle(t[i + j], t[i + j + 2], order) for i in (0, 4) for j in (0, 1)
+         for order in (lo64, hi64)]
+    # u[c] (c < 4): rows 0-3 of column c in its low 128 bits, of column c + 4 in its high 128
+    # bits; u[c + 4]: the same for rows 4-7
+    return [shuffle(u[c], u[c + 4], order) for order in ([0, 1, 2, 3, 8, 9, 10, 11],
+                                                         [4, 5, 6, 7, 12, 13, 14, 15])
+            for c in range(4)]
+
+
 @intrinsic
 def qk8_scores(typingctx, qt, q_off, keys, k_off, count, scale, out, o_off, o_stride):
     """out[o_off + m * o_stride + t] = scale * sum_d keys[k_off + 64t + d] * qt[q_off + 8d + m]
     for t < count, m < 8 (float32): one KV head's 8 queries (transposed: qt [64, 8]) against
-    `count` keys [count, 64]. The 8 queries fill one vector: every key element is one broadcast and one FMA,
-    with no horizontal sums; eight partial sums (d mod 8) keep the FMAs independent."""
+    `count` keys [count, 64]. The 8 queries fill one vector, so a key element is one broadcast
+    and one FMA with no horizontal sum. Keys go eight at a time: each q row is loaded once for
+    the eight (the 64 rows don't fit in registers), the eight sums are transposed to 8 scores per
+    query and stored as vectors; the last count % 8 keys one by one. Each score is summed over d
+    in order."""
     sig = types.void(qt, types.intp, keys, types.intp, types.intp, types.float32, out, types.intp,
                      types.intp)
 
@@ -303,21 +328,28 @@ def qk8_scores(typingctx, qt, q_off, keys, k_off, count, scale, out, o_off, o_st
         qptr = builder.gep(_data(context, builder, a[0], qt_a), [q_off])
         kptr = builder.gep(_data(context, builder, a[2], keys_a), [k_off])
         optr = builder.gep(_data(context, builder, a[6], out_a), [o_off])
-        qrows = [builder.load(builder.bitcast(builder.gep(qptr, [_const(QK_HEADS * d)]),
-                                              v8f.as_pointer()), align=4) for d in range(QK_DIM)]
         splat_scale = _splat(builder, scale, QK_HEADS)
-        with cgutils.for_range(builder, count) as loop:
-            row = builder.mul(loop.index, _const(QK_DIM))
-            parts = [None] * 8
+
+        def sums(t0, n):  # [n x <8 x float>]: key t0 + i against the 8 queries
+            accs = [None] * n
             for d in range(QK_DIM):
-                kd = builder.load(builder.gep(kptr, [builder.add(row, _const(d))]))
-                prod = builder.fmul(_splat(builder, kd, QK_HEADS), qrows[d], flags=_FMA)
-                j = d % 8
-                parts[j] = prod if parts[j] is None else builder.fadd(parts[j], prod, flags=_FMA)
-            while len(parts) > 1:
-                parts = [builder.fadd(parts[i], parts[i + 1], flags=_FMA)
-                         for i in range(0, len(parts), 2)]
-            scores = builder.fmul(parts[0], splat_scale, flags=_FMA)
+                qd = builder.load(builder.bitcast(builder.gep(qptr, [_const(QK_HEADS * d)]),
+                                                  v8f.as_pointer()), align=4)
+                for i in range(n):
+                    kd = builder.load(builder.gep(kptr, [builder.add(
+                        builder.mul(builder.add(t0, _const(i)), _const(QK_DIM)), _const(d))]))
+                    prod = builder.fmul(_splat(builder, kd, QK_HEADS), qd, flags=_FMA)
+                    accs[i] = prod if accs[i] is None else builder.fadd(accs[i], prod, flags=_FMA)
+            return [builder.fmul(acc, splat_scale, flags=_FMA) for acc in accs]
+
+        blocks = builder.sdiv(count, _const(QK_KEYS))
+        with cgutils.for_range(builder, blocks) as loop:
+            t0 = builder.mul(loop.index, _const(QK_KEYS))
+            for m, col in enumerate(_transpose8(builder, sums(t0, QK_KEYS))):
+                dst = builder.gep(optr, [builder.add(builder.mul(o_stride, _const(m)), t0)])
+                builder.store(col, builder.bitcast(dst, v8f.as_pointer()), align=4)
+        with cgutils.for_range(builder, count, start=builder.mul(blocks, _const(QK_KEYS))) as loop:
+            scores = sums(loop.index, 1)[0]
             for m in range(QK_HEADS):  # query-major: the softmax then reduces contiguous rows
                 dst = builder.gep(optr, [builder.add(builder.mul(o_stride, _const(m)), loop.index)])
                 builder.store(builder.extract_element(scores, ir.Constant(_i32, m)), dst)
