@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 # kernels compile once per session into a temp cache, never into the source tree of a CI clone
 os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".numba_cache"))
+# dense="q8" keeps int8 copies in a cache folder: a fresh one per session, never the user's
+os.environ["TINYOSS_CACHE_DIR"] = tempfile.mkdtemp(prefix="tinyoss-test-cache-")
 
 from tinyoss.synth import preset_config, write_checkpoint  # noqa: E402
 

@@ -165,7 +165,7 @@ def test_attention_reads_a_ring_buffer(case, ring):
 
 
 @pytest.mark.parametrize("dense", ["bf16", "q8"])
-def test_kernels_do_not_recompile(make_checkpoint, dense):
+def test_kernels_do_not_recompile(make_checkpoint, dense, tmp_path):
     """After fast.warm_up (what `tinyoss bench` runs before timing), a checkpoint's short and
     long prefills and its decode steps add no compiled signature: every kernel was ready."""
     import tinyoss
@@ -175,15 +175,18 @@ def test_kernels_do_not_recompile(make_checkpoint, dense):
     jitted = [getattr(kernels, n) for n in dir(kernels)
               if hasattr(getattr(kernels, n), "signatures")]
     before = {k.__name__: len(k.signatures) for k in jitted}
-    # sizes of the real models' kinds: parallel matvecs with read-only biases (o: 256 rows)
-    model = tinyoss.load(make_checkpoint("both", seed=2, vocab_size=300, hidden_size=256),
-                         dense=dense)
-    cache = model.new_cache()
-    model.forward(np.arange(2), cache)
-    model.forward(np.arange(40), cache)
-    for t in range(5):
-        model.forward([t], cache)
+    # sizes of the real models' kinds: parallel matvecs with read-only biases (o: 256 rows);
+    # q8: a first load quantizes, a second reads the int8 copies from the cache file
+    path = make_checkpoint("both", seed=2, vocab_size=300, hidden_size=256)
+    for _ in range(2 if dense == "q8" else 1):
+        model = tinyoss.load(path, dense=dense, q8_cache=tmp_path)
+        cache = model.new_cache()
+        model.forward(np.arange(2), cache)
+        model.forward(np.arange(40), cache)
+        for t in range(5):
+            model.forward([t], cache)
     assert {k.__name__: len(k.signatures) for k in jitted} == before
+    assert len(list(tmp_path.glob("q8-*.safetensors"))) == (dense == "q8")
 
 
 @SETTINGS

@@ -77,14 +77,14 @@ TILE_MATMUL = TileMatmul()
 class Dense:
     """One dense weight matrix [R, C] (+ bias [R]): bf16 as published, or int8 blocks (q8)."""
 
-    def __init__(self, w: np.ndarray, b: np.ndarray | None, q8: bool = False,
-                 release=lambda arr: None):
+    def __init__(self, w: np.ndarray, b: np.ndarray | None,
+                 q8: tuple[np.ndarray, np.ndarray] | None = None, release=lambda arr: None):
         self.rows, self.cols = w.shape
         self.serial = self.rows < 256  # waking the worker threads costs more than the work
         self.bias = _NO_BIAS if b is None else b
         self.bias_f32 = None if b is None else bf16_to_f32(b)
         self.w = w
-        self.q8 = kernels.bf16_to_q8(w) if q8 else None  # (int8 [R, C], scales [R, C/32])
+        self.q8 = q8  # (int8 [R, C], scales [R, C/32]) from quant.q8_copies, or None
         if q8:
             release(w)  # the bf16 pages are not read again: keep resident memory to the int8 copy
 
@@ -119,14 +119,22 @@ class Dense:
         return out
 
 
+def q8_matrices(w: Weights) -> dict[str, np.ndarray]:
+    """The bf16 matrices dense='q8' replaces with int8 copies, by checkpoint name: attention's
+    q/k/v/o of every layer and the unembedding (the tiny router stays exact)."""
+    mats = {f"{i}.{n}": getattr(lw, n) for i, lw in enumerate(w.layers)
+            for n in ("q_w", "k_w", "v_w", "o_w")}
+    return mats | {"unembed": w.unembed}
+
+
 class FastLayer:
-    def __init__(self, lw: LayerWeights, q8: bool, release):
+    def __init__(self, lw: LayerWeights, q8: dict, prefix: str, release):
         self.lw = lw
-        self.q = Dense(lw.q_w, lw.q_b, q8, release)
-        self.k = Dense(lw.k_w, lw.k_b, q8, release)
-        self.v = Dense(lw.v_w, lw.v_b, q8, release)
-        self.o = Dense(lw.o_w, lw.o_b, q8, release)
-        self.router = Dense(lw.router_w, lw.router_b, False)  # tiny; kept exact
+        self.q = Dense(lw.q_w, lw.q_b, q8.get(prefix + "q_w"), release)
+        self.k = Dense(lw.k_w, lw.k_b, q8.get(prefix + "k_w"), release)
+        self.v = Dense(lw.v_w, lw.v_b, q8.get(prefix + "v_w"), release)
+        self.o = Dense(lw.o_w, lw.o_b, q8.get(prefix + "o_w"), release)
+        self.router = Dense(lw.router_w, lw.router_b)  # tiny; kept exact
         self.sinks = bf16_to_f32(lw.sinks)  # [Hq]
 
     def qkv(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -145,16 +153,17 @@ class FastLayer:
 class FastWeights:
     """The weights as the fast path uses them: views, plus the int8 copies when dense='q8'."""
 
-    def __init__(self, w: Weights, dense: str = "bf16", release=lambda arr: None):
-        q8 = dense == "q8"
+    def __init__(self, w: Weights, q8: dict | None = None, release=lambda arr: None):
+        """q8: {name: (int8, scales)} for the matrices of `q8_matrices(w)` (dense='q8')."""
+        q8 = q8 or {}
         self.embed = w.embed
         self.norm = w.norm
-        self.layers = [FastLayer(lw, q8, release) for lw in w.layers]
-        self.unembed = Dense(w.unembed, None, q8, release)
+        self.layers = [FastLayer(lw, q8, f"{i}.", release) for i, lw in enumerate(w.layers)]
+        self.unembed = Dense(w.unembed, None, q8.get("unembed"), release)
 
     @property
     def q8_bytes(self) -> int:
-        """Anonymous memory held by int8 copies (0 with bf16 dense weights)."""
+        """Memory held by int8 copies (0 with bf16 dense weights)."""
         mats = [self.unembed] + [d for L in self.layers for d in (L.q, L.k, L.v, L.o)]
         return sum(d.nbytes for d in mats if d.q8)
 
@@ -356,9 +365,12 @@ def warm_up(dense: str = "bf16") -> None:
                                  sliding_window=2)
     with tempfile.TemporaryDirectory(prefix="tinyoss-warmup-") as tmp:
         synth.write_checkpoint(f"{tmp}/m", config, "hf", "tiny", seed=0)
-        model = Model(Checkpoint(f"{tmp}/m"), dense)
-        cache = model.new_cache(64)
-        model.forward([1, 2, 3], cache)  # short prefill: fused kernels (all logits: no bias)
-        model.forward(np.arange(4, 44), cache, last_only=True)  # long: tiles + BLAS
-        model.forward([4], cache, last_only=True)  # decode: matvec and attention kernels
-        del model, cache
+        # q8: int8 copies made now (writable arrays), then read from a cache file (read-only
+        # views): numba compiles each kind separately
+        for _ in range(2 if dense == "q8" else 1):
+            model = Model(Checkpoint(f"{tmp}/m"), dense, q8_cache=f"{tmp}/q8")
+            cache = model.new_cache(64)
+            model.forward([1, 2, 3], cache)  # short prefill: fused kernels (all logits: no bias)
+            model.forward(np.arange(4, 44), cache, last_only=True)  # long: tiles + BLAS
+            model.forward([4], cache, last_only=True)  # decode: matvec and attention kernels
+            del model, cache

@@ -305,14 +305,20 @@ def f32_bf16w_qkv_matmul(wq, bq, oq, wk, bk, ok, wv, bv, ov, xs):
             _bf16_rows(wv, xs, bv, ov, r0, min(r0 + ROWS_PER_TASK, wv.shape[0]))
 
 
-@jit(parallel=True)
 def bf16_to_q8(w):
-    """bf16 [R, C] -> (int8 [R, C], float32 scales [R, C/32]): per 32 values, scale = max|w|/127,
+    """bf16 [R, C] -> (int8 [R, C], float32 scales [R, C/32]): `bf16_to_q8_into` new arrays."""
+    q = np.empty(w.shape, np.int8)
+    s = np.empty((w.shape[0], w.shape[1] // 32), np.float32)
+    bf16_to_q8_into(w, q, s)
+    return q, s
+
+
+@jit(parallel=True)
+def bf16_to_q8_into(w, q, s):
+    """q [R, C] int8, s [R, C/32] float32 <- bf16 w [R, C]: per 32 values, scale = max|w|/127,
     q = round(w / scale) (llama.cpp's Q8_0). Twin: quant.q8_quantize."""
     R, C = w.shape
     nb = C // 32
-    q = np.empty((R, C), np.int8)
-    s = np.empty((R, nb), np.float32)
     for r in numba.prange(R):
         for b in range(nb):
             amax = np.float32(0.0)
@@ -325,7 +331,6 @@ def bf16_to_q8(w):
             for j in range(32):
                 v = as_float32(np.uint32(w[r, b * 32 + j]) << np.uint32(16))
                 q[r, b * 32 + j] = np.int8(np.rint(v * inv))
-    return q, s
 
 
 @jit(parallel=True, fastmath=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -355,20 +356,27 @@ class Model:
     """An opened checkpoint: immutable weights + the forward pass. Run state lives in KVCache.
 
     `forward` runs the fast path (fast.py, numba kernels); `forward_reference` the numpy
-    definition above. dense="q8" quantizes the dense bf16 matrices to int8 blocks at load (the fast
-    path only; the default keeps the published bf16 and exact numerics).
+    definition above. dense="q8" replaces the dense bf16 matrices by int8 blocks (the fast path
+    only; the default keeps the published bf16 and exact numerics), quantized at the first load
+    and kept in a cache folder for the next ones (quant.py).
     """
 
-    def __init__(self, ckpt: Checkpoint, dense: str = "bf16"):
+    def __init__(self, ckpt: Checkpoint, dense: str = "bf16", q8_cache=True):
         if dense not in ("bf16", "q8"):
             raise TinyossError(f"dense must be 'bf16' or 'q8', got {dense!r}")
-        from .fast import FastWeights
+        from .fast import FastWeights, q8_matrices
+        from .quant import cache_dir, q8_copies
 
         self.checkpoint = ckpt
         self.config: Config = ckpt.config
         self.dense = dense
         self.weights = Weights.from_checkpoint(ckpt)
-        self.fast_weights = FastWeights(self.weights, dense, ckpt.release)
+        if dense == "q8":
+            folder = cache_dir() if q8_cache is True else (Path(q8_cache) if q8_cache else None)
+            q8 = q8_copies(ckpt, q8_matrices(self.weights), folder)
+        else:
+            q8 = None
+        self.fast_weights = FastWeights(self.weights, q8, ckpt.release)
 
     def new_cache(self, max_tokens: int | None = None) -> KVCache:
         return KVCache(self.config, max_tokens)
@@ -405,9 +413,11 @@ class Model:
         return forward_reference(self.weights, self.config, tokens, cache, recorder)
 
 
-def load(path, layout: str | None = None, dense: str = "bf16") -> Model:
+def load(path, layout: str | None = None, dense: str = "bf16", q8_cache=True) -> Model:
     """Open a checkpoint folder (HF repo root, `original/`, or a root with layout='original').
 
-    dense="q8" stores the dense matrices as int8 blocks (faster decode, small logit drift).
+    dense="q8" stores the dense matrices as int8 blocks (faster decode, small logit drift);
+    q8_cache: where their copy is kept for the next load (True: quant.cache_dir(), the
+    TINYOSS_CACHE_DIR folder; a path; False: nowhere, quantize at every load).
     """
-    return Model(Checkpoint(path, layout), dense)
+    return Model(Checkpoint(path, layout), dense, q8_cache)

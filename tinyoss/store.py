@@ -51,6 +51,7 @@ DTYPES: dict[str, np.dtype] = {
     "BF16": np.dtype(np.uint16),  # bfloat16 bits; widen with `bf16_to_f32`
     "U8": np.dtype(np.uint8),  # MXFP4 blocks (2 x E2M1 per byte) and E8M0 scales
     "F32": np.dtype(np.float32),
+    "I8": np.dtype(np.int8),  # tinyoss's own q8 cache files (quant.py)
 }
 _KNOWN_DTYPES = {"BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32",
                  "U32", "F32", "F64", "I64", "U64"}
@@ -134,6 +135,20 @@ class SafetensorsFile:
         count = (info.end - info.begin) // dtype.itemsize
         arr = np.frombuffer(self._mmap, dtype=dtype, count=count, offset=info.begin)
         return arr.reshape(info.shape)
+
+
+def safetensors_header(entries, metadata: dict[str, str]) -> bytes:
+    """The length prefix and JSON header of a safetensors file whose tensors (name, dtype,
+    shape), in this order, are stored back to back after it."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, dtype, shape in entries:
+        n = _ITEMSIZE[dtype] * int(np.prod(shape, dtype=np.int64))
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # pad so the data starts 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw
 
 
 def parse_header(f, size: int, path: Path) -> tuple[dict[str, TensorInfo], dict]:

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import shutil
-import struct
 import sys
 import tempfile
 import zlib
@@ -29,7 +28,7 @@ import numpy as np
 
 from .config import Config, config_from_dict, to_hf_dict, to_original_dict
 from .errors import TinyossError
-from .store import HF_INDEX, Spec, f32_to_bf16, layout_table
+from .store import HF_INDEX, Spec, f32_to_bf16, layout_table, safetensors_header
 
 _ITEMSIZE = {"BF16": 2, "U8": 1, "F32": 4}
 ROWS_PER_CHUNK = 8192  # rows of a 2-D tensor generated at once (bounded memory)
@@ -191,22 +190,11 @@ def generate_rows(c: Config, seed: int, internal: str, shape: tuple[int, ...],
 # writing
 
 
-def _header(specs: tuple[Spec, ...]) -> bytes:
-    header: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for s in specs:
-        n = spec_bytes(s)
-        header[s.name] = {"dtype": s.dtype, "shape": list(s.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # pad so the data starts 8-byte aligned
-    return struct.pack("<Q", len(raw)) + raw
-
-
 def write_safetensors(path: Path, c: Config, seed: int, fp: FilePlan,
                       progress: Callable[[int], None]) -> None:
     with open(path, "wb") as f:
-        f.write(_header(fp.specs))
+        f.write(safetensors_header([(s.name, s.dtype, s.shape) for s in fp.specs],
+                                   {"format": "pt"}))
         for s in fp.specs:
             for internal, lo, hi in s.views:
                 shape = (hi - lo, *s.shape[1:])

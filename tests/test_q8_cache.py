@@ -1,0 +1,116 @@
+"""dense='q8' keeps its int8 copies in a cache file: reused when it is this checkpoint's and
+complete, rebuilt otherwise, never half-written, and never needed (a load works without it)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import pytest
+
+import tinyoss
+from tinyoss import kernels, quant
+
+TOKENS = [3, 1, 4, 1, 5, 9, 2, 6]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(make_checkpoint):
+    return make_checkpoint("hf", seed=5)
+
+
+def _logits(model):
+    return model.forward(TOKENS)
+
+
+def _no_quantizing(monkeypatch):
+    def refuse(w):
+        raise AssertionError("quantized although the cache holds the copies")
+    monkeypatch.setattr(kernels, "bf16_to_q8", refuse)
+
+
+def test_copies_are_written_once_then_mapped_from_the_file(checkpoint, tmp_path, monkeypatch):
+    first = tinyoss.load(checkpoint, dense="q8", q8_cache=tmp_path)
+    files = list(tmp_path.glob("q8-*.safetensors"))
+    assert len(files) == 1 and not list(tmp_path.glob(".*tmp"))
+    want = _logits(first)
+    _no_quantizing(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = tinyoss.load(checkpoint, dense="q8", q8_cache=tmp_path)
+    q, s = again.fast_weights.unembed.q8
+    assert not q.flags.writeable and not q.flags.owndata  # a view of the mapped file
+    ref_q, ref_s = quant.q8_quantize(again.weights.unembed)  # the numpy definition
+    assert np.array_equal(q, ref_q) and np.array_equal(s, ref_s)
+    assert np.array_equal(_logits(again), want)
+
+
+def test_a_truncated_cache_file_is_rebuilt(checkpoint, tmp_path):
+    want = _logits(tinyoss.load(checkpoint, dense="q8", q8_cache=tmp_path))
+    (path,) = tmp_path.glob("q8-*.safetensors")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.warns(UserWarning, match="ignoring the q8 cache"):
+        model = tinyoss.load(checkpoint, dense="q8", q8_cache=tmp_path)
+    assert np.array_equal(_logits(model), want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # rewritten whole
+        tinyoss.load(checkpoint, dense="q8", q8_cache=tmp_path)
+
+
+def test_a_cache_file_of_another_checkpoint_is_not_used(make_checkpoint, tmp_path):
+    a, b = make_checkpoint("hf", seed=5), make_checkpoint("hf", seed=6)
+    want_b = _logits(tinyoss.load(b, dense="q8", q8_cache=False))
+    tinyoss.load(a, dense="q8", q8_cache=tmp_path)
+    (path_a,) = tmp_path.glob("q8-*.safetensors")
+    path_b, _ = quant.cache_path(tinyoss.load(b).checkpoint, tmp_path)
+    os.link(path_a, path_b)  # b's name, a's copies: the recorded source tells them apart
+    with pytest.warns(UserWarning, match="another checkpoint"):
+        model = tinyoss.load(b, dense="q8", q8_cache=tmp_path)
+    assert np.array_equal(_logits(model), want_b)
+
+
+def test_an_edited_checkpoint_gets_a_new_cache_file(make_checkpoint, tmp_path, tmp_path_factory):
+    import shutil
+
+    folder = tmp_path_factory.mktemp("edited") / "m"
+    shutil.copytree(make_checkpoint("hf", seed=5), folder)
+    tinyoss.load(folder, dense="q8", q8_cache=tmp_path)
+    shard = next(folder.glob("*.safetensors"))
+    st = os.stat(shard)
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    tinyoss.load(folder, dense="q8", q8_cache=tmp_path)
+    assert len(list(tmp_path.glob("q8-*.safetensors"))) == 2
+
+
+def test_an_unwritable_cache_folder_only_warns(checkpoint, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.warns(UserWarning, match="could not write the q8 cache"):
+        model = tinyoss.load(checkpoint, dense="q8", q8_cache=blocker / "cache")
+    want = _logits(tinyoss.load(checkpoint, dense="q8", q8_cache=False))
+    assert np.array_equal(_logits(model), want)
+
+
+def test_a_failed_write_leaves_no_file(checkpoint, tmp_path, monkeypatch):
+    def fail(src, dst):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.warns(UserWarning, match="No space left"):
+        tinyoss.load(checkpoint, dense="q8", q8_cache=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_cache_folder_setting(monkeypatch, tmp_path, checkpoint):
+    monkeypatch.setenv("TINYOSS_CACHE_DIR", str(tmp_path / "here"))
+    assert quant.cache_dir() == tmp_path / "here"
+    tinyoss.load(checkpoint, dense="q8")
+    assert len(list((tmp_path / "here").glob("q8-*.safetensors"))) == 1
+    monkeypatch.setenv("TINYOSS_CACHE_DIR", "")  # off
+    assert quant.cache_dir() is None
+    monkeypatch.delenv("TINYOSS_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert quant.cache_dir() == tmp_path / "xdg" / "tinyoss"
+    tinyoss.load(checkpoint, dense="q8", q8_cache=False)
+    assert not (tmp_path / "xdg").exists()
