@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -297,3 +298,18 @@ def test_a_missing_model_is_downloaded_after_listing_the_files_and_sizes(tmp_pat
     monkeypatch.setattr(huggingface_hub, "HfApi", OfflineApi)
     with pytest.raises(hub.ModelNotFoundError, match="the Hub cannot list it .no route to host.*hf download"):
         hub.resolve_model("someone/other")
+
+
+def test_a_q8_cache_that_cannot_be_written_is_one_warning_line(tiny_checkpoint, tmp_path):
+    """The library warns (and goes on) when the q8 cache folder is unusable; the command line
+    shows that as one line, not Python's warning with its source line."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    env = dict(os.environ, TINYOSS_CACHE_DIR=str(blocker / "cache"))
+    args = ["run", "-m", str(tiny_checkpoint), "-n", "2", "-t", "0", "--dense", "q8", "Hello"]
+    r = subprocess.run([sys.executable, "-m", "tinyoss.cli", *args], capture_output=True,
+                       text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    warning = [line for line in r.stderr.splitlines() if "q8 cache" in line]
+    assert len(warning) == 1 and warning[0].startswith("warning: could not write the q8 cache")
+    assert "UserWarning" not in r.stderr and "Traceback" not in r.stderr

@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import sys
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -591,7 +592,14 @@ def inspect_(
         typer.echo(f"saved the recording to {save}")
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """Library warnings (e.g. a q8 cache that can't be written) as one line, no source dump."""
+    typer.secho(f"warning: {str(message).removeprefix('tinyoss: ')}", fg=typer.colors.YELLOW,
+                err=True)
+
+
 def main() -> None:
+    warnings.showwarning = _warning_line
     app()
 
 
