@@ -1,6 +1,7 @@
 """The weight store: zero-copy views, both layouts, and a clear error for every lie a file can tell."""
 
 import json
+import os
 import shutil
 import struct
 
@@ -255,3 +256,41 @@ def test_release_keeps_the_data_readable(make_checkpoint):
     ckpt.release(arr)
     np.testing.assert_array_equal(arr, before)
     ckpt.release(np.zeros(4))  # not in any file: ignored
+
+
+def _mapped_fraction(arr) -> float:
+    """The fraction of arr's pages present in this process's page tables (/proc/self/pagemap:
+    one 64-bit entry per virtual page, bit 63 = present)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    first, last = arr.ctypes.data // page, (arr.ctypes.data + arr.nbytes - 1) // page
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(first * 8)
+        entries = np.frombuffer(f.read((last - first + 1) * 8), np.uint64)
+    return float(np.mean(entries >> np.uint64(63)))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/pagemap"), reason="Linux /proc needed")
+@pytest.mark.parametrize("madvise", [True, False])
+def test_map_pages_maps_the_weights_in_one_call(make_checkpoint, monkeypatch, madvise):
+    """Model.prefault / store.map_pages map a tensor's pages into the process without reading
+    it element by element (madvise, or one byte per page where that is missing); the bytes
+    are unchanged."""
+    from tinyoss import store
+
+    if not madvise:
+        monkeypatch.setattr(store, "_libc_madvise", lambda: None)
+    ckpt = Checkpoint(make_checkpoint("both", seed=1, **SMALL))
+    arr = ckpt["unembed"]
+    ckpt.release(arr)
+    assert _mapped_fraction(arr) < 0.5
+    before = arr.copy()
+    store.map_pages([arr])
+    assert _mapped_fraction(arr) == 1.0
+    np.testing.assert_array_equal(arr, before)
+    model = tinyoss.load(make_checkpoint("both", seed=1, **SMALL))
+    names = ("0.mlp1_blocks", "1.mlp2_blocks", "1.q_w", "unembed")
+    for n in names:
+        model.checkpoint.release(model.checkpoint[n])
+    assert max(_mapped_fraction(model.checkpoint[n]) for n in names) < 0.5
+    model.prefault()
+    assert all(_mapped_fraction(model.checkpoint[n]) == 1.0 for n in names)

@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import sys
+import threading
 import warnings
 from enum import Enum
 from pathlib import Path
@@ -273,7 +274,11 @@ def _open_model(name: str, dense: Dense, threads: Optional[int]):
     path = resolve_model(name, announce=lambda line: typer.echo(line, err=True))
     _set_threads(threads)
     with _stderr().status(f"loading {path}"):
-        return load(path, dense=dense.value)
+        model = load(path, dense=dense.value)
+    # map the weight pages in the background while the prompt is prepared and prefilled (one
+    # call instead of page faults spread over the first tokens); a daemon: exit doesn't wait
+    threading.Thread(target=model.prefault, name="tinyoss-prefault", daemon=True).start()
+    return model
 
 
 class ReplyPrinter:

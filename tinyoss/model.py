@@ -381,6 +381,22 @@ class Model:
     def new_cache(self, max_tokens: int | None = None) -> KVCache:
         return KVCache(self.config, max_tokens)
 
+    def prefault(self) -> None:
+        """Map every weight page a decoded token may read into the process now (store.map_pages),
+        rather than page by page as each expert is first chosen: what `tinyoss bench` does before
+        timing, and `run`/`chat` in the background. Skips the embedding table (a token reads one
+        row of it) and the bf16 matrices dense='q8' replaced; a cold page cache is read from disk."""
+        from .store import map_pages
+
+        w, fw = self.weights, self.fast_weights
+        arrays = [getattr(lw, f.name) for lw in w.layers for f in dataclasses.fields(lw)]
+        arrays += [w.norm, w.unembed]
+        dense = [fw.unembed] + [d for fl in fw.layers for d in (fl.q, fl.k, fl.v, fl.o)]
+        if self.dense == "q8":
+            replaced = {id(d.w) for d in dense}
+            arrays = [a for a in arrays if id(a) not in replaced] + [a for d in dense for a in d.q8]
+        map_pages(arrays)
+
     def _prepare(self, tokens, cache: KVCache | None) -> tuple[np.ndarray, KVCache]:
         tokens = check_tokens(tokens, self.config.vocab_size)
         if cache is None:  # a whole sequence: a cache just big enough for it
