@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -11,6 +13,7 @@ import pytest
 os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".numba_cache"))
 # dense="q8" keeps int8 copies in a cache folder: a fresh one per session, never the user's
 os.environ["TINYOSS_CACHE_DIR"] = tempfile.mkdtemp(prefix="tinyoss-test-cache-")
+atexit.register(shutil.rmtree, os.environ["TINYOSS_CACHE_DIR"], ignore_errors=True)
 
 from tinyoss.synth import preset_config, write_checkpoint  # noqa: E402
 

@@ -3,6 +3,7 @@ complete, rebuilt otherwise, never half-written, and never needed (a load works 
 
 from __future__ import annotations
 
+import errno
 import os
 import warnings
 
@@ -25,9 +26,11 @@ def _logits(model):
 
 
 def _no_quantizing(monkeypatch):
-    def refuse(w):
+    def refuse(*args):
         raise AssertionError("quantized although the cache holds the copies")
-    monkeypatch.setattr(kernels, "bf16_to_q8", refuse)
+    for module, name in ((kernels, "bf16_to_q8"), (kernels, "bf16_to_q8_into"),
+                         (quant, "_write_cache")):
+        monkeypatch.setattr(module, name, refuse)
 
 
 def test_copies_are_written_once_then_mapped_from_the_file(checkpoint, tmp_path, monkeypatch):
@@ -77,11 +80,13 @@ def test_an_edited_checkpoint_gets_a_new_cache_file(make_checkpoint, tmp_path, t
     folder = tmp_path_factory.mktemp("edited") / "m"
     shutil.copytree(make_checkpoint("hf", seed=5), folder)
     tinyoss.load(folder, dense="q8", q8_cache=tmp_path)
+    (old,) = tmp_path.glob("q8-*.safetensors")
     shard = next(folder.glob("*.safetensors"))
     st = os.stat(shard)
     os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     tinyoss.load(folder, dense="q8", q8_cache=tmp_path)
-    assert len(list(tmp_path.glob("q8-*.safetensors"))) == 2
+    (new,) = tmp_path.glob("q8-*.safetensors")  # the old copy deleted
+    assert new != old
 
 
 def test_an_unwritable_cache_folder_only_warns(checkpoint, tmp_path):
@@ -93,13 +98,35 @@ def test_an_unwritable_cache_folder_only_warns(checkpoint, tmp_path):
     assert np.array_equal(_logits(model), want)
 
 
-def test_a_failed_write_leaves_no_file(checkpoint, tmp_path, monkeypatch):
-    def fail(src, dst):
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(os, "replace", fail)
+def test_a_full_disk_leaves_no_file(checkpoint, tmp_path, monkeypatch):
+    def full(fd, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(quant, "_reserve", full)
     with pytest.warns(UserWarning, match="No space left"):
+        model = tinyoss.load(checkpoint, dense="q8", q8_cache=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    assert np.array_equal(_logits(model), _logits(tinyoss.load(checkpoint, dense="q8",
+                                                                q8_cache=False)))
+
+
+def test_an_error_while_quantizing_is_not_hidden_and_leaves_no_file(checkpoint, tmp_path,
+                                                                    monkeypatch):
+    """The map can't close while the failed call's traceback holds views of it: the error
+    raised is the real one, not a BufferError, and the temporary file is gone."""
+    def broken(w, q, s):
+        raise ZeroDivisionError("inside the kernel")
+    monkeypatch.setattr(kernels, "bf16_to_q8_into", broken)
+    with pytest.raises(ZeroDivisionError, match="inside the kernel"):
         tinyoss.load(checkpoint, dense="q8", q8_cache=tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_q8_needs_rows_in_blocks_of_32(make_checkpoint):
+    from tinyoss.errors import TinyossError
+
+    odd = make_checkpoint("hf", seed=5, num_attention_heads=4, num_key_value_heads=2, head_dim=10)
+    with pytest.raises(TinyossError, match="blocks of 32 values; '0.o_w' has 40 columns"):
+        tinyoss.load(odd, dense="q8", q8_cache=False)
 
 
 def test_the_cache_folder_setting(monkeypatch, tmp_path, checkpoint):
@@ -114,3 +141,14 @@ def test_the_cache_folder_setting(monkeypatch, tmp_path, checkpoint):
     assert quant.cache_dir() == tmp_path / "xdg" / "tinyoss"
     tinyoss.load(checkpoint, dense="q8", q8_cache=False)
     assert not (tmp_path / "xdg").exists()
+
+
+def test_temporary_files_of_killed_writers_are_cleared(checkpoint, tmp_path):
+    """A process killed while writing leaves its temporary file: the next writer deletes those
+    older than an hour (a younger one may be another process's write in progress)."""
+    old, young = tmp_path / ".q8-dead.1234.tmp", tmp_path / ".q8-busy.5678.tmp"
+    for p in (old, young):
+        p.write_bytes(b"partial")
+    os.utime(old, (0, 0))
+    tinyoss.load(checkpoint, dense="q8", q8_cache=tmp_path)
+    assert not old.exists() and young.exists()

@@ -96,7 +96,8 @@ class BenchResult:
     model: str
     dense: str
     threads: int
-    load_s: float  # opening the checkpoint (+ int8 quantization with dense=q8)
+    load_s: float  # opening the checkpoint (+ the int8 copies with dense=q8: mapped from the
+    # cache file, or made at a checkpoint's first q8 load)
     compile_s: float  # every kernel compiled, or loaded from numba's cache (fast.warm_up)
     ready_s: float | None  # process start -> checkpoint open and kernels ready to prefill
     prompt_tokens: int

@@ -277,8 +277,16 @@ def _open_model(name: str, dense: Dense, threads: Optional[int]):
         model = load(path, dense=dense.value)
     # map the weight pages in the background while the prompt is prepared and prefilled (one
     # call instead of page faults spread over the first tokens); a daemon: exit doesn't wait
-    threading.Thread(target=model.prefault, name="tinyoss-prefault", daemon=True).start()
+    threading.Thread(target=_prefault_quietly, args=(model,), name="tinyoss-prefault",
+                     daemon=True).start()
     return model
+
+
+def _prefault_quietly(model) -> None:
+    try:
+        model.prefault()
+    except Exception:  # an optimization only: the pages then fault in as tokens read them
+        pass
 
 
 class ReplyPrinter:

@@ -161,11 +161,14 @@ class FastWeights:
         self.layers = [FastLayer(lw, q8, f"{i}.", release) for i, lw in enumerate(w.layers)]
         self.unembed = Dense(w.unembed, None, q8.get("unembed"), release)
 
+    def dense(self) -> list[Dense]:
+        """The matrices dense='q8' may replace: every layer's q, k, v, o and the unembedding."""
+        return [self.unembed] + [d for fl in self.layers for d in (fl.q, fl.k, fl.v, fl.o)]
+
     @property
     def q8_bytes(self) -> int:
         """Memory held by int8 copies (0 with bf16 dense weights)."""
-        mats = [self.unembed] + [d for L in self.layers for d in (L.q, L.k, L.v, L.o)]
-        return sum(d.nbytes for d in mats if d.q8)
+        return sum(d.nbytes for d in self.dense() if d.q8)
 
 
 def attention(c: Config, layer: int, fl: FastLayer, cache: KVCache, q, k, v,
@@ -365,10 +368,10 @@ def warm_up(dense: str = "bf16") -> None:
                                  sliding_window=2)
     with tempfile.TemporaryDirectory(prefix="tinyoss-warmup-") as tmp:
         synth.write_checkpoint(f"{tmp}/m", config, "hf", "tiny", seed=0)
-        # q8: int8 copies made now (writable arrays), then read from a cache file (read-only
-        # views): numba compiles each kind separately
-        for _ in range(2 if dense == "q8" else 1):
-            model = Model(Checkpoint(f"{tmp}/m"), dense, q8_cache=f"{tmp}/q8")
+        # q8: int8 copies made in memory (writable arrays: no cache folder), then mapped from a
+        # cache file (read-only views): numba compiles each kind separately
+        for q8_cache in ([False, f"{tmp}/q8"] if dense == "q8" else [False]):
+            model = Model(Checkpoint(f"{tmp}/m"), dense, q8_cache=q8_cache)
             cache = model.new_cache(64)
             model.forward([1, 2, 3], cache)  # short prefill: fused kernels (all logits: no bias)
             model.forward(np.arange(4, 44), cache, last_only=True)  # long: tiles + BLAS

@@ -381,21 +381,26 @@ class Model:
     def new_cache(self, max_tokens: int | None = None) -> KVCache:
         return KVCache(self.config, max_tokens)
 
-    def prefault(self) -> None:
+    def prefault(self) -> bool:
         """Map every weight page a decoded token may read into the process now (store.map_pages),
         rather than page by page as each expert is first chosen: what `tinyoss bench` does before
         timing, and `run`/`chat` in the background. Skips the embedding table (a token reads one
-        row of it) and the bf16 matrices dense='q8' replaced; a cold page cache is read from disk."""
-        from .store import map_pages
+        row of it) and the bf16 matrices dense='q8' replaced; a cold page cache is read from disk.
+        Does nothing (returns False) when they would not fit in the memory available."""
+        from .store import available_memory, map_pages
 
-        w, fw = self.weights, self.fast_weights
+        w = self.weights
         arrays = [getattr(lw, f.name) for lw in w.layers for f in dataclasses.fields(lw)]
         arrays += [w.norm, w.unembed]
-        dense = [fw.unembed] + [d for fl in fw.layers for d in (fl.q, fl.k, fl.v, fl.o)]
         if self.dense == "q8":
+            dense = self.fast_weights.dense()
             replaced = {id(d.w) for d in dense}
             arrays = [a for a in arrays if id(a) not in replaced] + [a for d in dense for a in d.q8]
+        available = available_memory()
+        if available is not None and sum(a.nbytes for a in arrays) > available:
+            return False
         map_pages(arrays)
+        return True
 
     def _prepare(self, tokens, cache: KVCache | None) -> tuple[np.ndarray, KVCache]:
         tokens = check_tokens(tokens, self.config.vocab_size)

@@ -6,12 +6,12 @@ q = round(w / scale) as int8: llama.cpp's Q8_0. It halves the bytes a decoded to
 dense (attention, unembedding) weights; the expert weights stay MXFP4 as published.
 The numba twins are kernels.bf16_to_q8_into and kernels.f32_q8w_matvec.
 
-Quantizing at every load took ~2 s for the 20b (most of it the first touch of 1.3 GB of fresh
+Quantizing at every load took ~2 s for the 20b (most of it the first touch of 1.4 GB of fresh
 memory), so the int8 copies are made once, straight into a file in a cache folder, and every load
 memory-maps that file (`q8_copies`): TINYOSS_CACHE_DIR, else $XDG_CACHE_HOME/tinyoss or ~/.cache/tinyoss;
 TINYOSS_CACHE_DIR="" turns it off. A cache file is named by the checkpoint it came from (the
-shards' paths, sizes and modification times), so an edited checkpoint is quantized afresh; a
-stale, unreadable or incomplete one is simply rebuilt.
+shards' paths, sizes and modification times): an edited checkpoint is quantized afresh into a new
+file, and the old one deleted; an unreadable or incomplete file is rebuilt.
 """
 
 from __future__ import annotations
@@ -21,12 +21,14 @@ import hashlib
 import json
 import mmap
 import os
+import tempfile
+import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from .errors import CheckpointError
+from .errors import CheckpointError, TinyossError
 from .store import Checkpoint, SafetensorsFile, bf16_to_f32, safetensors_header
 
 CACHE_FORMAT = "tinyoss-q8-1"  # bump when the int8 format or its tensor names change
@@ -51,7 +53,10 @@ def cache_dir() -> Path | None:
     env = os.environ.get("TINYOSS_CACHE_DIR")
     if env is not None:
         return Path(env) if env else None
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    try:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    except RuntimeError:  # no home folder to be found
+        return None
     return Path(base) / "tinyoss"
 
 
@@ -72,6 +77,10 @@ def q8_copies(ckpt: Checkpoint, mats: dict[str, np.ndarray], folder: Path | None
     a folder (or when the file can't be written) arrays quantized in memory."""
     from .kernels import bf16_to_q8
 
+    for name, w in mats.items():
+        if w.shape[1] % 32:
+            raise TinyossError(f"dense='q8' quantizes rows in blocks of 32 values; '{name}' has "
+                               f"{w.shape[1]} columns (use the default dense='bf16')")
     if folder is not None:
         path, key = cache_path(ckpt, folder)
         if path.exists():
@@ -90,33 +99,73 @@ def q8_copies(ckpt: Checkpoint, mats: dict[str, np.ndarray], folder: Path | None
 
 
 def _write_cache(path: Path, key: str, mats: dict[str, np.ndarray]) -> None:
-    """Quantize straight into a new cache file's memory map (no second copy of 1.3 GB to
-    write out), renamed into place once complete."""
+    """Quantize straight into a new file's memory map (no second copy of 1.4 GB to write out),
+    flushed to disk and only then renamed into place: a crash leaves a temporary file, never a
+    cache of zeros. Then older copies of the same checkpoint are deleted."""
     from .kernels import bf16_to_q8_into
 
-    entries = []
+    entries, places, size = [], [], 0
     for name, w in mats.items():
         R, C = w.shape
         entries += [(f"{name}.q8", "I8", (R, C)), (f"{name}.scales", "F32", (R, C // 32))]
+        places.append((w, size, size + R * C))  # where its int8 values and scales start
+        size += R * C + R * (C // 32) * 4
     header = safetensors_header(entries, {"format": CACHE_FORMAT, "source": key})
-    total = len(header) + sum(w.size + w.size // 32 * 4 for w in mats.values())
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    _remove(p for p in path.parent.glob(".q8-*.tmp")  # left by a killed process
+            if time.time() - p.stat().st_mtime > 3600)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    tmp = Path(name)
     try:
-        with open(tmp, "w+b") as f:
+        with open(fd, "r+b") as f:
             f.write(header)
-            _reserve(f.fileno(), total)
-            with mmap.mmap(f.fileno(), total) as mm:
-                offset = len(header)
-                for w in mats.values():
+            f.flush()
+            _reserve(f.fileno(), len(header) + size)
+            mm = mmap.mmap(f.fileno(), len(header) + size)
+            try:
+                for w, at, scales_at in places:
                     R, C = w.shape
-                    bf16_to_q8_into(w, np.frombuffer(mm, np.int8, R * C, offset).reshape(R, C),
-                                    np.frombuffer(mm, np.float32, R * C // 32, offset + R * C
-                                                  ).reshape(R, C // 32))
-                    offset += R * C + R * C // 32 * 4
+                    q = np.frombuffer(mm, np.int8, R * C, len(header) + at).reshape(R, C)
+                    s = np.frombuffer(mm, np.float32, R * (C // 32), len(header) + scales_at)
+                    bf16_to_q8_into(w, q, s.reshape(R, C // 32))
+                    del q, s
+                mm.flush()
+            finally:
+                try:
+                    mm.close()
+                except BufferError:  # an exception's traceback still holds a view: the map
+                    pass  # closes when that goes; the exception itself is what matters
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    _remove(p for p in path.parent.glob("q8-*.safetensors")
+            if p != path and _same_checkpoint(_source(p), key))
+
+
+def _source(path: Path) -> str:
+    try:
+        return SafetensorsFile(path).metadata.get("source", "")
+    except (CheckpointError, OSError):
+        return ""
+
+
+def _same_checkpoint(a: str, b: str) -> bool:
+    """Whether two cache keys name the same shard files (maybe since edited, or another
+    format): the older copy is then of no use."""
+    try:
+        (_, layout_a, shards_a), (_, layout_b, shards_b) = json.loads(a), json.loads(b)
+        return layout_a == layout_b and [s[0] for s in shards_a] == [s[0] for s in shards_b]
+    except (ValueError, TypeError, IndexError):
+        return False
+
+
+def _remove(paths) -> None:
+    for p in paths:
+        try:
+            p.unlink()
+        except OSError:  # gone already, or not ours to delete
+            pass
 
 
 def _reserve(fd: int, size: int) -> None:

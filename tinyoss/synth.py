@@ -28,9 +28,9 @@ import numpy as np
 
 from .config import Config, config_from_dict, to_hf_dict, to_original_dict
 from .errors import TinyossError
-from .store import HF_INDEX, Spec, f32_to_bf16, layout_table, safetensors_header
+from .store import (_ITEMSIZE, HF_INDEX, Spec, f32_to_bf16, layout_table,
+                    safetensors_header)
 
-_ITEMSIZE = {"BF16": 2, "U8": 1, "F32": 4}
 ROWS_PER_CHUNK = 8192  # rows of a 2-D tensor generated at once (bounded memory)
 
 
