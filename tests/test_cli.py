@@ -61,12 +61,15 @@ def test_console_script_on_a_corrupt_checkpoint(tmp_path):
 def test_bench_json_on_a_tiny_checkpoint(make_checkpoint):
     """`tinyoss bench` runs end to end and reports consistent figures (not a speed assertion)."""
     root = make_checkpoint("both", seed=3, vocab_size=300)
-    r = runner.invoke(app, ["bench", str(root), "--prompt", "20", "--depths", "0,40",
-                            "--decode-tokens", "3", "--json"])
+    r = runner.invoke(app, ["bench", str(root), "--prompt", "20", "--depths", "0,40,0",
+                            "--decode-tokens", "3", "--repeat", "3", "--json"])
     assert r.exit_code == 0, r.output
     result = json.loads(r.output[r.output.index("{"):])
     assert result["prompt_tokens"] == 20 and result["prefill_tok_s"] > 0
     assert [d["depth"] for d in result["decode"]] == [0, 40]
+    for d in result["decode"]:
+        assert len(d["tok_s_runs"]) == 3 and d["tok_s"] == sorted(d["tok_s_runs"])[1]
+    assert len(result["bandwidth_samples_gb_s"]) == 1 + 3 * 2  # before, and after every run
     deep, shallow = result["decode"][1], result["decode"][0]
     assert deep["bytes_per_token"] > shallow["bytes_per_token"]  # the cache is read too
     for d in result["decode"]:
@@ -83,3 +86,9 @@ def test_bench_bad_arguments(make_checkpoint, args, message):
     root = make_checkpoint("both", seed=3, vocab_size=300)
     r = runner.invoke(app, ["bench", str(root), *args])
     assert r.exit_code == 1 and message in r.output
+
+
+def test_bench_repeat_must_be_positive(make_checkpoint):
+    r = runner.invoke(app, ["bench", str(make_checkpoint("both", seed=3, vocab_size=300)),
+                            "--repeat", "0"])
+    assert r.exit_code == 2 and "--repeat" in r.output and "Traceback" not in r.output

@@ -102,14 +102,18 @@ class BenchResult:
     ready_s: float | None  # process start -> checkpoint open and kernels ready to prefill
     prompt_tokens: int
     prefill_tok_s: float
-    decode: list[dict]  # per depth: depth, tokens, tok_s, bytes_per_token, roofline_tok_s, fraction
+    decode: list[dict]  # per depth: depth, tokens, tok_s (the median of tok_s_runs),
+    # bytes_per_token, roofline_tok_s, fraction_of_roofline
     bandwidth_gb_s: float  # the best sample: the roofline decode is held to
     bandwidth_samples_gb_s: list[float]  # before the first and after every decode run
     peak_rss_gib: float
 
 
 def run(path, prompt_tokens: int = 512, depths=(0,), decode_tokens: int = 16, dense: str = "bf16",
-        seed: int = 0, progress: Callable[[str], None] = lambda s: None) -> BenchResult:
+        seed: int = 0, progress: Callable[[str], None] = lambda s: None, repeat: int = 1
+        ) -> BenchResult:
+    """repeat: decode at every depth that many times, the depths taking turns (a slow minute
+    of a noisy machine then hits every depth alike); each reports the median and every run."""
     from . import load
 
     threads = numba.get_num_threads()
@@ -146,27 +150,29 @@ def run(path, prompt_tokens: int = 512, depths=(0,), decode_tokens: int = 16, de
     progress("measuring memory bandwidth")
     samples = [memory_bandwidth()]
 
-    runs = []
-    for depth in depths:
-        progress(f"decode at depth {depth}")
-        cache = model.new_cache(depth + decode_tokens + 1)
-        fill_cache(model, cache, depth)
-        token = rng.integers(0, vocab, 1)
-        model.forward(token, cache, last_only=True)  # first step outside the timing
-        t = time.perf_counter()
-        for _ in range(decode_tokens):
-            logits = model.forward(token, cache, last_only=True)
-            token = [int(np.argmax(logits[-1]))]
-        runs.append((depth, decode_tokens / (time.perf_counter() - t)))
-        progress("measuring memory bandwidth")
-        samples.append(memory_bandwidth())
+    runs: dict[int, list[float]] = {depth: [] for depth in depths}
+    for i in range(repeat):
+        for depth in depths:
+            progress(f"decode at depth {depth}" + (f" ({i + 1} of {repeat})" if repeat > 1 else ""))
+            cache = model.new_cache(depth + decode_tokens + 1)
+            fill_cache(model, cache, depth)
+            token = rng.integers(0, vocab, 1)
+            model.forward(token, cache, last_only=True)  # first step outside the timing
+            t = time.perf_counter()
+            for _ in range(decode_tokens):
+                logits = model.forward(token, cache, last_only=True)
+                token = [int(np.argmax(logits[-1]))]
+            runs[depth].append(decode_tokens / (time.perf_counter() - t))
+            progress("measuring memory bandwidth")
+            samples.append(memory_bandwidth())
     bandwidth = max(samples)
     decode = []
-    for depth, tok_s in runs:
+    for depth, tok_s_runs in runs.items():
+        tok_s = float(np.median(tok_s_runs))
         bpt = bytes_per_token(model, depth)
         roofline = bandwidth / bpt
         decode.append({"depth": depth, "tokens": decode_tokens, "tok_s": tok_s,
-                       "bytes_per_token": bpt, "roofline_tok_s": roofline,
+                       "tok_s_runs": tok_s_runs, "bytes_per_token": bpt, "roofline_tok_s": roofline,
                        "fraction_of_roofline": tok_s / roofline})
     return BenchResult(str(path), dense, threads, load_s, compile_s, ready_s, prompt_tokens,
                        prefill_tok_s, decode, bandwidth / 1e9, [b / 1e9 for b in samples],
@@ -181,7 +187,10 @@ def format_result(r: BenchResult) -> str:
              f"  memory read bandwidth {r.bandwidth_gb_s:.1f} GB/s (best of "
              + ", ".join(f"{b:.1f}" for b in r.bandwidth_samples_gb_s) + ")"]
     for d in r.decode:
-        lines.append(f"  decode @ depth {d['depth']:>6}: {d['tok_s']:.2f} tok/s   "
+        runs = d["tok_s_runs"]
+        spread = (f" (median of {len(runs)}: {min(runs):.2f}-{max(runs):.2f})" if len(runs) > 1
+                  else "")
+        lines.append(f"  decode @ depth {d['depth']:>6}: {d['tok_s']:.2f} tok/s{spread}   "
                      f"{d['bytes_per_token'] / 1e9:.3f} GB/token   roofline "
                      f"{d['roofline_tok_s']:.2f} tok/s   {100 * d['fraction_of_roofline']:.0f} %")
     lines.append(f"  peak RSS {r.peak_rss_gib:.2f} GiB")

@@ -159,6 +159,8 @@ def bench(
                                help="Comma-separated context depths to time decode at."),
     decode_tokens: int = typer.Option(16, "--decode-tokens", "-n", min=1,
                                       help="Tokens decoded per depth."),
+    repeat: int = typer.Option(1, "--repeat", min=1,
+                               help="Decode runs per depth (depths take turns); reports medians."),
     dense: Dense = typer.Option(Dense.bf16, "--dense", help="Dense weights: bf16 as published, "
                                 "or q8 (int8 blocks)."),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1,
@@ -171,7 +173,7 @@ def bench(
     from . import bench as b
 
     try:
-        depth_list = [int(d) for d in depths.split(",") if d.strip()]
+        depth_list = list(dict.fromkeys(int(d) for d in depths.split(",") if d.strip()))
     except ValueError:
         fail(f"--depths must be comma-separated integers, got {depths!r}")
     if not depth_list or min(depth_list) < 0:
@@ -180,7 +182,7 @@ def bench(
     console = _stderr()
     with console.status("starting") as status:
         result = b.run(model, prompt, depth_list, decode_tokens, dense.value,
-                       progress=lambda s: status.update(s))
+                       progress=lambda s: status.update(s), repeat=repeat)
     typer.echo(json.dumps(dataclasses.asdict(result), indent=2) if as_json else
                b.format_result(result))
 
