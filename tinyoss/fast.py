@@ -22,7 +22,7 @@ import numpy as np
 
 from . import kernels
 from .config import Config
-from .model import KVCache, LayerWeights, Weights, rope_cos_sin, swiglu
+from .model import SWIGLU_ALPHA, KVCache, LayerWeights, Weights, rope_cos_sin, swiglu
 from .store import bf16_to_f32
 
 MATVEC_MAX_TOKENS = 1  # decode: one token, the matvec kernels
@@ -266,11 +266,17 @@ def expert_matvec(c: Config, lw: LayerWeights, experts: np.ndarray, x: np.ndarra
     h = np.empty((m, 2 * c.intermediate_size), np.float32)
     kernels.f32_mf4w_moe_matvec(lw.mlp1_blocks, lw.mlp1_scales, lw.mlp1_bias, experts,
                                 np.ascontiguousarray(xl), h)
-    a = swiglu(h, c.swiglu_limit)  # [m, I]
     y = np.empty((m, c.hidden_size), np.float32)
     kernels.f32_mf4w_moe_matvec(lw.mlp2_blocks, lw.mlp2_scales, lw.mlp2_bias, experts,
-                                kernels.to_lane_order(a), y)
+                                swiglu_lanes(c, h), y)
     return y
+
+
+def swiglu_lanes(c: Config, h: np.ndarray) -> np.ndarray:
+    """h [m, 2I] -> to_lane_order(swiglu(h)) [m, I], one kernel: the MXFP4 matvec's input."""
+    a = np.empty((h.shape[0], h.shape[1] // 2), np.float32)
+    kernels.f32_swiglu_lanes(h, np.float32(c.swiglu_limit), np.float32(SWIGLU_ALPHA), a)
+    return a
 
 
 def expert_few(c: Config, lw: LayerWeights, e: int, x: np.ndarray) -> np.ndarray:
@@ -279,10 +285,9 @@ def expert_few(c: Config, lw: LayerWeights, e: int, x: np.ndarray) -> np.ndarray
     h = np.empty((m, 2 * c.intermediate_size), np.float32)
     kernels.f32_mf4w_matmul(lw.mlp1_blocks[e], lw.mlp1_scales[e], lw.mlp1_bias[e],
                             kernels.to_lane_order(x), h)
-    a = swiglu(h, c.swiglu_limit)
     y = np.empty((m, c.hidden_size), np.float32)
     kernels.f32_mf4w_matmul(lw.mlp2_blocks[e], lw.mlp2_scales[e], lw.mlp2_bias[e],
-                            kernels.to_lane_order(a), y)
+                            swiglu_lanes(c, h), y)
     return y
 
 

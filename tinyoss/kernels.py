@@ -189,6 +189,28 @@ def f32_mf4w_matmul(blocks, scales, bias, xl, out):
                 flat_out[j * R + r] += b  # through the view the intrinsic wrote (see NOALIAS)
 
 
+@jit()
+def f32_swiglu_lanes(h, limit, alpha, out):
+    """out = to_lane_order(model.swiglu(h)): gpt-oss's clamped SwiGLU written straight in the
+    order the next MXFP4 matvec reads (per 32 outputs, MXFP4_LANE_ORDER). h [m, 2I] (gate =
+    even columns, up = odd), out [m, I], I a multiple of 32 (the matvec's blocks). NaN stays
+    NaN through the clamps, as in numpy. Twin: to_lane_order(model.swiglu(h)) (rtol 1e-6: libm's
+    expf against numpy's)."""
+    m, I = out.shape
+    for j in range(m):
+        for b in range(I // 32):
+            for i in range(32):
+                c = b * 32 + _LANE_ORDER[i]
+                g, u = h[j, 2 * c], h[j, 2 * c + 1]
+                if g > limit:  # gate clamped above only
+                    g = limit
+                if u > limit:  # up clamped both ways
+                    u = limit
+                elif u < -limit:
+                    u = -limit
+                out[j, b * 32 + i] = g / (np.float32(1.0) + np.exp(-alpha * g)) * (u + np.float32(1.0))
+
+
 # ---------------------------------------------------------------------------------------------
 # the small steps of a layer (numpy's per-call overhead is most of their cost in decode)
 

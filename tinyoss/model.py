@@ -268,7 +268,10 @@ def attention_block(x: np.ndarray, lw: LayerWeights, c: Config, layer: int, cach
     return x + linear(out, lw.o_w, lw.o_b)
 
 
-def swiglu(h: np.ndarray, limit: float, alpha: float = 1.702) -> np.ndarray:
+SWIGLU_ALPHA = 1.702  # the sigmoid's slope in gpt-oss's SwiGLU
+
+
+def swiglu(h: np.ndarray, limit: float, alpha: float = SWIGLU_ALPHA) -> np.ndarray:
     """[.., 2I] -> [.., I]. gpt-oss's clamped SwiGLU."""
     glu, lin = h[..., 0::2], h[..., 1::2]  # gate = even rows, up ("linear") = odd rows
     glu = np.minimum(glu, np.float32(limit))  # gate clamped above only
