@@ -493,14 +493,18 @@ def f32_decode_values(w, v_buf, count, out):
     if dh == QK_DIM:
         chunk = 64  # value rows (16 KiB) that stay in L1 while the q_mult queries use them (from L2
         # the 8 loads per FMA step wait on its bandwidth: 256 keys took 1.7x as long)
+        ahead = -(-chunk // qm)  # each query's pass prefetches this many rows of the next chunk
+        # (memory streams in while the chunk in L1 is summed: 17 % less time at 4096 keys)
         for h in numba.prange(Hkv):
             flat_out[h * qm * dh:(h + 1) * qm * dh] = 0.0
             for t0 in range(0, count, chunk):
                 n = min(chunk, count - t0)
                 for m in range(qm):
                     hm = h * qm + m
+                    first = t0 + chunk + m * ahead
+                    k = max(0, min(ahead, count - first))
                     weighted_rows64(flat_w, hm * count + t0, 1, flat_v, (h * S + t0) * dh, n,
-                                    flat_out, hm * dh)
+                                    flat_out, hm * dh, (h * S + first) * dh, k)
         return
     for task in numba.prange(Hkv * qm):
         h, m = task // qm, task % qm

@@ -288,6 +288,8 @@ QK_HEADS, QK_DIM = 8, 64  # the shape the two kernels below are written for (bot
 
 
 QK_KEYS = 8  # keys a step of qk8_scores: their sums stay in registers while a q row is reused
+QK_PREFETCH_KEYS = 16  # keys ahead qk8_scores asks the cache for: its 64 loads per key keep few
+# misses in flight by themselves (14 % less time at 4096 keys from memory; 32 or 64: no better)
 
 
 def _transpose8(builder, rows):
@@ -345,6 +347,9 @@ def qk8_scores(typingctx, qt, q_off, keys, k_off, count, scale, out, o_off, o_st
         blocks = builder.sdiv(count, _const(QK_KEYS))
         with cgutils.for_range(builder, blocks) as loop:
             t0 = builder.mul(loop.index, _const(QK_KEYS))
+            ahead = builder.mul(builder.add(t0, _const(QK_PREFETCH_KEYS)), _const(QK_DIM))
+            for line in range(QK_KEYS * QK_DIM // 16):  # 16 floats a 64-byte line
+                _prefetch(builder, builder.gep(kptr, [builder.add(ahead, _const(16 * line))]))
             for m, col in enumerate(_transpose8(builder, sums(t0, QK_KEYS))):
                 dst = builder.gep(optr, [builder.add(builder.mul(o_stride, _const(m)), t0)])
                 builder.store(col, builder.bitcast(dst, v8f.as_pointer()), align=4)
@@ -359,21 +364,30 @@ def qk8_scores(typingctx, qt, q_off, keys, k_off, count, scale, out, o_off, o_st
 
 
 @intrinsic
-def weighted_rows64(typingctx, w, w_off, w_stride, rows, r_off, count, out, o_off):
+def weighted_rows64(typingctx, w, w_off, w_stride, rows, r_off, count, out, o_off, pf_off,
+                    pf_rows):
     """out[o_off + d] += sum_t w[w_off + t * w_stride] * rows[r_off + 64t + d] for d < 64
-    (float32): attention's weighted sum of value rows, the 64 accumulators in registers."""
-    sig = types.void(w, types.intp, types.intp, rows, types.intp, types.intp, out, types.intp)
+    (float32): attention's weighted sum of value rows, the 64 accumulators in registers. While
+    at it, asks the cache for the rows pf_off + 64t, t < pf_rows (the caller's next rows; a hint
+    that never faults): a KV head's rows then stream in while the previous ones are summed."""
+    sig = types.void(w, types.intp, types.intp, rows, types.intp, types.intp, out, types.intp,
+                     types.intp, types.intp)
 
     def codegen(context, builder, signature, args):
-        w_a, w_off, w_stride, rows_a, r_off, count, out_a, o_off = args
+        w_a, w_off, w_stride, rows_a, r_off, count, out_a, o_off, pf_off, pf_rows = args
         a = signature.args
         v64f = ir.VectorType(_f32, QK_DIM)
         wptr = builder.gep(_data(context, builder, a[0], w_a), [w_off])
-        rptr = builder.gep(_data(context, builder, a[3], rows_a), [r_off])
+        rows_base = _data(context, builder, a[3], rows_a)
+        rptr, pptr = builder.gep(rows_base, [r_off]), builder.gep(rows_base, [pf_off])
         optr = builder.bitcast(builder.gep(_data(context, builder, a[6], out_a), [o_off]),
                                v64f.as_pointer())
         acc_slot = cgutils.alloca_once_value(builder, builder.load(optr, align=4))
         with cgutils.for_range(builder, count) as loop:
+            with builder.if_then(builder.icmp_signed("<", loop.index, pf_rows)):
+                row0 = builder.mul(loop.index, _const(QK_DIM))
+                for line in range(QK_DIM // 16):  # 16 floats a 64-byte line
+                    _prefetch(builder, builder.gep(pptr, [builder.add(row0, _const(16 * line))]))
             wt = builder.load(builder.gep(wptr, [builder.mul(loop.index, w_stride)]))
             row = builder.load(builder.bitcast(builder.gep(
                 rptr, [builder.mul(loop.index, _const(QK_DIM))]), v64f.as_pointer()), align=4)
@@ -384,6 +398,15 @@ def weighted_rows64(typingctx, w, w_off, w_stride, rows, r_off, count, out, o_of
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+def _prefetch(builder, ptr) -> None:
+    """Ask for the cache line at ptr (to read, into every cache level): a hint, never a fault."""
+    i8p, name = _i8.as_pointer(), "llvm.prefetch.p0"
+    fn = builder.module.globals.get(name) or ir.Function(
+        builder.module, ir.FunctionType(ir.VoidType(), [i8p, _i32, _i32, _i32]), name)
+    builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(_i32, 0), ir.Constant(_i32, 3),
+                      ir.Constant(_i32, 1)])
 
 
 # --- softmax rows: exp in vector IR ----------------------------------------------------------
