@@ -92,3 +92,18 @@ def test_bench_repeat_must_be_positive(make_checkpoint):
     r = runner.invoke(app, ["bench", str(make_checkpoint("both", seed=3, vocab_size=300)),
                             "--repeat", "0"])
     assert r.exit_code == 2 and "--repeat" in r.output and "Traceback" not in r.output
+
+
+def test_cache_lists_and_clears_the_q8_copies(make_checkpoint, tmp_path, monkeypatch):
+    import tinyoss
+
+    root = make_checkpoint("hf", seed=5)
+    monkeypatch.setenv("TINYOSS_CACHE_DIR", str(tmp_path))
+    tinyoss.load(root, dense="q8")
+    r = runner.invoke(app, ["cache"])
+    assert r.exit_code == 0 and "1 q8 cache file(s)" in r.output and f"from {root.resolve()}" in r.output
+    r = runner.invoke(app, ["cache", "--clear"])
+    assert r.exit_code == 0 and "freed" in r.output and list(tmp_path.iterdir()) == []
+    assert "0 q8 cache file(s)" in runner.invoke(app, ["cache"]).output
+    monkeypatch.setenv("TINYOSS_CACHE_DIR", "")
+    assert "off" in runner.invoke(app, ["cache"]).output

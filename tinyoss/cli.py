@@ -152,6 +152,29 @@ class Dense(str, Enum):
 
 @app.command()
 @clean_errors
+def cache(clear: bool = typer.Option(False, "--clear", help="Delete every q8 cache file.")) -> None:
+    """List (or --clear) the int8 copies --dense q8 keeps on disk, one file per checkpoint."""
+    from .quant import cache_dir, cache_files, clear_cache
+
+    folder = cache_dir()
+    if folder is None:
+        typer.echo("the q8 cache is off (TINYOSS_CACHE_DIR is empty)")
+        return
+    if clear:
+        typer.echo(f"freed {clear_cache(folder) / 1e9:.2f} GB in {folder}")
+        return
+    files = cache_files(folder)
+    typer.echo(f"{folder}: {len(files)} q8 cache file(s), "
+               f"{sum(size for _, size, _ in files) / 1e9:.2f} GB")
+    for path, size, sources in files:
+        gone = sources and not all(Path(s).exists() for s in sources)
+        origin = str(Path(sources[0]).parent) if sources else "unreadable"
+        typer.echo(f"  {path.name}  {size / 1e9:.2f} GB  from {origin}"
+                   + ("  (checkpoint gone)" if gone else ""))
+
+
+@app.command()
+@clean_errors
 def bench(
     model: Path = typer.Argument(..., help="Checkpoint folder: HF repo root or original/."),
     prompt: int = typer.Option(512, "--prompt", "-p", min=1, help="Prefill length in tokens."),

@@ -143,6 +143,33 @@ def _write_cache(path: Path, key: str, mats: dict[str, np.ndarray]) -> None:
             if p != path and _same_checkpoint(_source(p), key))
 
 
+def cache_files(folder: Path | None) -> list[tuple[Path, int, list[str]]]:
+    """The q8 cache files in `folder`: (path, bytes, the shard files they were made from; empty
+    if unreadable), largest first."""
+    if folder is None or not folder.is_dir():
+        return []
+    found = []
+    for p in folder.glob("q8-*.safetensors"):
+        try:
+            _, _, shards = json.loads(_source(p))
+            sources = [s[0] for s in shards]
+        except (ValueError, TypeError):
+            sources = []
+        found.append((p, p.stat().st_size, sources))
+    return sorted(found, key=lambda f: -f[1])
+
+
+def clear_cache(folder: Path | None) -> int:
+    """Delete every q8 cache file (and writers' leftovers) in `folder`; returns the bytes freed.
+    A running process that maps one keeps its copy until it exits."""
+    if folder is None or not folder.is_dir():
+        return 0
+    paths = [*folder.glob("q8-*.safetensors"), *folder.glob(".q8-*.tmp")]
+    freed = sum(p.stat().st_size for p in paths)
+    _remove(paths)
+    return freed
+
+
 def _source(path: Path) -> str:
     try:
         return SafetensorsFile(path).metadata.get("source", "")
