@@ -48,6 +48,13 @@ def test_moe_matvec_equals_decode_then_matmul(case):
     kernels.f32_mf4w_moe_matvec(blocks, scales, bias, experts.astype(np.int64),
                                 kernels.to_lane_order(x), out)
     _close(out, want, scale)
+    shared = np.stack([mxfp4.decode(blocks[e], scales[e]) @ x[0] + bf16_to_f32(bias[e])
+                       for e in experts])  # decode: one x (a [1, C] xl) for every expert
+    shared_scale = np.stack([np.abs(mxfp4.decode(blocks[e], scales[e])) @ np.abs(x[0]) + np.abs(
+        bf16_to_f32(bias[e])) for e in experts])
+    kernels.f32_mf4w_moe_matvec(blocks, scales, bias, experts.astype(np.int64),
+                                kernels.to_lane_order(x[:1]), out)
+    _close(out, shared, shared_scale)
 
 
 @SETTINGS
@@ -252,10 +259,12 @@ def test_decode_attention_kernels_equal_their_twins(case):
     kernels.f32_decode_scores(qh, k_buf, count, scores)
     want = qh @ k_buf[:, :count].transpose(0, 2, 1) / np.float32(np.sqrt(dh))
     _close(scores, want, np.abs(qh) @ np.abs(k_buf[:, :count]).transpose(0, 2, 1) / np.sqrt(dh))
-    w = np.abs(scores)  # any weights
+    w = np.abs(scores)  # any weights, any softmax denominators
+    denom = np.random.default_rng(count).uniform(0.5, 4, qh.shape[:2]).astype(np.float32)
     out = np.empty(qh.shape, np.float32)
-    kernels.f32_decode_values(w, v_buf, count, out)
-    _close(out, w @ v_buf[:, :count], w @ np.abs(v_buf[:, :count]))
+    kernels.f32_decode_values(w, v_buf, count, denom.reshape(-1), out)
+    _close(out, w @ v_buf[:, :count] / denom[..., None],
+           w @ np.abs(v_buf[:, :count]) / denom[..., None])
 
 
 def test_every_kernel_has_its_own_disk_cache_entry():

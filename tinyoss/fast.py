@@ -215,8 +215,7 @@ def attend_one(q: np.ndarray, k_buf: np.ndarray, v_buf: np.ndarray, count: int,
     denom = np.empty(Hkv * q_mult, np.float32)
     kernels.f32_softmax_rows(scores.reshape(-1, count), sinks, denom)  # the sink: one more column
     out = np.empty((Hkv, q_mult, dh), np.float32)
-    kernels.f32_decode_values(scores, v_buf, count, out)
-    out /= denom.reshape(Hkv, q_mult, 1)
+    kernels.f32_decode_values(scores, v_buf, count, denom, out)
     return out.reshape(1, -1)
 
 
@@ -258,14 +257,13 @@ def moe(c: Config, fl: FastLayer, t: np.ndarray) -> np.ndarray:
 
 
 def expert_matvec(c: Config, lw: LayerWeights, experts: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """experts [m], x [m, D] (or [1, D]: the same x for all) -> [m, D]: expert experts[j] applied
+    """experts [m], x [m, D] or [1, D] (the same x for all) -> [m, D]: expert experts[j] applied
     to row x[j]."""
     m = len(experts)
     experts = np.ascontiguousarray(experts, dtype=np.int64)
-    xl = np.broadcast_to(kernels.to_lane_order(x), (m, x.shape[1]))  # permuted once if shared
     h = np.empty((m, 2 * c.intermediate_size), np.float32)
     kernels.f32_mf4w_moe_matvec(lw.mlp1_blocks, lw.mlp1_scales, lw.mlp1_bias, experts,
-                                np.ascontiguousarray(xl), h)
+                                kernels.to_lane_order(x), h)  # x: one row, read by all m
     y = np.empty((m, c.hidden_size), np.float32)
     kernels.f32_mf4w_moe_matvec(lw.mlp2_blocks, lw.mlp2_scales, lw.mlp2_bias, experts,
                                 swiglu_lanes(c, h), y)

@@ -19,10 +19,8 @@ import numba
 import numpy as np
 
 from . import mxfp4
-from .simd import (HAVE_AVX2, MXFP4_LANE_ORDER, QK_DIM, QK_HEADS, as_float32,
-                   bf16_row_dots_1, bf16_row_dots_2, bf16_row_dots_3, bf16_row_dots_4,
-                   exp_shifted_sum, mxfp4_block_decode_avx2,
-                   mxfp4_row_dots_1, mxfp4_row_dots_2, mxfp4_row_dots_3, mxfp4_row_dots_4,
+from .simd import (HAVE_AVX2, MAX_GROUP, MXFP4_LANE_ORDER, QK_DIM, QK_HEADS, as_float32,
+                   bf16_row_dots, exp_shifted_sum, mxfp4_block_decode_avx2, mxfp4_row_dots,
                    q8_row_dot, qk8_scores, weighted_rows64)
 
 CACHE = os.environ.get("TINYOSS_NUMBA_CACHE", "1") != "0"
@@ -55,7 +53,7 @@ _LANE_ORDER = np.array(MXFP4_LANE_ORDER, np.int64)
 
 @jit(fastmath=True)
 def mxfp4_row_dot_plain(blocks, b_off, scales, s_off, scale_table, xl, x_off, nb):
-    """One row against one vector, as simd.mxfp4_row_dots_1 (returning the sum): for CPUs
+    """One row against one vector, as simd.mxfp4_row_dots with g = 1 (returning the sum): for CPUs
     without AVX2."""
     total = np.float32(0.0)
     for b in range(nb):
@@ -126,7 +124,8 @@ def f32_mf4w_moe_matvec(blocks, scales, bias, experts, xl, out):
     """out[k, r] = sum_c W_e[r, c] x_k[c] + bias[e, r] for e = experts[k]; W_e in MXFP4.
 
     blocks [E, R, nb, 16] u8, scales [E, R, nb] u8, bias [E, R] bf16, experts [K] int,
-    xl [K, nb*32] f32 (x in lane order: `to_lane_order(x)`), out [K, R] f32.
+    xl [K, nb*32] or [1, nb*32] (one x for all K) f32 in lane order (`to_lane_order(x)`),
+    out [K, R] f32.
     Reads only the K experts' rows, decoding on the fly: no expert is ever materialized in float.
     Twin: model.moe_block's `x @ mxfp4.decode(...).T + bias` (sums reordered: rtol 1e-5).
     """
@@ -135,6 +134,7 @@ def f32_mf4w_moe_matvec(blocks, scales, bias, experts, xl, out):
     flat_b = blocks.reshape(-1)
     flat_s = scales.reshape(-1)
     flat_x, flat_out = xl.reshape(-1), out.reshape(-1)
+    x_step = nb * 32 if xl.shape[0] > 1 else 0  # from one expert's x to the next's
     tasks_per_expert = (R + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in numba.prange(K * tasks_per_expert):
         k = task // tasks_per_expert
@@ -144,12 +144,12 @@ def f32_mf4w_moe_matvec(blocks, scales, bias, experts, xl, out):
             row = e * R + r
             b = as_float32(np.uint32(bias[e, r]) << np.uint32(16))
             if HAVE_AVX2:
-                mxfp4_row_dots_1(flat_b, row * nb * 16, flat_s, row * nb, _E8M0, flat_x,
-                                 k * nb * 32, nb * 32, nb, flat_out, k * R + r, 1)
+                mxfp4_row_dots(1, flat_b, row * nb * 16, flat_s, row * nb, _E8M0, flat_x,
+                               k * x_step, 0, nb, flat_out, k * R + r, 1)
                 flat_out[k * R + r] += b  # through the view the intrinsic wrote (see NOALIAS)
             else:
                 flat_out[k * R + r] = mxfp4_row_dot_plain(flat_b, row * nb * 16, flat_s, row * nb,
-                                                          _E8M0, flat_x, k * nb * 32, nb) + b
+                                                          _E8M0, flat_x, k * x_step, nb) + b
 
 
 @jit(parallel=True, fastmath=True)
@@ -168,18 +168,10 @@ def f32_mf4w_matmul(blocks, scales, bias, xl, out):
     for task in numba.prange(n_tasks):
         for r in range(task * ROWS_PER_TASK, min((task + 1) * ROWS_PER_TASK, R)):
             if HAVE_AVX2:  # tokens four at a time: each block decoded once per four
-                for j0 in range(0, m, 4):
-                    args = (flat_b, r * nb * 16, flat_s, r * nb, _E8M0, flat_x, j0 * nb * 32,
-                            nb * 32, nb, flat_out, j0 * R + r, R)
-                    g = min(4, m - j0)
-                    if g == 4:
-                        mxfp4_row_dots_4(*args)
-                    elif g == 3:
-                        mxfp4_row_dots_3(*args)
-                    elif g == 2:
-                        mxfp4_row_dots_2(*args)
-                    else:
-                        mxfp4_row_dots_1(*args)
+                for j0 in range(0, m, MAX_GROUP):
+                    mxfp4_row_dots(min(MAX_GROUP, m - j0), flat_b, r * nb * 16, flat_s, r * nb,
+                                   _E8M0, flat_x, j0 * nb * 32, nb * 32, nb, flat_out,
+                                   j0 * R + r, R)
             else:
                 for j in range(m):
                     flat_out[j * R + r] = mxfp4_row_dot_plain(flat_b, r * nb * 16, flat_s,
@@ -250,31 +242,23 @@ def f32_rope(x, cos, sin, out):
 @jit(fastmath=True)
 def _bf16_rows(w, xs, bias, out, r0, r1):
     """Rows r0..r1 of out[j, r] = sum_c bf16(w[r, c]) xs[j, c] (+ bf16(bias[r])) for every
-    token j: 32 columns a step in vector IR (simd.bf16_row_dots_*, each row widened once per
+    token j: 32 columns a step in vector IR (simd.bf16_row_dots, each row widened once per
     four tokens), the last C % 32 one by one."""
     R, C = w.shape
     m = xs.shape[0]
     flat, flat_x, flat_out = w.reshape(-1), xs.reshape(-1), out.reshape(-1)
     main = C - C % 32
     for r in range(r0, r1):
-        for j0 in range(0, m, 4):
-            args = (flat, r * C, flat_x, j0 * C, C, main, flat_out, j0 * R + r, R)
-            g = min(4, m - j0)
-            if g == 4:
-                bf16_row_dots_4(*args)
-            elif g == 3:
-                bf16_row_dots_3(*args)
-            elif g == 2:
-                bf16_row_dots_2(*args)
-            else:
-                bf16_row_dots_1(*args)
+        for j0 in range(0, m, MAX_GROUP):
+            bf16_row_dots(min(MAX_GROUP, m - j0), flat, r * C, flat_x, j0 * C, C, main, flat_out,
+                          j0 * R + r, R)
         for j in range(m):
-            acc = out[j, r]
+            acc = flat_out[j * R + r]  # through the view the intrinsic wrote (see NOALIAS)
             for c in range(main, C):
-                acc += as_float32(np.uint32(flat[r * C + c]) << np.uint32(16)) * xs[j, c]
+                acc += as_float32(np.uint32(flat[r * C + c]) << np.uint32(16)) * flat_x[j * C + c]
             if bias.shape[0] > 0:
                 acc += as_float32(np.uint32(bias[r]) << np.uint32(16))
-            out[j, r] = acc
+            flat_out[j * R + r] = acc
 
 
 @jit(parallel=True, fastmath=True)
@@ -481,11 +465,13 @@ def f32_decode_scores(q, k_buf, count, out):
 
 
 @jit(parallel=True, fastmath=True)
-def f32_decode_values(w, v_buf, count, out):
-    """out[h, m] = sum_t w[h, m, t] v_buf[h, t] over the first `count` slots.
+def f32_decode_values(w, v_buf, count, denom, out):
+    """out[h, m] = sum_t w[h, m, t] v_buf[h, t] / denom[h * q_mult + m], over the first `count`
+    slots: attention's output from its unnormalized softmax weights and their sums.
 
-    w [Hkv, q_mult, count] (softmax weights), v_buf [Hkv, S, dh], out [Hkv, q_mult, dh].
-    dh = 64 runs simd.weighted_rows64; others plain loops. Twin: weights @ values (rtol 1e-5).
+    w [Hkv, q_mult, count], v_buf [Hkv, S, dh], denom [Hkv * q_mult], out [Hkv, q_mult, dh].
+    dh = 64 runs simd.weighted_rows64; others plain loops. Twin: weights @ values / denom
+    (rtol 1e-5).
     """
     Hkv, S, dh = v_buf.shape
     qm = w.shape[1]
@@ -505,6 +491,9 @@ def f32_decode_values(w, v_buf, count, out):
                     k = max(0, min(ahead, count - first))
                     weighted_rows64(flat_w, hm * count + t0, 1, flat_v, (h * S + t0) * dh, n,
                                     flat_out, hm * dh, (h * S + first) * dh, k)
+            for hm in range(h * qm, (h + 1) * qm):
+                for d in range(dh):
+                    flat_out[hm * dh + d] /= denom[hm]
         return
     for task in numba.prange(Hkv * qm):
         h, m = task // qm, task % qm
@@ -512,7 +501,7 @@ def f32_decode_values(w, v_buf, count, out):
             acc = np.float32(0.0)
             for t in range(count):
                 acc += w[h, m, t] * v_buf[h, t, d]
-            out[h, m, d] = acc
+            out[h, m, d] = acc / denom[task]
 
 
 @jit(parallel=True)  # not fastmath: the exp's range reduction must keep its order

@@ -4,7 +4,7 @@ row dot products of the matvec kernels, decode attention's inner loops and a vec
 LLVM does not turn a 16-entry table lookup into a SIMD shuffle by itself, and that lookup is the
 whole cost of an MXFP4 matvec. Here we write it out for x86 with AVX2 `pshufb`, once
 (`_e2m1_decode_bf16`), for the matvec of one token, the fused matmul of a few
-(`mxfp4_row_dots_1..4`) and the block decoder of prefill's tiles. On CPUs without AVX2
+(`mxfp4_row_dots`) and the block decoder of prefill's tiles. On CPUs without AVX2
 (`HAVE_AVX2` False) kernels.py uses its plain-numba twins. The rest is portable vector IR:
 numba's loops would not keep these sums in registers, or would reassociate them into one long
 chain.
@@ -73,6 +73,12 @@ def _store_sums(builder, accs, width: int, optr, stride):
                       builder.gep(optr, [builder.mul(_const(j), stride)]))
 
 
+def _add_product(builder, slot, a, b) -> None:
+    """*slot += a * b (vectors; the safe fast flags: may fuse into an FMA)."""
+    builder.store(builder.fadd(builder.load(slot), builder.fmul(a, b, flags=_FAST), flags=_FAST),
+                  slot)
+
+
 def _sum_lanes(builder, vec, width: int):
     """Tree reduction of a <width x float> to its float32 sum."""
     while width > 1:
@@ -125,25 +131,48 @@ def _e2m1_decode_bf16(builder, bptr):
     return values
 
 
-def _mxfp4_row_dots(group: int):
-    """The intrinsic for one MXFP4 weight row against `group` vectors (see below)."""
+MAX_GROUP = 4  # vectors a row-dot intrinsic takes at once (their sums stay in registers)
 
-    @intrinsic
-    def row_dots(typingctx, blocks, b_off, scales, s_off, scale_table, xl, x_off, x_len, nb, out,
-                 o_off, o_stride):
-        sig = types.void(blocks, types.intp, scales, types.intp, scale_table, xl, types.intp,
-                         types.intp, types.intp, out, types.intp, types.intp)
 
-        def codegen(context, builder, signature, args):
-            blocks_a, b_off, scales_a, s_off, table_a, xl_a, x_off, x_len, nb, out_a, o_off, \
-                o_stride = args
-            a = signature.args
-            v8f = ir.VectorType(_f32, 8)
-            bptr = builder.gep(_data(context, builder, a[0], blocks_a), [b_off])
-            sptr = builder.gep(_data(context, builder, a[2], scales_a), [s_off])
-            tptr = _data(context, builder, a[4], table_a)
-            xptr = builder.gep(_data(context, builder, a[5], xl_a), [x_off])
-            optr = builder.gep(_data(context, builder, a[9], out_a), [o_off])
+def _for_group(builder, g, emit) -> None:
+    """emit(group) for the run-time g in 1..MAX_GROUP: a switch over MAX_GROUP copies of the
+    loop, each with its `group` sums in registers (a constant g, as decode's 1, folds to one)."""
+    end = builder.append_basic_block("group.end")
+    switch = builder.switch(g, end)
+    for group in range(1, MAX_GROUP + 1):
+        block = builder.append_basic_block(f"group.{group}")
+        switch.add_case(ir.Constant(g.type, group), block)
+        builder.position_at_end(block)
+        emit(group)
+        builder.branch(end)
+    builder.position_at_end(end)
+
+
+@intrinsic
+def mxfp4_row_dots(typingctx, g, blocks, b_off, scales, s_off, scale_table, xl, x_off, x_len, nb,
+                   out, o_off, o_stride):
+    """One MXFP4 weight row against g <= MAX_GROUP vectors: out[o_off + j * o_stride] =
+    sum_c w[c] x_j[c] for j < g (float32). blocks/scales: flat uint8, the row's nb blocks start
+    at blocks[b_off], scales[s_off]; scale_table: float32, byte s -> 2**(s-127);
+    x_j = xl[x_off + j * x_len :], each block of 32 in MXFP4_LANE_ORDER (`kernels.to_lane_order`).
+    Each block is decoded once for the g vectors; its products are summed, then scaled (exact: a
+    power of two); the g sums stay in registers. g = 1 is decode's matvec, 1..4 prefill's
+    few-token matmul."""
+    sig = types.void(types.intp, blocks, types.intp, scales, types.intp, scale_table, xl,
+                     types.intp, types.intp, types.intp, out, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        g, blocks_a, b_off, scales_a, s_off, table_a, xl_a, x_off, x_len, nb, out_a, o_off, \
+            o_stride = args
+        a = signature.args
+        v8f = ir.VectorType(_f32, 8)
+        bptr = builder.gep(_data(context, builder, a[1], blocks_a), [b_off])
+        sptr = builder.gep(_data(context, builder, a[3], scales_a), [s_off])
+        tptr = _data(context, builder, a[5], table_a)
+        xptr = builder.gep(_data(context, builder, a[6], xl_a), [x_off])
+        optr = builder.gep(_data(context, builder, a[10], out_a), [o_off])
+
+        def row(group):
             accs = [cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8))
                     for _ in range(group)]
             with cgutils.for_range(builder, nb) as loop:
@@ -160,25 +189,13 @@ def _mxfp4_row_dots(group: int):
                                                           v8f.as_pointer()), align=4)
                         prod = builder.fmul(w[i], xv, flags=_FAST)
                         part = prod if part is None else builder.fadd(part, prod, flags=_FAST)
-                    builder.store(builder.fadd(builder.load(accs[j]), builder.fmul(
-                        part, scale, flags=_FAST), flags=_FAST), accs[j])
+                    _add_product(builder, accs[j], part, scale)
             _store_sums(builder, accs, 8, optr, o_stride)
-            return context.get_dummy_value()
 
-        return sig, codegen
+        _for_group(builder, g, row)
+        return context.get_dummy_value()
 
-    return row_dots
-
-
-# mxfp4_row_dots_g(blocks, b_off, scales, s_off, scale_table, xl, x_off, x_len, nb, out, o_off,
-# o_stride): one MXFP4 weight row against g vectors, out[o_off + j * o_stride] = sum_c w[c] x_j[c]
-# for j < g (float32). blocks/scales: flat uint8, the row's nb blocks start at blocks[b_off],
-# scales[s_off]; scale_table: float32, byte s -> 2**(s-127); x_j = xl[x_off + j * x_len :], each
-# block of 32 in MXFP4_LANE_ORDER (`kernels.to_lane_order`). Each block is decoded once for the g
-# vectors; its products are summed, then scaled (exact: a power of two); the g sums stay in
-# registers. g = 1 is decode's matvec, g = 1..4 prefill's few-token matmul.
-mxfp4_row_dots_1, mxfp4_row_dots_2, mxfp4_row_dots_3, mxfp4_row_dots_4 = (
-    _mxfp4_row_dots(g) for g in (1, 2, 3, 4))
+    return sig, codegen
 
 
 @intrinsic
@@ -230,29 +247,30 @@ def q8_row_dot(typingctx, q, q_off, scales, s_off, x, nb):
             xv = builder.load(builder.bitcast(builder.gep(xptr, [off]), v32f.as_pointer()), align=4)
             splat = _splat(builder, builder.load(builder.gep(sptr, [loop.index])), 32)
             prod = builder.fmul(builder.sitofp(builder.sext(qv, v32i32), v32f), xv, flags=_FAST)
-            acc = builder.load(acc_slot)
-            builder.store(builder.fadd(acc, builder.fmul(prod, splat, flags=_FAST), flags=_FAST),
-                          acc_slot)
+            _add_product(builder, acc_slot, prod, splat)
         return _sum_lanes(builder, builder.load(acc_slot), 32)
 
     return sig, codegen
 
 
-def _bf16_row_dots(group: int):
-    """The intrinsic for one bf16 row against `group` vectors (see below)."""
+@intrinsic
+def bf16_row_dots(typingctx, g, w, w_off, x, x_off, x_len, n, out, o_off, o_stride):
+    """One bf16 row against g <= MAX_GROUP float32 vectors: out[o_off + j * o_stride] =
+    sum_{c < n} w[w_off + c] * x[x_off + j * x_len + c] for j < g, 32 values a step (n a multiple
+    of 32: the tail is the caller's). Each uint16 widens to float32 by a shift into the high half,
+    once for the g vectors. Plain LLVM vector IR."""
+    sig = types.void(types.intp, w, types.intp, x, types.intp, types.intp, types.intp, out,
+                     types.intp, types.intp)
 
-    @intrinsic
-    def row_dots(typingctx, w, w_off, x, x_off, x_len, n, out, o_off, o_stride):
-        sig = types.void(w, types.intp, x, types.intp, types.intp, types.intp, out, types.intp,
-                         types.intp)
+    def codegen(context, builder, signature, args):
+        g, w_a, w_off, x_a, x_off, x_len, n, out_a, o_off, o_stride = args
+        a = signature.args
+        v32i16, v32i32, v32f = (ir.VectorType(t, 32) for t in (ir.IntType(16), _i32, _f32))
+        wptr = builder.gep(_data(context, builder, a[1], w_a), [w_off])
+        xptr = builder.gep(_data(context, builder, a[3], x_a), [x_off])
+        optr = builder.gep(_data(context, builder, a[7], out_a), [o_off])
 
-        def codegen(context, builder, signature, args):
-            w_a, w_off, x_a, x_off, x_len, n, out_a, o_off, o_stride = args
-            a = signature.args
-            v32i16, v32i32, v32f = (ir.VectorType(t, 32) for t in (ir.IntType(16), _i32, _f32))
-            wptr = builder.gep(_data(context, builder, a[0], w_a), [w_off])
-            xptr = builder.gep(_data(context, builder, a[2], x_a), [x_off])
-            optr = builder.gep(_data(context, builder, a[6], out_a), [o_off])
+        def row(group):
             accs = [cgutils.alloca_once_value(builder, ir.Constant(v32f, [0.0] * 32))
                     for _ in range(group)]
             with cgutils.for_range(builder, builder.udiv(n, _const(32))) as loop:
@@ -264,22 +282,13 @@ def _bf16_row_dots(group: int):
                 for j in range(group):
                     xj = builder.gep(xptr, [builder.add(builder.mul(_const(j), x_len), off)])
                     xv = builder.load(builder.bitcast(xj, v32f.as_pointer()), align=4)
-                    builder.store(builder.fadd(builder.load(accs[j]), builder.fmul(
-                        wf, xv, flags=_FAST), flags=_FAST), accs[j])
+                    _add_product(builder, accs[j], wf, xv)
             _store_sums(builder, accs, 32, optr, o_stride)
-            return context.get_dummy_value()
 
-        return sig, codegen
+        _for_group(builder, g, row)
+        return context.get_dummy_value()
 
-    return row_dots
-
-
-# bf16_row_dots_g(w, w_off, x, x_off, x_len, n, out, o_off, o_stride): one bf16 row against g
-# float32 vectors, out[o_off + j * o_stride] = sum_{c < n} w[w_off + c] * x[x_off + j * x_len + c]
-# for j < g, 32 values a step (n a multiple of 32: the tail is the caller's). Each uint16 widens
-# to float32 by a shift into the high half, once for the g vectors. Plain LLVM vector IR.
-bf16_row_dots_1, bf16_row_dots_2, bf16_row_dots_3, bf16_row_dots_4 = (
-    _bf16_row_dots(g) for g in (1, 2, 3, 4))
+    return sig, codegen
 
 
 # --- decode attention: one KV head's 8 query heads (gpt-oss: 64 query heads on 8 KV heads) ------
@@ -391,9 +400,7 @@ def weighted_rows64(typingctx, w, w_off, w_stride, rows, r_off, count, out, o_of
             wt = builder.load(builder.gep(wptr, [builder.mul(loop.index, w_stride)]))
             row = builder.load(builder.bitcast(builder.gep(
                 rptr, [builder.mul(loop.index, _const(QK_DIM))]), v64f.as_pointer()), align=4)
-            acc = builder.load(acc_slot)
-            builder.store(builder.fadd(acc, builder.fmul(_splat(builder, wt, QK_DIM), row,
-                                                         flags=_FAST), flags=_FAST), acc_slot)
+            _add_product(builder, acc_slot, _splat(builder, wt, QK_DIM), row)
         builder.store(builder.load(acc_slot), optr, align=4)
         return context.get_dummy_value()
 
