@@ -68,7 +68,8 @@ def test_plain_row_dot_equals_decode_then_dot(case):
     want, scale = row @ x[0], np.abs(row) @ np.abs(x[0])
     flat_b, flat_s = blocks.reshape(-1), scales.reshape(-1)
     off = e * blocks.shape[1]
-    args = (flat_b, off * nb * 16, flat_s, off * nb, kernels._E8M0, xl.reshape(-1), 0, nb)
+    args = (flat_b, off * nb * 16, flat_s, off * nb, kernels._E8M0, xl.reshape(-1), 0,
+            kernels.row_order(nb))
     _close(np.float32(kernels.mxfp4_row_dot_plain(*args)), np.float32(want), scale)
 
 
@@ -302,7 +303,8 @@ def test_swiglu_lanes_equals_numpy(seed, m, blocks, spread, limit):
     h = (rng.standard_normal((m, 64 * blocks)) * spread).astype(np.float32)
     h.reshape(-1)[rng.integers(0, h.size, 2)] = np.nan
     out = np.empty((m, 32 * blocks), np.float32)
-    kernels.f32_swiglu_lanes(h, np.float32(limit), np.float32(SWIGLU_ALPHA), out)
+    kernels.f32_swiglu_lanes(h, np.float32(limit), np.float32(SWIGLU_ALPHA),
+                             kernels.row_order(blocks), out)
     with np.errstate(over="ignore"):  # exp of a large negative gate: inf, the output -0
         want = kernels.to_lane_order(swiglu(h, limit))
     np.testing.assert_allclose(out, want, rtol=2e-6, atol=1e-37)  # NaN where numpy has NaN
@@ -367,20 +369,34 @@ def test_mxfp4_matmul_equals_decode_then_matmul(seed, R, nb, m):
     _close(out, x @ w.T + bf16_to_f32(bias), np.abs(x) @ np.abs(w).T + np.abs(bf16_to_f32(bias)))
 
 
-def test_portable_paths_equal_their_twins():
-    """The kernels' branches for CPUs without AVX2 (ARM laptops, old x86), which never run
-    on our AVX2 machines otherwise: the MXFP4 tests again, in a process that takes them (without
-    the disk cache, which can't tell the two builds apart)."""
+@pytest.mark.parametrize("nb", range(1, 8))
+def test_lane_order_is_a_permutation(nb):
+    """The matvec reads each element of a row exactly once (in pairs of blocks with AVX-512)."""
+    order = kernels.lane_order(nb)
+    assert sorted(order.tolist()) == list(range(32 * nb))
+    assert np.array_equal(kernels.to_lane_order(np.arange(32 * nb, dtype=np.float32)[None])[0],
+                          order.astype(np.float32))
+
+
+@pytest.mark.parametrize("path, check", [
+    ("avx2", "assert not simd.HAVE_AVX512"),
+    ("portable", "assert not simd.HAVE_AVX2"),
+])
+def test_smaller_cpu_paths_equal_their_twins(path, check):
+    """The kernels' branches for smaller CPUs than this one, which never run here otherwise:
+    AVX2 without AVX-512 (Zen 3, most laptops: MXFP4 blocks one at a time) and neither (ARM
+    laptops, old x86: plain numba). The MXFP4 and attention tests again, in a process that builds
+    that path (TINYOSS_KERNELS; it compiles afresh: the disk cache can't tell the builds apart)."""
     import os
     import subprocess
     import sys
 
-    env = dict(os.environ, TINYOSS_PORTABLE_KERNELS="1", TINYOSS_NUMBA_CACHE="0")
+    env = dict(os.environ, TINYOSS_KERNELS=path)
     here = os.path.dirname(__file__)
-    code = ("import sys, pytest; from tinyoss import simd; "
-            "assert not simd.HAVE_AVX2; "
+    code = (f"import sys, pytest; from tinyoss import simd; {check}; "
             "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-k', "
-            "'moe_matvec or mxfp4_matmul or kernel_equals_numpy or decode_attention', "
+            "'moe_matvec or mxfp4_matmul or kernel_equals_numpy or decode_attention or "
+            "swiglu_lanes or plain_row_dot', "
             f"{os.path.join(here, 'test_kernels.py')!r}, {os.path.join(here, 'test_mxfp4.py')!r}]))")
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=600)

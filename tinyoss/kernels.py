@@ -19,11 +19,12 @@ import numba
 import numpy as np
 
 from . import mxfp4
-from .simd import (HAVE_AVX2, MAX_GROUP, MXFP4_LANE_ORDER, QK_DIM, QK_HEADS, as_float32,
-                   bf16_row_dots, exp_shifted_sum, mxfp4_block_decode_avx2, mxfp4_row_dots,
+from .simd import (HAVE_AVX2, HAVE_AVX512, KERNELS, MXFP4_LANE_ORDER, MXFP4_PAIR_ORDER, MAX_GROUP, QK_DIM, QK_HEADS, as_float32, bf16_row_dots,
+                   exp_shifted_sum, mxfp4_block_decode_avx2, mxfp4_row_dots,
                    q8_row_dot, qk8_scores, weighted_rows64)
 
-CACHE = os.environ.get("TINYOSS_NUMBA_CACHE", "1") != "0"
+# a forced kernel path (simd.KERNELS) compiles afresh: the disk cache can't tell the builds apart
+CACHE = os.environ.get("TINYOSS_NUMBA_CACHE", "1") != "0" and KERNELS == "auto"
 
 FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
 ROWS_PER_TASK = 16  # rows a parallel task handles: enough work to amortize the scheduling
@@ -48,30 +49,52 @@ _E8M0 = mxfp4.scale_to_f32(np.arange(256, dtype=np.uint8))  # scale byte -> 2**(
 # MXFP4
 
 
-_LANE_ORDER = np.array(MXFP4_LANE_ORDER, np.int64)
-
-
 @jit(fastmath=True)
-def mxfp4_row_dot_plain(blocks, b_off, scales, s_off, scale_table, xl, x_off, nb):
-    """One row against one vector, as simd.mxfp4_row_dots with g = 1 (returning the sum): for CPUs
-    without AVX2."""
+def mxfp4_row_dot_plain(blocks, b_off, scales, s_off, scale_table, xl, x_off, order):
+    """One row against one vector, as simd.mxfp4_row_dots with g = 1 (returning the sum), for
+    CPUs without AVX2: x = xl[x_off:] holds element order[c] of the row in lane c
+    (order = simd.lane_order(nb))."""
     total = np.float32(0.0)
-    for b in range(nb):
-        part = np.float32(0.0)
-        for i in range(32):
-            element = _LANE_ORDER[i]
-            byte = np.int64(blocks[b_off + b * 16 + element // 2])
-            nibble = (byte >> 4) if element % 2 else (byte & 15)
-            part += _FP4[nibble] * xl[x_off + b * 32 + i]
-        total += part * scale_table[scales[s_off + b]]
+    for c in range(order.shape[0]):
+        element = order[c]
+        byte = np.int64(blocks[b_off + element // 2])
+        nibble = (byte >> 4) if element % 2 else (byte & 15)
+        total += _FP4[nibble] * scale_table[scales[s_off + element // 32]] * xl[x_off + c]
     return total
 
 
+_ONE = np.array(MXFP4_LANE_ORDER, np.int64)
+_PAIR = np.array(MXFP4_PAIR_ORDER, np.int64)
+
+
+@jit()
+def lane_order(nb):
+    """The order in which simd.mxfp4_row_dots reads a row of nb blocks: the row's element
+    (0 .. 32 nb - 1) in each lane, int64 [32 nb]. Blocks go in pairs (MXFP4_PAIR_ORDER) where the
+    CPU has AVX-512, the last of an odd count alone, else one by one (MXFP4_LANE_ORDER)."""
+    order = np.empty(32 * nb, np.int64)
+    paired = 64 * (nb // 2) if HAVE_AVX512 else 0
+    for c in range(paired):
+        order[c] = 64 * (c // 64) + _PAIR[c % 64]
+    for c in range(paired, 32 * nb):
+        order[c] = 32 * (c // 32) + _ONE[c % 32]
+    return order
+
+
+_ORDERS: dict[int, np.ndarray] = {}
+
+
+def row_order(nb: int) -> np.ndarray:
+    """`lane_order(nb)`, made once per block count."""
+    if nb not in _ORDERS:
+        _ORDERS[nb] = lane_order(nb)
+    return _ORDERS[nb]
+
+
 def to_lane_order(x: np.ndarray) -> np.ndarray:
-    """x [k, n_blocks*32] -> the same values with each block of 32 in MXFP4_LANE_ORDER, the order
-    in which the matvec kernel decodes a block's elements (contiguous, float32)."""
-    k = x.shape[0]
-    return np.ascontiguousarray(x.reshape(k, -1, 32)[:, :, _LANE_ORDER], np.float32).reshape(k, -1)
+    """x [k, n_blocks*32] -> the same values in `row_order(n_blocks)`, the order in which the
+    matvec kernels read a row's elements (contiguous, float32)."""
+    return np.ascontiguousarray(x[:, row_order(x.shape[1] // 32)], np.float32)
 
 
 @jit()
@@ -135,6 +158,7 @@ def f32_mf4w_moe_matvec(blocks, scales, bias, experts, xl, out):
     flat_s = scales.reshape(-1)
     flat_x, flat_out = xl.reshape(-1), out.reshape(-1)
     x_step = nb * 32 if xl.shape[0] > 1 else 0  # from one expert's x to the next's
+    order = lane_order(0 if HAVE_AVX2 else nb)  # the plain path's
     tasks_per_expert = (R + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in numba.prange(K * tasks_per_expert):
         k = task // tasks_per_expert
@@ -149,7 +173,7 @@ def f32_mf4w_moe_matvec(blocks, scales, bias, experts, xl, out):
                 flat_out[k * R + r] += b  # through the view the intrinsic wrote (see NOALIAS)
             else:
                 flat_out[k * R + r] = mxfp4_row_dot_plain(flat_b, row * nb * 16, flat_s, row * nb,
-                                                          _E8M0, flat_x, k * x_step, nb) + b
+                                                          _E8M0, flat_x, k * x_step, order) + b
 
 
 @jit(parallel=True, fastmath=True)
@@ -165,6 +189,7 @@ def f32_mf4w_matmul(blocks, scales, bias, xl, out):
     flat_b, flat_s, flat_x, flat_out = blocks.reshape(-1), scales.reshape(-1), xl.reshape(-1), \
         out.reshape(-1)
     n_tasks = (R + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    order = lane_order(0 if HAVE_AVX2 else nb)  # the plain path's
     for task in numba.prange(n_tasks):
         for r in range(task * ROWS_PER_TASK, min((task + 1) * ROWS_PER_TASK, R)):
             if HAVE_AVX2:  # tokens four at a time: each block decoded once per four
@@ -175,32 +200,32 @@ def f32_mf4w_matmul(blocks, scales, bias, xl, out):
             else:
                 for j in range(m):
                     flat_out[j * R + r] = mxfp4_row_dot_plain(flat_b, r * nb * 16, flat_s,
-                                                              r * nb, _E8M0, flat_x, j * nb * 32, nb)
+                                                              r * nb, _E8M0, flat_x, j * nb * 32,
+                                                              order)
             b = as_float32(np.uint32(bias[r]) << np.uint32(16))
             for j in range(m):
                 flat_out[j * R + r] += b  # through the view the intrinsic wrote (see NOALIAS)
 
 
 @jit()
-def f32_swiglu_lanes(h, limit, alpha, out):
+def f32_swiglu_lanes(h, limit, alpha, order, out):
     """out = to_lane_order(model.swiglu(h)): gpt-oss's clamped SwiGLU written straight in the
-    order the next MXFP4 matvec reads (per 32 outputs, MXFP4_LANE_ORDER). h [m, 2I] (gate =
-    even columns, up = odd), out [m, I], I a multiple of 32 (the matvec's blocks). NaN stays
-    NaN through the clamps, as in numpy. Twin: to_lane_order(model.swiglu(h)) (rtol 1e-6: libm's
+    order the next MXFP4 matvec reads (order = lane_order(I // 32)). h [m, 2I] (gate = even
+    columns, up = odd), out [m, I], I a multiple of 32 (the matvec's blocks). NaN stays NaN
+    through the clamps, as in numpy. Twin: to_lane_order(model.swiglu(h)) (rtol 2e-6: libm's
     expf against numpy's)."""
     m, I = out.shape
     for j in range(m):
-        for b in range(I // 32):
-            for i in range(32):
-                c = b * 32 + _LANE_ORDER[i]
-                g, u = h[j, 2 * c], h[j, 2 * c + 1]
-                if g > limit:  # gate clamped above only
-                    g = limit
-                if u > limit:  # up clamped both ways
-                    u = limit
-                elif u < -limit:
-                    u = -limit
-                out[j, b * 32 + i] = g / (np.float32(1.0) + np.exp(-alpha * g)) * (u + np.float32(1.0))
+        for i in range(I):
+            c = order[i]
+            g, u = h[j, 2 * c], h[j, 2 * c + 1]
+            if g > limit:  # gate clamped above only
+                g = limit
+            if u > limit:  # up clamped both ways
+                u = limit
+            elif u < -limit:
+                u = -limit
+            out[j, i] = g / (np.float32(1.0) + np.exp(-alpha * g)) * (u + np.float32(1.0))
 
 
 # ---------------------------------------------------------------------------------------------

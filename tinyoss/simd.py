@@ -2,14 +2,15 @@
 row dot products of the matvec kernels, decode attention's inner loops and a vector exp.
 
 LLVM does not turn a 16-entry table lookup into a SIMD shuffle by itself, and that lookup is the
-whole cost of an MXFP4 matvec. Here we write it out for x86 with AVX2 `pshufb`, once
-(`_e2m1_decode_bf16`), for the matvec of one token, the fused matmul of a few
-(`mxfp4_row_dots`) and the block decoder of prefill's tiles. On CPUs without AVX2
+whole cost of an MXFP4 matvec. Here we write it out for x86 `pshufb`, once (`_e2m1_decode`): a
+block at a time with AVX2, two with AVX-512; for the matvec of one token, the fused matmul of a
+few (`mxfp4_row_dots`) and the block decoder of prefill's tiles. On CPUs without AVX2
 (`HAVE_AVX2` False) kernels.py uses its plain-numba twins. The rest is portable vector IR:
 numba's loops would not keep these sums in registers, or would reassociate them into one long
 chain.
 
-Every kernel built on these is tested against its numpy twin in tests/test_kernels.py.
+Every kernel built on these is tested against its numpy twin in tests/test_kernels.py, on each
+path this CPU can build (TINYOSS_KERNELS below).
 """
 
 from __future__ import annotations
@@ -24,11 +25,21 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 _FEATURES = llvm.get_host_cpu_features().flatten().split(",")
-# TINYOSS_PORTABLE_KERNELS=1: the plain paths of CPUs without these instructions (ARM, old x86),
-# for testing them here; run it with TINYOSS_NUMBA_CACHE=0 (the disk cache can't tell the two)
-_KNOWN_CPU = llvm.get_host_cpu_name() not in ("generic",) and \
-    os.environ.get("TINYOSS_PORTABLE_KERNELS", "0") != "1"
+# TINYOSS_KERNELS=avx2 | portable: build the paths of a smaller CPU than this one (AVX2 without
+# AVX-512, as Zen 3; or neither, as ARM laptops), to test them here. The disk cache can't tell
+# the builds apart, so a forced path compiles afresh (kernels.CACHE). TINYOSS_PORTABLE_KERNELS=1
+# is the older spelling of `portable`.
+KERNELS = os.environ.get("TINYOSS_KERNELS", "auto")
+if os.environ.get("TINYOSS_PORTABLE_KERNELS", "0") == "1":
+    KERNELS = "portable"
+if KERNELS not in ("auto", "avx2", "portable"):
+    raise ImportError(f"TINYOSS_KERNELS={KERNELS!r}: expected auto, avx2 or portable")
+_KNOWN_CPU = llvm.get_host_cpu_name() not in ("generic",) and KERNELS != "portable"
 HAVE_AVX2 = "+avx2" in _FEATURES and _KNOWN_CPU
+# AVX-512 (BW for the byte shuffles): the MXFP4 row dots take two blocks a step in 512-bit
+# vectors (Zen 4/5, Intel since Skylake-SP / Ice Lake)
+HAVE_AVX512 = HAVE_AVX2 and KERNELS == "auto" and all(
+    f in _FEATURES for f in ("+avx512f", "+avx512bw"))
 
 _i8, _i32, _i64, _f32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
 _V16i8 = ir.VectorType(_i8, 16)
@@ -96,41 +107,73 @@ def _sum_lanes(builder, vec, width: int):
 # 32-bit lane. So two pshufb tables (the bf16's high byte, its low byte), one byte interleave and
 # a shift or a mask turn 32 nibbles into 32 float32s with no int->float conversion and no
 # lane-crossing shuffle: ~15 vector instructions per 32 weights (the int8 table + sign-extend +
-# convert way took ~25 and saturated the shuffle ports). The price is the order the values come
-# out in, MXFP4_LANE_ORDER; x is put in that order once per matvec (it is shared by all rows).
+# convert way took ~25 and saturated the shuffle ports). With AVX-512 the same instructions take
+# two blocks at once (`_e2m1_decode_pair`). The price is the order the values come out in
+# (`lane_order`); x is put in that order once per matvec (it is shared by all rows).
 
 _E2M1_BF16 = [int(b) for b in (np.asarray([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
                                .view(np.uint32) >> 16)]
 _E2M1_BF16 += [b | 0x8000 for b in _E2M1_BF16]  # nibble bit 3 is the sign
-# Element of a block in each of the 32 float lanes: lane half 0/1 of the 256-bit vector holds the
-# low/high nibbles (elements 2j / 2j+1 of byte j), the interleave pairs bytes j = half, half+1..,
-# and the shift (even word) / mask (odd word) take every other pair.
-MXFP4_LANE_ORDER = tuple(2 * (half + 2 * d + odd) + nibble for half in (0, 8) for odd in (0, 1)
-                         for nibble in (0, 1) for d in range(4))
 
 
-def _e2m1_decode_bf16(builder, bptr):
-    """The 16 bytes at bptr -> four <8 x float> E2M1 values (unscaled), in MXFP4_LANE_ORDER."""
-    v32i8, v8i32, v8f = ir.VectorType(_i8, 32), ir.VectorType(_i32, 8), ir.VectorType(_f32, 8)
-    pshufb = builder.module.declare_intrinsic(
-        "llvm.x86.avx2.pshuf.b", fnty=ir.FunctionType(v32i8, [v32i8, v32i8]))
-    packed = builder.load(builder.bitcast(bptr, _V16i8.as_pointer()), align=1)
-    both = builder.shuffle_vector(packed, packed, ir.Constant(ir.VectorType(_i32, 32),
-                                                              list(range(16)) * 2))
-    shifted = builder.lshr(builder.bitcast(both, v8i32), ir.Constant(v8i32, [0] * 4 + [4] * 4))
-    nibbles = builder.and_(builder.bitcast(shifted, v32i8), ir.Constant(v32i8, [15] * 32))
-    hi = builder.call(pshufb, [ir.Constant(v32i8, [b >> 8 for b in _E2M1_BF16] * 2), nibbles])
-    lo = builder.call(pshufb, [ir.Constant(v32i8, [b & 0xFF for b in _E2M1_BF16] * 2), nibbles])
+def _decode_order(lanes: int) -> list[int]:
+    """Element (of `lanes // 2` blocks) in each float lane of `_e2m1_decode(..., lanes)`'s four
+    vectors, one after the other. The 128-bit lane L of the nibble vector holds the low (L <
+    lanes/2) or high nibbles (elements 2j / 2j+1 of byte j) of block L % (lanes/2); the interleave
+    pairs bytes j = half, half+1.. of each 128-bit lane, and the shift (even word) / mask (odd
+    word) take every other pair."""
+    n = lanes // 2  # blocks
+    return [32 * (L % n) + 2 * (half + 2 * d + odd) + L // n for half in (0, 8)
+            for odd in (0, 1) for L in range(lanes) for d in range(4)]
+
+
+MXFP4_LANE_ORDER = tuple(_decode_order(2))  # one block (AVX2): 32 elements
+MXFP4_PAIR_ORDER = tuple(_decode_order(4))  # two blocks (AVX-512): 64 elements
+
+
+def lane_order(nb: int) -> np.ndarray:
+    """The order in which mxfp4_row_dots reads a row of nb blocks: element of the row (0 ..
+    32 nb - 1) in each lane, int64. Blocks go in pairs where the CPU has AVX-512 (the last of
+    an odd count alone), else one by one."""
+    pairs = nb // 2 if HAVE_AVX512 else 0
+    pair, one = np.array(MXFP4_PAIR_ORDER), np.array(MXFP4_LANE_ORDER)
+    return np.concatenate([64 * p + pair for p in range(pairs)]
+                          + [32 * b + one for b in range(2 * pairs, nb)]).astype(np.int64)
+
+
+def _e2m1_decode(builder, bptr, lanes: int = 2):
+    """The 16 * lanes / 2 bytes at bptr (lanes / 2 blocks: one with AVX2, two with AVX-512) ->
+    four <4 * lanes x float> E2M1 values (unscaled), in the order `_decode_order(lanes)`."""
+    width = 16 * lanes  # bytes of the nibble vector
+    vbytes, vwords = ir.VectorType(_i8, width), ir.VectorType(_i32, width // 4)
+    vf = ir.VectorType(_f32, width // 4)
+    name = "llvm.x86.avx2.pshuf.b" if lanes == 2 else "llvm.x86.avx512.pshuf.b.512"
+    pshufb = builder.module.declare_intrinsic(name, fnty=ir.FunctionType(vbytes, [vbytes, vbytes]))
+    packed = builder.load(builder.bitcast(bptr, ir.VectorType(_i8, width // 2).as_pointer()),
+                          align=1)
+    both = builder.shuffle_vector(packed, packed, ir.Constant(ir.VectorType(_i32, width),
+                                                              list(range(width // 2)) * 2))
+    shifted = builder.lshr(builder.bitcast(both, vwords),
+                           ir.Constant(vwords, [0] * (width // 8) + [4] * (width // 8)))
+    nibbles = builder.and_(builder.bitcast(shifted, vbytes), ir.Constant(vbytes, [15] * width))
+    hi = builder.call(pshufb, [ir.Constant(vbytes, [b >> 8 for b in _E2M1_BF16] * lanes), nibbles])
+    lo = builder.call(pshufb, [ir.Constant(vbytes, [b & 0xFF for b in _E2M1_BF16] * lanes),
+                               nibbles])
     values = []
     for half in (0, 8):  # bytes j = half..half+7 of each 128-bit lane -> 16-bit words (lo, hi)
-        order = [k for lane in (0, 16) for j in range(half, half + 8) for k in (lane + j, 32 + lane + j)]
+        order = [k for lane in range(0, width, 16) for j in range(half, half + 8)
+                 for k in (lane + j, width + lane + j)]
         words = builder.bitcast(builder.shuffle_vector(
-            lo, hi, ir.Constant(ir.VectorType(_i32, 32), order)), v8i32)
-        values.append(builder.bitcast(builder.shl(words, ir.Constant(v8i32, [16] * 8)), v8f))
-        values.append(builder.bitcast(builder.and_(words, ir.Constant(v8i32, [-65536] * 8)), v8f))
+            lo, hi, ir.Constant(ir.VectorType(_i32, width), order)), vwords)
+        values.append(builder.bitcast(builder.shl(words, ir.Constant(vwords, [16] * (width // 4))),
+                                      vf))
+        values.append(builder.bitcast(builder.and_(words, ir.Constant(vwords, [-65536] * (width // 4))),
+                                      vf))
     return values
 
 
+ROW_CHAINS = 2  # independent sums a row dot keeps going (shared among its g vectors): with one,
+# each step would wait for the last step's FMA
 MAX_GROUP = 4  # vectors a row-dot intrinsic takes at once (their sums stay in registers)
 
 
@@ -154,10 +197,10 @@ def mxfp4_row_dots(typingctx, g, blocks, b_off, scales, s_off, scale_table, xl, 
     """One MXFP4 weight row against g <= MAX_GROUP vectors: out[o_off + j * o_stride] =
     sum_c w[c] x_j[c] for j < g (float32). blocks/scales: flat uint8, the row's nb blocks start
     at blocks[b_off], scales[s_off]; scale_table: float32, byte s -> 2**(s-127);
-    x_j = xl[x_off + j * x_len :], each block of 32 in MXFP4_LANE_ORDER (`kernels.to_lane_order`).
-    Each block is decoded once for the g vectors; its products are summed, then scaled (exact: a
-    power of two); the g sums stay in registers. g = 1 is decode's matvec, 1..4 prefill's
-    few-token matmul."""
+    x_j = xl[x_off + j * x_len :] in `lane_order(nb)` (`kernels.to_lane_order`).
+    A step decodes one block (two with AVX-512) once for the g vectors; its products are summed,
+    then scaled (exact: a power of two); the sums stay in registers. g = 1 is decode's matvec,
+    1..4 prefill's few-token matmul."""
     sig = types.void(types.intp, blocks, types.intp, scales, types.intp, scale_table, xl,
                      types.intp, types.intp, types.intp, out, types.intp, types.intp)
 
@@ -165,32 +208,73 @@ def mxfp4_row_dots(typingctx, g, blocks, b_off, scales, s_off, scale_table, xl, 
         g, blocks_a, b_off, scales_a, s_off, table_a, xl_a, x_off, x_len, nb, out_a, o_off, \
             o_stride = args
         a = signature.args
-        v8f = ir.VectorType(_f32, 8)
         bptr = builder.gep(_data(context, builder, a[1], blocks_a), [b_off])
         sptr = builder.gep(_data(context, builder, a[3], scales_a), [s_off])
         tptr = _data(context, builder, a[5], table_a)
         xptr = builder.gep(_data(context, builder, a[6], xl_a), [x_off])
         optr = builder.gep(_data(context, builder, a[10], out_a), [o_off])
 
+        def scale_of(b):  # float32 2**(s-127) of block b
+            return builder.load(builder.gep(tptr, [builder.zext(
+                builder.load(builder.gep(sptr, [b])), _i64)]))
+
+        def step(b, lanes, accs, group):
+            """Blocks b .. b + lanes/2 - 1: their products with each x_j, scaled, into accs[j]."""
+            width = 4 * lanes  # floats a vector
+            vf = ir.VectorType(_f32, width)
+            w = _e2m1_decode(builder, builder.gep(bptr, [builder.mul(b, _const(16))]), lanes)
+            if lanes == 2:
+                scale = _splat(builder, scale_of(b), width)
+            else:  # float lanes 0-3 and 8-11 hold block b's values, 4-7 and 12-15 block b+1's
+                two = ir.VectorType(_f32, 2)
+                pair = builder.insert_element(builder.insert_element(
+                    ir.Constant(two, ir.Undefined), scale_of(b), ir.Constant(_i32, 0)),
+                    scale_of(builder.add(b, _const(1))), ir.Constant(_i32, 1))
+                scale = builder.shuffle_vector(pair, pair, ir.Constant(
+                    ir.VectorType(_i32, width), [(f // 4) % 2 for f in range(width)]))
+            x0 = builder.mul(b, _const(32))
+            for j in range(group):
+                xj = builder.gep(xptr, [builder.add(builder.mul(_const(j), x_len), x0)])
+                part = None
+                for i in range(4):
+                    xv = builder.load(builder.bitcast(builder.gep(xj, [_const(width * i)]),
+                                                      vf.as_pointer()), align=4)
+                    prod = builder.fmul(w[i], xv, flags=_FAST)
+                    part = prod if part is None else builder.fadd(part, prod, flags=_FAST)
+                _add_product(builder, accs[j], part, scale)
+
         def row(group):
-            accs = [cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8))
-                    for _ in range(group)]
-            with cgutils.for_range(builder, nb) as loop:
-                b = loop.index
-                w = _e2m1_decode_bf16(builder, builder.gep(bptr, [builder.mul(b, _const(16))]))
-                scale = _splat(builder, builder.load(builder.gep(tptr, [builder.zext(
-                    builder.load(builder.gep(sptr, [b])), _i64)])), 8)
-                x0 = builder.mul(b, _const(32))
-                for j in range(group):
-                    xj = builder.gep(xptr, [builder.add(builder.mul(_const(j), x_len), x0)])
-                    part = None
-                    for i in range(4):
-                        xv = builder.load(builder.bitcast(builder.gep(xj, [_const(8 * i)]),
-                                                          v8f.as_pointer()), align=4)
-                        prod = builder.fmul(w[i], xv, flags=_FAST)
-                        part = prod if part is None else builder.fadd(part, prod, flags=_FAST)
-                    _add_product(builder, accs[j], part, scale)
-            _store_sums(builder, accs, 8, optr, o_stride)
+            lanes = 4 if HAVE_AVX512 else 2
+            per_step = lanes // 2  # blocks
+            chains = -(-ROW_CHAINS // group)  # accumulators per x_j
+            width = 4 * lanes
+            vf = ir.VectorType(_f32, width)
+            accs = [[cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * width))
+                     for _ in range(group)] for _ in range(chains)]
+            steps = builder.udiv(nb, _const(per_step * chains))
+            with cgutils.for_range(builder, steps) as loop:
+                for c in range(chains):
+                    step(builder.mul(builder.add(builder.mul(loop.index, _const(chains)),
+                                                 _const(c)), _const(per_step)), lanes, accs[c],
+                         group)
+            with cgutils.for_range_slice(builder, builder.mul(steps, _const(chains)),
+                                         builder.udiv(nb, _const(per_step)), _const(1)) as (s, _):
+                step(builder.mul(s, _const(per_step)), lanes, accs[0], group)
+            sums = [_sum_lanes(builder, builder.load(acc), width) for acc in accs[0]]
+            for c in range(1, chains):
+                sums = [builder.fadd(total, _sum_lanes(builder, builder.load(acc), width),
+                                     flags=_FAST) for total, acc in zip(sums, accs[c])]
+            if lanes == 4:  # an odd block count: the last block alone, 256 bits wide
+                v8f = ir.VectorType(_f32, 8)
+                tail = [cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8))
+                        for _ in range(group)]
+                with builder.if_then(builder.icmp_unsigned("!=", builder.urem(nb, _const(2)),
+                                                           _const(0))):
+                    step(builder.sub(nb, _const(1)), 2, tail, group)
+                sums = [builder.fadd(total, _sum_lanes(builder, builder.load(t), 8), flags=_FAST)
+                        for total, t in zip(sums, tail)]
+            for j, total in enumerate(sums):
+                builder.store(total, builder.gep(optr, [builder.mul(_const(j), o_stride)]))
 
         _for_group(builder, g, row)
         return context.get_dummy_value()
@@ -210,7 +294,7 @@ def mxfp4_block_decode_avx2(typingctx, blocks, b_off, scale, out, o_off):
         blocks_a, b_off, scale, out_a, o_off = args
         bptr = builder.gep(_data(context, builder, signature.args[0], blocks_a), [b_off])
         optr = builder.gep(_data(context, builder, signature.args[3], out_a), [o_off])
-        w = _e2m1_decode_bf16(builder, bptr)  # four <8 x float>, in MXFP4_LANE_ORDER
+        w = _e2m1_decode(builder, bptr)  # four <8 x float>, in MXFP4_LANE_ORDER
         v32f = ir.VectorType(_f32, 32)
         i32s = lambda ids: ir.Constant(ir.VectorType(_i32, len(ids)), ids)  # noqa: E731
         lanes = builder.shuffle_vector(builder.shuffle_vector(w[0], w[1], i32s(list(range(16)))),

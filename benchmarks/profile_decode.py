@@ -1,0 +1,72 @@
+"""Where a decoded token's time goes: every kernel of the fast path timed over N decoded tokens.
+
+    python benchmarks/profile_decode.py MODEL [--dense q8] [--depth 4096] [--tokens 16]
+
+Each kernel call is timed (wall clock, the kernels run on all cores); bytes a kernel reads per
+token give its GB/s. The weights are mapped first (Model.prefault), as `tinyoss bench` does;
+warm the page cache before (`cat MODEL/*.safetensors > /dev/null`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+
+import numpy as np
+
+import tinyoss
+from tinyoss import bench, fast, kernels
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--dense", default="bf16")
+    ap.add_argument("--depth", type=int, default=0)
+    ap.add_argument("--tokens", type=int, default=16)
+    a = ap.parse_args()
+
+    model = tinyoss.load(a.model, dense=a.dense)
+    fast.warm_up(a.dense)
+    model.prefault()
+    cache = model.new_cache(a.depth + a.tokens + 2)
+    bench.fill_cache(model, cache, a.depth)
+    model.forward([1], cache, last_only=True)  # first-call costs outside the timing
+
+    spent = collections.Counter()
+    calls = collections.Counter()
+    originals = {name: getattr(kernels, name) for name in dir(kernels)
+                 if hasattr(getattr(kernels, name), "py_func")}
+
+    def timed(name, fn):
+        def wrapper(*args):
+            t = time.perf_counter()
+            result = fn(*args)
+            spent[name] += time.perf_counter() - t
+            calls[name] += 1
+            return result
+        return wrapper
+
+    for name, fn in originals.items():
+        setattr(kernels, name, timed(name, fn))
+    token = [2]
+    t = time.perf_counter()
+    try:
+        for _ in range(a.tokens):
+            token = [int(np.argmax(model.forward(token, cache, last_only=True)[-1]))]
+    finally:
+        for name, fn in originals.items():
+            setattr(kernels, name, fn)
+    total = (time.perf_counter() - t) / a.tokens
+
+    print(f"{a.model}  dense {a.dense}  depth {a.depth}: {1e3 * total:.1f} ms per token "
+          f"({1 / total:.2f} tok/s, {a.tokens} tokens)")
+    for name, s in spent.most_common():
+        print(f"  {name:28s} {1e3 * s / a.tokens:7.2f} ms  {calls[name] // a.tokens:4d} calls")
+    rest = total - sum(spent.values()) / a.tokens
+    print(f"  {'(python, numpy, the rest)':28s} {1e3 * rest:7.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
