@@ -76,8 +76,44 @@ def fill_cache(model: Model, cache, depth: int, seed: int = 0) -> None:
     cache.n_tokens = depth
 
 
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+class PeakRSS:
+    """This process's peak resident memory, with stretches left out (the bandwidth probe's 1 GiB
+    buffer is the bench's, not the model's). Linux: VmHWM of /proc/self/status, reset after a
+    left-out stretch by writing 5 to /proc/self/clear_refs; elsewhere (or if that is refused)
+    ru_maxrss, which counts everything."""
+
+    def __init__(self):
+        self.peak = 0
+        self.exact = self._reset()
+
+    def _hwm(self) -> int:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+    @staticmethod
+    def _reset() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    def leave_out(self, fn: Callable[[], float]) -> float:
+        """fn(), its memory not counted (if it frees what it allocates)."""
+        self.peak = max(self.peak, self._hwm())
+        result = fn()
+        self._reset()
+        return result
+
+    def bytes(self) -> int:
+        return max(self.peak, self._hwm())
 
 
 def seconds_since_process_start() -> float | None:
@@ -106,7 +142,8 @@ class BenchResult:
     # bytes_per_token, roofline_tok_s, fraction_of_roofline
     bandwidth_gb_s: float  # the best sample: the roofline decode is held to
     bandwidth_samples_gb_s: list[float]  # before the first and after every decode run
-    peak_rss_gib: float
+    peak_rss_gib: float  # the model's: without the bandwidth probe's buffer (PeakRSS)
+    peak_rss_with_probe: bool  # True where the OS could not leave the probe out
 
 
 def run(path, prompt_tokens: int = 512, depths=(0,), decode_tokens: int = 16, dense: str = "bf16",
@@ -117,6 +154,7 @@ def run(path, prompt_tokens: int = 512, depths=(0,), decode_tokens: int = 16, de
     from . import load
 
     threads = numba.get_num_threads()
+    rss = PeakRSS()
     progress("opening the checkpoint")
     t = time.perf_counter()
     model = load(path, dense=dense)
@@ -148,7 +186,7 @@ def run(path, prompt_tokens: int = 512, depths=(0,), decode_tokens: int = 16, de
     # this machine's read bandwidth moves with its neighbours' load: sample it around every
     # decode run and hold the decode to the best sample (a conservative roofline)
     progress("measuring memory bandwidth")
-    samples = [memory_bandwidth()]
+    samples = [rss.leave_out(memory_bandwidth)]
 
     runs: dict[int, list[float]] = {depth: [] for depth in depths}
     for i in range(repeat):
@@ -164,7 +202,7 @@ def run(path, prompt_tokens: int = 512, depths=(0,), decode_tokens: int = 16, de
                 token = [int(np.argmax(logits[-1]))]
             runs[depth].append(decode_tokens / (time.perf_counter() - t))
             progress("measuring memory bandwidth")
-            samples.append(memory_bandwidth())
+            samples.append(rss.leave_out(memory_bandwidth))
     bandwidth = max(samples)
     decode = []
     for depth, tok_s_runs in runs.items():
@@ -176,7 +214,7 @@ def run(path, prompt_tokens: int = 512, depths=(0,), decode_tokens: int = 16, de
                        "fraction_of_roofline": tok_s / roofline})
     return BenchResult(str(path), dense, threads, load_s, compile_s, ready_s, prompt_tokens,
                        prefill_tok_s, decode, bandwidth / 1e9, [b / 1e9 for b in samples],
-                       peak_rss_bytes() / 2**30)
+                       rss.bytes() / 2**30, not rss.exact)
 
 
 def format_result(r: BenchResult) -> str:
@@ -193,5 +231,6 @@ def format_result(r: BenchResult) -> str:
         lines.append(f"  decode @ depth {d['depth']:>6}: {d['tok_s']:.2f} tok/s{spread}   "
                      f"{d['bytes_per_token'] / 1e9:.3f} GB/token   roofline "
                      f"{d['roofline_tok_s']:.2f} tok/s   {100 * d['fraction_of_roofline']:.0f} %")
-    lines.append(f"  peak RSS {r.peak_rss_gib:.2f} GiB")
+    lines.append(f"  peak RSS {r.peak_rss_gib:.2f} GiB" + (
+        " (with the bandwidth probe's 1 GiB buffer)" if r.peak_rss_with_probe else ""))
     return "\n".join(lines)
