@@ -188,12 +188,20 @@ def run(path, prompt_tokens: int = 512, depths=(0,), decode_tokens: int = 16, de
     progress("measuring memory bandwidth")
     samples = [rss.leave_out(memory_bandwidth)]
 
+    # each depth's cache is made and filled once, before any timing: a run only rewinds it (fresh
+    # memory of a few hundred MB just before a timed run had the kernel faulting and compacting
+    # pages while it ran)
+    progress("filling the KV caches")
+    caches = {}
+    for depth in depths:
+        caches[depth] = model.new_cache(depth + decode_tokens + 1)
+        fill_cache(model, caches[depth], depth)
     runs: dict[int, list[float]] = {depth: [] for depth in depths}
     for i in range(repeat):
         for depth in depths:
             progress(f"decode at depth {depth}" + (f" ({i + 1} of {repeat})" if repeat > 1 else ""))
-            cache = model.new_cache(depth + decode_tokens + 1)
-            fill_cache(model, cache, depth)
+            cache = caches[depth]
+            cache.n_tokens = depth  # the tokens a previous run appended are forgotten
             token = rng.integers(0, vocab, 1)
             model.forward(token, cache, last_only=True)  # first step outside the timing
             t = time.perf_counter()
