@@ -20,7 +20,7 @@ import numpy as np
 
 from . import mxfp4
 from .simd import (HAVE_AVX2, HAVE_AVX512, KERNELS, MXFP4_LANE_ORDER, MXFP4_PAIR_ORDER, MAX_GROUP, QK_DIM, QK_HEADS, as_float32, bf16_row_dots,
-                   exp_shifted_sum, mxfp4_block_decode_avx2, mxfp4_row_dots,
+                   exp_shifted_sum, max_nan, mxfp4_block_decode_avx2, mxfp4_row_dots,
                    q8_row_dot, qk8_scores, weighted_rows64)
 
 # a forced kernel path (simd.KERNELS) compiles afresh: the disk cache can't tell the builds apart
@@ -540,12 +540,7 @@ def f32_softmax_rows(scores, sinks, denom):
     R, T = scores.shape
     flat = scores.reshape(-1)
     for r in numba.prange(R):
-        top = sinks[r]
-        nan = False
-        for t in range(T):
-            s = scores[r, t]
-            nan |= s != s
-            top = max(top, s)
-        if nan:  # as numpy: a NaN score makes the whole row NaN (max and the exp would drop it)
-            top = np.float32(np.nan)
+        top = max_nan(flat, r * T, T)  # NaN if a score is: as numpy, the whole row is NaN then
+        if top == top:  # (a NaN top must stay NaN: the exp's clamp would drop it)
+            top = max(top, sinks[r])  # the sink is one more column
         denom[r] = exp_shifted_sum(flat, r * T, T, top) + np.exp(sinks[r] - top)

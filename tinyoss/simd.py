@@ -517,13 +517,14 @@ _EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
              5.0000001201e-1)
 
 
-def _exp8(builder, x):
-    """exp of a <8 x float>, lane by lane (see above)."""
-    v8f, v8i = ir.VectorType(_f32, 8), ir.VectorType(_i32, 8)
-    const = lambda c: ir.Constant(v8f, [float(np.float32(c))] * 8)  # noqa: E731
-    maxnum = builder.module.declare_intrinsic("llvm.maxnum.v8f32",
-                                              fnty=ir.FunctionType(v8f, [v8f, v8f]))
-    floor = builder.module.declare_intrinsic("llvm.floor.v8f32", fnty=ir.FunctionType(v8f, [v8f]))
+def _exp(builder, x, width: int):
+    """exp of a <width x float>, lane by lane (see above)."""
+    vf, vi = ir.VectorType(_f32, width), ir.VectorType(_i32, width)
+    const = lambda c: ir.Constant(vf, [float(np.float32(c))] * width)  # noqa: E731
+    maxnum = builder.module.declare_intrinsic(f"llvm.maxnum.v{width}f32",
+                                              fnty=ir.FunctionType(vf, [vf, vf]))
+    floor = builder.module.declare_intrinsic(f"llvm.floor.v{width}f32",
+                                             fnty=ir.FunctionType(vf, [vf]))
     x = builder.call(maxnum, [x, const(EXP_MIN)])
     n = builder.call(floor, [builder.fadd(builder.fmul(x, const(_LOG2E)), const(0.5))])
     r = builder.fsub(builder.fsub(x, builder.fmul(n, const(_LN2_HI))), builder.fmul(n, const(_LN2_LO)))
@@ -531,38 +532,82 @@ def _exp8(builder, x):
     for c in _EXP_POLY[1:]:
         poly = builder.fadd(builder.fmul(poly, r, flags=_FMA), const(c), flags=_FMA)
     y = builder.fadd(builder.fadd(builder.fmul(poly, builder.fmul(r, r), flags=_FMA), r), const(1.0))
-    bits = builder.shl(builder.add(builder.fptosi(n, v8i), ir.Constant(v8i, [127] * 8)),
-                       ir.Constant(v8i, [23] * 8))
-    return builder.fmul(y, builder.bitcast(bits, v8f))
+    bits = builder.shl(builder.add(builder.fptosi(n, vi), ir.Constant(vi, [127] * width)),
+                       ir.Constant(vi, [23] * width))
+    return builder.fmul(y, builder.bitcast(bits, vf))
+
+
+EXP_LANES = 16 if HAVE_AVX512 else 8  # exps a step of exp_shifted_sum
+
+
+@intrinsic
+def max_nan(typingctx, a, off, count):
+    """The float32 max of a[off : off + count] (count >= 1), NaN if any of them is NaN (as
+    numpy's max): 16 lanes a step, the last count % 16 one at a time."""
+    sig = types.float32(a, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        a_a, off, count = args
+        width = 16
+        vf = ir.VectorType(_f32, width)
+        ptr = builder.gep(_data(context, builder, signature.args[0], a_a), [off])
+        vmax = builder.module.declare_intrinsic(f"llvm.maximum.v{width}f32",
+                                                fnty=ir.FunctionType(vf, [vf, vf]))
+        smax = builder.module.declare_intrinsic("llvm.maximum.f32",
+                                                fnty=ir.FunctionType(_f32, [_f32, _f32]))
+        acc = cgutils.alloca_once_value(builder, ir.Constant(vf, [float("-inf")] * width))
+        steps = builder.udiv(count, _const(width))
+        with cgutils.for_range(builder, steps) as loop:
+            v = builder.load(builder.bitcast(builder.gep(ptr, [builder.mul(loop.index, _const(width))]),
+                                             vf.as_pointer()), align=4)
+            builder.store(builder.call(vmax, [builder.load(acc), v]), acc)
+        vec, lanes = builder.load(acc), width
+        while lanes > 1:  # tree reduction (maximum keeps a NaN)
+            lanes //= 2
+            left, right = (builder.shuffle_vector(vec, vec, ir.Constant(
+                ir.VectorType(_i32, lanes), list(range(k, k + lanes)))) for k in (0, lanes))
+            vec = builder.call(builder.module.declare_intrinsic(
+                f"llvm.maximum.v{lanes}f32", fnty=ir.FunctionType(left.type, [left.type] * 2)),
+                [left, right])
+        vec = builder.extract_element(vec, ir.Constant(_i32, 0))
+        top = cgutils.alloca_once_value(builder, vec)
+        with cgutils.for_range_slice(builder, builder.mul(steps, _const(width)), count,
+                                     _const(1)) as (t, _):
+            builder.store(builder.call(smax, [builder.load(top), builder.load(
+                builder.gep(ptr, [t]))]), top)
+        return builder.load(top)
+
+    return sig, codegen
 
 
 @intrinsic
 def exp_shifted_sum(typingctx, a, off, count, shift):
     """a[off + t] = exp(a[off + t] - shift) for t < count, in place; returns their float32 sum
-    (8 lanes a step, the last count % 8 one at a time)."""
+    (EXP_LANES a step, the last count % EXP_LANES one at a time)."""
     sig = types.float32(a, types.intp, types.intp, types.float32)
 
     def codegen(context, builder, signature, args):
         a_a, off, count, shift = args
-        v8f = ir.VectorType(_f32, 8)
+        width = EXP_LANES
+        vf = ir.VectorType(_f32, width)
         ptr = builder.gep(_data(context, builder, signature.args[0], a_a), [off])
-        splat_shift = _splat(builder, shift, 8)
-        acc_slot = cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8))
-        steps = builder.udiv(count, _const(8))
+        splat_shift = _splat(builder, shift, width)
+        acc_slot = cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * width))
+        steps = builder.udiv(count, _const(width))
         with cgutils.for_range(builder, steps) as loop:
-            vptr = builder.bitcast(builder.gep(ptr, [builder.mul(loop.index, _const(8))]),
-                                   v8f.as_pointer())
-            e = _exp8(builder, builder.fsub(builder.load(vptr, align=4), splat_shift))
+            vptr = builder.bitcast(builder.gep(ptr, [builder.mul(loop.index, _const(width))]),
+                                   vf.as_pointer())
+            e = _exp(builder, builder.fsub(builder.load(vptr, align=4), splat_shift), width)
             builder.store(e, vptr, align=4)
             builder.store(builder.fadd(builder.load(acc_slot), e), acc_slot)
-        total = _sum_lanes(builder, builder.load(acc_slot), 8)
+        total = _sum_lanes(builder, builder.load(acc_slot), width)
         total_slot = cgutils.alloca_once_value(builder, total)
-        with cgutils.for_range_slice(builder, builder.mul(steps, _const(8)), count, _const(1)) \
-                as (t, _):  # the last count % 8, one lane at a time
+        with cgutils.for_range_slice(builder, builder.mul(steps, _const(width)), count,
+                                     _const(1)) as (t, _):  # the last count % width, one by one
             sptr = builder.gep(ptr, [t])
-            vec = builder.insert_element(ir.Constant(v8f, [float("-inf")] * 8),
+            vec = builder.insert_element(ir.Constant(vf, [float("-inf")] * width),
                                          builder.fsub(builder.load(sptr), shift), ir.Constant(_i32, 0))
-            e = builder.extract_element(_exp8(builder, vec), ir.Constant(_i32, 0))
+            e = builder.extract_element(_exp(builder, vec, width), ir.Constant(_i32, 0))
             builder.store(e, sptr)
             builder.store(builder.fadd(builder.load(total_slot), e), total_slot)
         return builder.load(total_slot)
