@@ -4,6 +4,8 @@ Matvec kernels sum in another order than numpy/BLAS: held to |Δ| <= 1e-5 * (sum
 i.e. float32 rounding of the absolute sum, never more.
 """
 
+import platform
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -26,7 +28,9 @@ def _close(got, want, scale):
 def moe_case(draw):
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
-    E, R, nb, K = draw(st.integers(1, 6)), draw(st.integers(1, 40)), draw(st.integers(1, 5)), \
+    # nb up to 9: with AVX-512 the row loop takes pairs two at a time, then a leftover pair and
+    # an odd last block (the 20b's rows: nb = 90); test_row_dots_at_the_real_width has nb = 90
+    E, R, nb, K = draw(st.integers(1, 6)), draw(st.integers(1, 40)), draw(st.integers(1, 9)), \
         draw(st.integers(1, 4))
     blocks = rng.integers(0, 256, (E, R, nb, 16), dtype=np.uint8)
     scales = rng.integers(100, 150, (E, R, nb), dtype=np.uint8)
@@ -351,10 +355,17 @@ def test_vector_exp_within_1_ulp(seed):
     scores, denom = np.array([[0.0, np.nan, -1.0]], np.float32), np.empty(1, np.float32)
     kernels.f32_softmax_rows(scores, np.zeros(1, np.float32), denom)
     assert np.isnan(denom[0])
+    for T in (16, 17, 40, 100):  # a NaN in the max's 16-lane steps (and its tail), row 2 of 4
+        for at in {0, 7, 15, T // 2, T - 1}:
+            scores = rng.standard_normal((4, T)).astype(np.float32)
+            scores[2, at] = np.nan
+            denom = np.empty(4, np.float32)
+            kernels.f32_softmax_rows(scores, np.zeros(4, np.float32), denom)
+            assert np.isnan(denom[2]) and not np.isnan(denom[[0, 1, 3]]).any(), (T, at)
 
 
 @SETTINGS
-@given(st.integers(0, 2**32 - 1), st.integers(1, 40), st.integers(1, 4), st.integers(1, 11))
+@given(st.integers(0, 2**32 - 1), st.integers(1, 40), st.integers(1, 9), st.integers(1, 11))
 def test_mxfp4_matmul_equals_decode_then_matmul(seed, R, nb, m):
     """Prefill's fused kernel for an expert a few tokens chose (tokens four at a time, then the
     remainder: m covers every group size)."""
@@ -369,6 +380,27 @@ def test_mxfp4_matmul_equals_decode_then_matmul(seed, R, nb, m):
     _close(out, x @ w.T + bf16_to_f32(bias), np.abs(x) @ np.abs(w).T + np.abs(bf16_to_f32(bias)))
 
 
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5])
+def test_row_dots_at_the_real_width(m):
+    """The 20b's rows (2880 = 90 blocks) through the decode matvec and the few-token matmul (m
+    tokens: every group size of simd.mxfp4_row_dots), on scales of the real range."""
+    rng = np.random.default_rng(m)
+    R, nb = 24, 90
+    blocks = rng.integers(0, 256, (2, R, nb, 16), dtype=np.uint8)
+    scales = rng.integers(110, 135, (2, R, nb), dtype=np.uint8)
+    bias = f32_to_bf16(rng.standard_normal((2, R)).astype(np.float32))
+    x = rng.standard_normal((m, nb * 32)).astype(np.float32)
+    w = mxfp4.decode(blocks[1], scales[1])
+    want = x @ w.T + bf16_to_f32(bias[1])
+    scale = np.abs(x) @ np.abs(w).T + np.abs(bf16_to_f32(bias[1]))
+    out = np.full((m, R), np.nan, np.float32)
+    kernels.f32_mf4w_matmul(blocks[1], scales[1], bias[1], kernels.to_lane_order(x), out)
+    _close(out, want, scale)
+    experts = np.ones(m, np.int64)
+    kernels.f32_mf4w_moe_matvec(blocks, scales, bias, experts, kernels.to_lane_order(x), out)
+    _close(out, want, scale)
+
+
 @pytest.mark.parametrize("nb", range(1, 8))
 def test_lane_order_is_a_permutation(nb):
     """The matvec reads each element of a row exactly once (in pairs of blocks with AVX-512)."""
@@ -378,25 +410,29 @@ def test_lane_order_is_a_permutation(nb):
                           order.astype(np.float32))
 
 
-@pytest.mark.parametrize("path, check", [
-    ("avx2", "assert not simd.HAVE_AVX512"),
-    ("portable", "assert not simd.HAVE_AVX2"),
+@pytest.mark.parametrize("path, cpu, check", [
+    ("avx2", "x86-64-v3", "assert not simd.HAVE_AVX512"),
+    ("portable", "generic", "assert not simd.HAVE_AVX2"),
 ])
-def test_smaller_cpu_paths_equal_their_twins(path, check):
+def test_smaller_cpu_paths_equal_their_twins(path, cpu, check):
     """The kernels' branches for smaller CPUs than this one, which never run here otherwise:
     AVX2 without AVX-512 (Zen 3, most laptops: MXFP4 blocks one at a time) and neither (ARM
-    laptops, old x86: plain numba). The MXFP4 and attention tests again, in a process that builds
-    that path (TINYOSS_KERNELS; it compiles afresh: the disk cache can't tell the builds apart)."""
+    laptops, old x86: plain numba). The MXFP4, softmax and decode-attention tests again, in a
+    process that builds that path (TINYOSS_KERNELS) for such a CPU (NUMBA_CPU_NAME: LLVM then
+    has only its instructions); it compiles afresh: the disk cache can't tell the builds apart."""
     import os
     import subprocess
     import sys
 
-    env = dict(os.environ, TINYOSS_KERNELS=path)
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the paths of smaller x86 CPUs")
+    env = dict(os.environ, TINYOSS_KERNELS=path, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES="")
     here = os.path.dirname(__file__)
     code = (f"import sys, pytest; from tinyoss import simd; {check}; "
             "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-k', "
             "'moe_matvec or mxfp4_matmul or kernel_equals_numpy or decode_attention or "
-            "swiglu_lanes or plain_row_dot', "
+            "swiglu_lanes or plain_row_dot or real_width or softmax_rows or vector_exp or "
+            "lane_order', "
             f"{os.path.join(here, 'test_kernels.py')!r}, {os.path.join(here, 'test_mxfp4.py')!r}]))")
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=600)

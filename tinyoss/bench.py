@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import resource
+import sys
 import time
 from typing import Callable
 
@@ -32,7 +33,7 @@ def memory_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
     The probe streams a 1 GiB buffer through the bf16 matvec kernel (32 values a step in vector
     IR, rows split across the threads): the cheapest vectorized read we have, so it measures the
     memory, not the arithmetic. (A scalar sum loop is compute-bound at ~5 GB/s a core; numpy's
-    sum on every core reads ~10 % slower than this probe on our 2-core Zen3.)
+    sum on every core reads ~10 % slower than this probe on our 2-core machine.)
     """
     # bf16 1.0 (written: the pages are real; not 0x0001, a denormal, slow on some CPUs)
     w = np.full((n_bytes // (2 * PROBE_COLS), PROBE_COLS), 0x3F80, np.uint16)
@@ -94,7 +95,9 @@ class PeakRSS:
                         return int(line.split()[1]) * 1024
         except (OSError, ValueError, IndexError):
             pass
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        self.exact = False  # ru_maxrss is never reset: it counts the left-out stretches too
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return maxrss if sys.platform == "darwin" else maxrss * 1024  # bytes there, KiB on Linux
 
     @staticmethod
     def _reset() -> bool:
@@ -190,7 +193,7 @@ def run(path, prompt_tokens: int = 512, depths=(0,), decode_tokens: int = 16, de
 
     # each depth's cache is made and filled once, before any timing: a run only rewinds it (fresh
     # memory of a few hundred MB just before a timed run had the kernel faulting and compacting
-    # pages while it ran)
+    # pages while it ran). So the peak RSS holds every depth's cache at once.
     progress("filling the KV caches")
     caches = {}
     for depth in depths:

@@ -19,9 +19,10 @@ import numba
 import numpy as np
 
 from . import mxfp4
-from .simd import (HAVE_AVX2, HAVE_AVX512, KERNELS, MXFP4_LANE_ORDER, MXFP4_PAIR_ORDER, MAX_GROUP, QK_DIM, QK_HEADS, as_float32, bf16_row_dots,
-                   exp_shifted_sum, max_nan, mxfp4_block_decode_avx2, mxfp4_row_dots,
-                   q8_row_dot, qk8_scores, weighted_rows64)
+from .simd import (HAVE_AVX2, HAVE_AVX512, KERNELS, MAX_GROUP, MXFP4_LANE_ORDER,
+                   MXFP4_PAIR_ORDER, QK_DIM, QK_HEADS, as_float32, bf16_row_dots,
+                   exp_shifted_sum, max_nan, mxfp4_block_decode_avx2, mxfp4_row_dots, q8_row_dot,
+                   qk8_scores, weighted_rows64)
 
 # a forced kernel path (simd.KERNELS) compiles afresh: the disk cache can't tell the builds apart
 CACHE = os.environ.get("TINYOSS_NUMBA_CACHE", "1") != "0" and KERNELS == "auto"
@@ -53,7 +54,7 @@ _E8M0 = mxfp4.scale_to_f32(np.arange(256, dtype=np.uint8))  # scale byte -> 2**(
 def mxfp4_row_dot_plain(blocks, b_off, scales, s_off, scale_table, xl, x_off, order):
     """One row against one vector, as simd.mxfp4_row_dots with g = 1 (returning the sum), for
     CPUs without AVX2: x = xl[x_off:] holds element order[c] of the row in lane c
-    (order = simd.lane_order(nb))."""
+    (order = lane_order(nb))."""
     total = np.float32(0.0)
     for c in range(order.shape[0]):
         element = order[c]
@@ -94,6 +95,8 @@ def row_order(nb: int) -> np.ndarray:
 def to_lane_order(x: np.ndarray) -> np.ndarray:
     """x [k, n_blocks*32] -> the same values in `row_order(n_blocks)`, the order in which the
     matvec kernels read a row's elements (contiguous, float32)."""
+    if x.ndim != 2 or x.shape[1] % 32:
+        raise ValueError(f"to_lane_order: x must be [k, n_blocks*32], got {x.shape}")
     return np.ascontiguousarray(x[:, row_order(x.shape[1] // 32)], np.float32)
 
 
@@ -215,6 +218,8 @@ def f32_swiglu_lanes(h, limit, alpha, order, out):
     through the clamps, as in numpy. Twin: to_lane_order(model.swiglu(h)) (rtol 2e-6: libm's
     expf against numpy's)."""
     m, I = out.shape
+    if order.shape[0] != I or h.shape[0] != m or h.shape[1] != 2 * I:
+        raise ValueError("f32_swiglu_lanes: h [m, 2I], order [I], out [m, I]")
     for j in range(m):
         for i in range(I):
             c = order[i]

@@ -24,7 +24,27 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-_FEATURES = llvm.get_host_cpu_features().flatten().split(",")
+def _target() -> tuple[str, list[str]]:
+    """The CPU numba compiles for and its features: the host, unless NUMBA_CPU_NAME names another
+    (a cache built for a fleet: x86-64-v3, generic, ...) with NUMBA_CPU_FEATURES or, without
+    them, the features its name implies (below: the few we pick paths by)."""
+    from numba.core import config
+
+    if config.CPU_NAME in (None, "host"):
+        return llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten().split(",")
+    if config.CPU_FEATURES:
+        return config.CPU_NAME, config.CPU_FEATURES.split(",")
+    name = config.CPU_NAME
+    avx512 = name == "x86-64-v4" or name.startswith((
+        "znver4", "znver5", "skylake-avx512", "cascadelake", "cooperlake", "icelake",
+        "tigerlake", "sapphirerapids", "emeraldrapids", "graniterapids"))
+    avx2 = avx512 or name == "x86-64-v3" or name.startswith((
+        "haswell", "broadwell", "skylake", "znver", "alderlake", "raptorlake", "meteorlake",
+        "arrowlake", "lunarlake"))
+    return name, ["+avx2"] * avx2 + ["+avx512f", "+avx512bw"] * avx512
+
+
+_CPU, _FEATURES = _target()
 # TINYOSS_KERNELS=avx2 | portable: build the paths of a smaller CPU than this one (AVX2 without
 # AVX-512, as Zen 3; or neither, as ARM laptops), to test them here. The disk cache can't tell
 # the builds apart, so a forced path compiles afresh (kernels.CACHE). TINYOSS_PORTABLE_KERNELS=1
@@ -34,7 +54,7 @@ if os.environ.get("TINYOSS_PORTABLE_KERNELS", "0") == "1":
     KERNELS = "portable"
 if KERNELS not in ("auto", "avx2", "portable"):
     raise ImportError(f"TINYOSS_KERNELS={KERNELS!r}: expected auto, avx2 or portable")
-_KNOWN_CPU = llvm.get_host_cpu_name() not in ("generic",) and KERNELS != "portable"
+_KNOWN_CPU = _CPU not in ("generic",) and KERNELS != "portable"
 HAVE_AVX2 = "+avx2" in _FEATURES and _KNOWN_CPU
 # AVX-512 (BW for the byte shuffles): the MXFP4 row dots take two blocks a step in 512-bit
 # vectors (Zen 4/5, Intel since Skylake-SP / Ice Lake)
@@ -108,8 +128,8 @@ def _sum_lanes(builder, vec, width: int):
 # a shift or a mask turn 32 nibbles into 32 float32s with no int->float conversion and no
 # lane-crossing shuffle: ~15 vector instructions per 32 weights (the int8 table + sign-extend +
 # convert way took ~25 and saturated the shuffle ports). With AVX-512 the same instructions take
-# two blocks at once (`_e2m1_decode_pair`). The price is the order the values come out in
-# (`lane_order`); x is put in that order once per matvec (it is shared by all rows).
+# two blocks at once (`_e2m1_decode(..., lanes=4)`). The price is the order the values come out
+# in (`kernels.lane_order`); x is put in that order once per matvec (it is shared by all rows).
 
 _E2M1_BF16 = [int(b) for b in (np.asarray([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
                                .view(np.uint32) >> 16)]
@@ -129,16 +149,6 @@ def _decode_order(lanes: int) -> list[int]:
 
 MXFP4_LANE_ORDER = tuple(_decode_order(2))  # one block (AVX2): 32 elements
 MXFP4_PAIR_ORDER = tuple(_decode_order(4))  # two blocks (AVX-512): 64 elements
-
-
-def lane_order(nb: int) -> np.ndarray:
-    """The order in which mxfp4_row_dots reads a row of nb blocks: element of the row (0 ..
-    32 nb - 1) in each lane, int64. Blocks go in pairs where the CPU has AVX-512 (the last of
-    an odd count alone), else one by one."""
-    pairs = nb // 2 if HAVE_AVX512 else 0
-    pair, one = np.array(MXFP4_PAIR_ORDER), np.array(MXFP4_LANE_ORDER)
-    return np.concatenate([64 * p + pair for p in range(pairs)]
-                          + [32 * b + one for b in range(2 * pairs, nb)]).astype(np.int64)
 
 
 def _e2m1_decode(builder, bptr, lanes: int = 2):
@@ -197,7 +207,7 @@ def mxfp4_row_dots(typingctx, g, blocks, b_off, scales, s_off, scale_table, xl, 
     """One MXFP4 weight row against g <= MAX_GROUP vectors: out[o_off + j * o_stride] =
     sum_c w[c] x_j[c] for j < g (float32). blocks/scales: flat uint8, the row's nb blocks start
     at blocks[b_off], scales[s_off]; scale_table: float32, byte s -> 2**(s-127);
-    x_j = xl[x_off + j * x_len :] in `lane_order(nb)` (`kernels.to_lane_order`).
+    x_j = xl[x_off + j * x_len :] in `kernels.lane_order(nb)` (`kernels.to_lane_order`).
     A step decodes one block (two with AVX-512) once for the g vectors; its products are summed,
     then scaled (exact: a power of two); the sums stay in registers. g = 1 is decode's matvec,
     1..4 prefill's few-token matmul."""
@@ -542,8 +552,8 @@ EXP_LANES = 16 if HAVE_AVX512 else 8  # exps a step of exp_shifted_sum
 
 @intrinsic
 def max_nan(typingctx, a, off, count):
-    """The float32 max of a[off : off + count] (count >= 1), NaN if any of them is NaN (as
-    numpy's max): 16 lanes a step, the last count % 16 one at a time."""
+    """The float32 max of a[off : off + count] (-inf if count is 0), NaN if any of them is NaN
+    (as numpy's max): 16 lanes a step, the last count % 16 one at a time."""
     sig = types.float32(a, types.intp, types.intp)
 
     def codegen(context, builder, signature, args):
