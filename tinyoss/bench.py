@@ -24,16 +24,18 @@ from .kernels import f32_bf16w_matvec
 from .model import Model
 
 
-PROBE_COLS = 32768  # the probe's rows: 64 KiB of weights against a 128 KiB x that stays in cache
+PROBE_COLS = 4096  # the probe's rows: 8 KiB of weights against a 16 KiB x that stays in L1. (It
+# was 32768, a 128 KiB x: each row then read twice its bytes of x from L2, and the probe reported
+# 20-27 GB/s where the 20b's unembedding matvec read 35-49 in the same process.)
 
 
 def memory_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
     """Bytes/s the CPU reads from RAM with all threads (best of `repeats`).
 
     The probe streams a 1 GiB buffer through the bf16 matvec kernel (32 values a step in vector
-    IR, rows split across the threads): the cheapest vectorized read we have, so it measures the
-    memory, not the arithmetic. (A scalar sum loop is compute-bound at ~5 GB/s a core; numpy's
-    sum on every core reads ~10 % slower than this probe on our 2-core machine.)
+    IR, rows split across the threads, x in L1): the cheapest vectorized read we have, so it
+    measures the memory, not the arithmetic (a scalar sum loop is compute-bound at ~5 GB/s a
+    core).
     """
     # bf16 1.0 (written: the pages are real; not 0x0001, a denormal, slow on some CPUs)
     w = np.full((n_bytes // (2 * PROBE_COLS), PROBE_COLS), 0x3F80, np.uint16)
