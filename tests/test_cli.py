@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -72,9 +73,18 @@ def test_bench_json_on_a_tiny_checkpoint(make_checkpoint):
     assert len(result["bandwidth_samples_gb_s"]) == 1 + 3 * 2  # before, and after every run
     deep, shallow = result["decode"][1], result["decode"][0]
     assert deep["bytes_per_token"] > shallow["bytes_per_token"]  # the cache is read too
-    for d in result["decode"]:
-        assert abs(d["roofline_tok_s"] - result["bandwidth_gb_s"] * 1e9 / d["bytes_per_token"]) \
+    samples = result["bandwidth_samples_gb_s"]
+    assert result["bandwidth_gb_s"] == max(samples)
+    # runs in order: depth 0, 40, 0, 40, ...: run j sits between samples j and j + 1, and is held
+    # to the better of the two
+    for i, d in enumerate(result["decode"]):
+        beside = [max(samples[j], samples[j + 1]) for j in range(i, 6, 2)]
+        assert abs(d["bandwidth_gb_s"] - sorted(beside)[1]) <= 1e-9 * d["bandwidth_gb_s"]
+        assert abs(d["roofline_tok_s"] - d["bandwidth_gb_s"] * 1e9 / d["bytes_per_token"]) \
             <= 1e-6 * d["roofline_tok_s"]
+        want = [r * d["bytes_per_token"] / (b * 1e9) for r, b in zip(d["tok_s_runs"], beside)]
+        assert np.allclose(d["fraction_runs"], want, rtol=1e-9)
+        assert d["fraction_of_roofline"] == sorted(d["fraction_runs"])[1]
 
 
 @pytest.mark.parametrize("args,message", [
@@ -113,8 +123,6 @@ def test_bench_peak_rss_leaves_the_probe_out():
     """The bench's peak resident memory counts what the model touches, not the bandwidth
     probe's buffer: a stretch left out may allocate and free 300 MB unseen; outside one, it
     shows."""
-    import numpy as np
-
     from tinyoss.bench import PeakRSS
 
     rss = PeakRSS()

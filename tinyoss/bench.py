@@ -1,8 +1,9 @@
 """`tinyoss bench`: prefill and decode speed, measured against this machine's memory bandwidth.
 
 Decode is memory-bound: every token reads all dense weights, the routed experts' weights and the
-KV cache. So next to tok/s we report the bytes a token reads, the memory read bandwidth measured in
-the same run (a 1 GiB buffer streamed by all threads), and the fraction of that roofline reached.
+KV cache. So next to tok/s we report the bytes a token reads, the memory read bandwidth measured
+right before and after every decode run (a 1 GiB buffer streamed by all threads), and the
+fraction of that roofline each run reached.
 Decode at a context depth D fills the KV cache with D random keys/values first (decode speed
 depends on the cache's size, not its content), so depth costs no D-token prefill.
 """
@@ -144,8 +145,10 @@ class BenchResult:
     prompt_tokens: int
     prefill_tok_s: float
     decode: list[dict]  # per depth: depth, tokens, tok_s (the median of tok_s_runs),
-    # bytes_per_token, roofline_tok_s, fraction_of_roofline
-    bandwidth_gb_s: float  # the best sample: the roofline decode is held to
+    # bytes_per_token, bandwidth_gb_s and roofline_tok_s (medians over the runs of the better
+    # probe beside each run), fraction_of_roofline (the median of fraction_runs: each run's
+    # tok/s against its own roofline)
+    bandwidth_gb_s: float  # the best sample of the whole bench
     bandwidth_samples_gb_s: list[float]  # before the first and after every decode run
     peak_rss_gib: float  # the model's: without the bandwidth probe's buffer (PeakRSS)
     peak_rss_with_probe: bool  # True where the OS could not leave the probe out
@@ -202,6 +205,7 @@ def run(path, prompt_tokens: int = 512, depths=(0,), decode_tokens: int = 16, de
         caches[depth] = model.new_cache(depth + decode_tokens + 1)
         fill_cache(model, caches[depth], depth)
     runs: dict[int, list[float]] = {depth: [] for depth in depths}
+    beside: dict[int, list[float]] = {depth: [] for depth in depths}  # bandwidth beside each run
     for i in range(repeat):
         for depth in depths:
             progress(f"decode at depth {depth}" + (f" ({i + 1} of {repeat})" if repeat > 1 else ""))
@@ -216,15 +220,21 @@ def run(path, prompt_tokens: int = 512, depths=(0,), decode_tokens: int = 16, de
             runs[depth].append(decode_tokens / (time.perf_counter() - t))
             progress("measuring memory bandwidth")
             samples.append(rss.leave_out(memory_bandwidth))
-    bandwidth = max(samples)
+            # a run is held to the better of the probes just before and just after it: the
+            # bandwidth moves by 2x within a minute here, so a sample minutes away says little
+            beside[depth].append(max(samples[-2], samples[-1]))
     decode = []
     for depth, tok_s_runs in runs.items():
         tok_s = float(np.median(tok_s_runs))
         bpt = bytes_per_token(model, depth)
-        roofline = bandwidth / bpt
+        fractions = [r * bpt / b for r, b in zip(tok_s_runs, beside[depth])]
         decode.append({"depth": depth, "tokens": decode_tokens, "tok_s": tok_s,
-                       "tok_s_runs": tok_s_runs, "bytes_per_token": bpt, "roofline_tok_s": roofline,
-                       "fraction_of_roofline": tok_s / roofline})
+                       "tok_s_runs": tok_s_runs, "bytes_per_token": bpt,
+                       "bandwidth_gb_s": float(np.median(beside[depth])) / 1e9,
+                       "roofline_tok_s": float(np.median(beside[depth])) / bpt,
+                       "fraction_of_roofline": float(np.median(fractions)),
+                       "fraction_runs": fractions})
+    bandwidth = max(samples)
     return BenchResult(str(path), dense, threads, load_s, compile_s, ready_s, prompt_tokens,
                        prefill_tok_s, decode, bandwidth / 1e9, [b / 1e9 for b in samples],
                        rss.bytes() / 2**30, not rss.exact)
@@ -235,15 +245,16 @@ def format_result(r: BenchResult) -> str:
              f"  load {r.load_s:.2f} s   kernels ready {r.compile_s:.2f} s"
              + (f"   process start -> ready {r.ready_s:.2f} s" if r.ready_s is not None else ""),
              f"  prefill {r.prompt_tokens} tokens: {r.prefill_tok_s:.2f} tok/s",
-             f"  memory read bandwidth {r.bandwidth_gb_s:.1f} GB/s (best of "
-             + ", ".join(f"{b:.1f}" for b in r.bandwidth_samples_gb_s) + ")"]
+             "  memory read bandwidth, before the first decode run and after each: "
+             + ", ".join(f"{b:.1f}" for b in r.bandwidth_samples_gb_s) + " GB/s"]
     for d in r.decode:
         runs = d["tok_s_runs"]
         spread = (f" (median of {len(runs)}: {min(runs):.2f}-{max(runs):.2f})" if len(runs) > 1
                   else "")
         lines.append(f"  decode @ depth {d['depth']:>6}: {d['tok_s']:.2f} tok/s{spread}   "
                      f"{d['bytes_per_token'] / 1e9:.3f} GB/token   roofline "
-                     f"{d['roofline_tok_s']:.2f} tok/s   {100 * d['fraction_of_roofline']:.0f} %")
+                     f"{d['roofline_tok_s']:.2f} tok/s at {d['bandwidth_gb_s']:.1f} GB/s   "
+                     f"{100 * d['fraction_of_roofline']:.0f} %")
     lines.append(f"  peak RSS {r.peak_rss_gib:.2f} GiB" + (
         " (with the bandwidth probe's 1 GiB buffer)" if r.peak_rss_with_probe else ""))
     return "\n".join(lines)
