@@ -56,12 +56,19 @@ def mxfp4_row_dot_plain(blocks, b_off, scales, s_off, scale_table, xl, x_off, or
     CPUs without AVX2: x = xl[x_off:] holds element order[c] of the row in lane c
     (order = lane_order(nb))."""
     total = np.float32(0.0)
+    if order.shape[0] == 0:
+        return total
+    part = np.float32(0.0)  # the products of the current run of lanes from one block
+    block = 0
     for c in range(order.shape[0]):
         element = order[c]
+        if element // 32 != block:  # (every 32 lanes in the one-block order these CPUs use)
+            total += part * scale_table[scales[s_off + block]]
+            part, block = np.float32(0.0), element // 32
         byte = np.int64(blocks[b_off + element // 2])
         nibble = (byte >> 4) if element % 2 else (byte & 15)
-        total += _FP4[nibble] * scale_table[scales[s_off + element // 32]] * xl[x_off + c]
-    return total
+        part += _FP4[nibble] * xl[x_off + c]
+    return total + part * scale_table[scales[s_off + block]]
 
 
 _ONE = np.array(MXFP4_LANE_ORDER, np.int64)
