@@ -2,8 +2,8 @@
 
     python benchmarks/profile_decode.py MODEL [--dense q8] [--depth 4096] [--tokens 16]
 
-Each kernel call is timed (wall clock, the kernels run on all cores); bytes a kernel reads per
-token give its GB/s. The weights are mapped first (Model.prefault), as `tinyoss bench` does;
+Each kernel call is timed (wall clock, the kernels run on all cores); what is left is Python,
+numpy and the rest. The weights are mapped first (Model.prefault), as `tinyoss bench` does;
 warm the page cache before (`cat MODEL/*.safetensors > /dev/null`).
 """
 

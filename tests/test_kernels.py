@@ -72,8 +72,7 @@ def test_plain_row_dot_equals_decode_then_dot(case):
     want, scale = row @ x[0], np.abs(row) @ np.abs(x[0])
     flat_b, flat_s = blocks.reshape(-1), scales.reshape(-1)
     off = e * blocks.shape[1]
-    args = (flat_b, off * nb * 16, flat_s, off * nb, kernels._E8M0, xl.reshape(-1), 0,
-            kernels.row_order(nb))
+    args = (flat_b, off * nb * 16, flat_s, off * nb, kernels._E8M0, xl.reshape(-1), 0, nb)
     _close(np.float32(kernels.mxfp4_row_dot_plain(*args)), np.float32(want), scale)
 
 
@@ -307,8 +306,7 @@ def test_swiglu_lanes_equals_numpy(seed, m, blocks, spread, limit):
     h = (rng.standard_normal((m, 64 * blocks)) * spread).astype(np.float32)
     h.reshape(-1)[rng.integers(0, h.size, 2)] = np.nan
     out = np.empty((m, 32 * blocks), np.float32)
-    kernels.f32_swiglu_lanes(h, np.float32(limit), np.float32(SWIGLU_ALPHA),
-                             kernels.row_order(blocks), out)
+    kernels.f32_swiglu_lanes(h, np.float32(limit), np.float32(SWIGLU_ALPHA), out)
     with np.errstate(over="ignore"):  # exp of a large negative gate: inf, the output -0
         want = kernels.to_lane_order(swiglu(h, limit))
     np.testing.assert_allclose(out, want, rtol=2e-6, atol=1e-37)  # NaN where numpy has NaN

@@ -23,6 +23,7 @@ import numpy as np
 from .fast import warm_up
 from .kernels import f32_bf16w_matvec
 from .model import Model
+from .store import proc_kib
 
 
 PROBE_COLS = 4096  # the probe's rows: 8 KiB of weights against a 16 KiB x that stays in L1. (It
@@ -91,13 +92,9 @@ class PeakRSS:
         self.exact = self._reset()
 
     def _hwm(self) -> int:
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) * 1024
-        except (OSError, ValueError, IndexError):
-            pass
+        hwm = proc_kib("/proc/self/status", "VmHWM")
+        if hwm is not None:
+            return hwm
         self.exact = False  # ru_maxrss is never reset: it counts the left-out stretches too
         maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return maxrss if sys.platform == "darwin" else maxrss * 1024  # bytes there, KiB on Linux
@@ -191,8 +188,8 @@ def run(path, prompt_tokens: int = 512, depths=(0,), decode_tokens: int = 16, de
     model.forward(prompt, cache, last_only=True)
     prefill_tok_s = prompt_tokens / (time.perf_counter() - t)
 
-    # this machine's read bandwidth moves with its neighbours' load: sample it around every
-    # decode run and hold the decode to the best sample (a conservative roofline)
+    # this machine's read bandwidth moves with its neighbours' load: sample it before the first
+    # decode run and after each (each run is held to the samples beside it, below)
     progress("measuring memory bandwidth")
     samples = [rss.leave_out(memory_bandwidth)]
 

@@ -273,8 +273,7 @@ def expert_matvec(c: Config, lw: LayerWeights, experts: np.ndarray, x: np.ndarra
 def swiglu_lanes(c: Config, h: np.ndarray) -> np.ndarray:
     """h [m, 2I] -> to_lane_order(swiglu(h)) [m, I], one kernel: the MXFP4 matvec's input."""
     a = np.empty((h.shape[0], h.shape[1] // 2), np.float32)
-    kernels.f32_swiglu_lanes(h, np.float32(c.swiglu_limit), np.float32(SWIGLU_ALPHA),
-                             kernels.row_order(a.shape[1] // 32), a)
+    kernels.f32_swiglu_lanes(h, np.float32(c.swiglu_limit), np.float32(SWIGLU_ALPHA), a)
     return a
 
 

@@ -50,43 +50,45 @@ _E8M0 = mxfp4.scale_to_f32(np.arange(256, dtype=np.uint8))  # scale byte -> 2**(
 # MXFP4
 
 
+_ONE = np.array(MXFP4_LANE_ORDER, np.int64)
+_PAIR = np.array(MXFP4_PAIR_ORDER, np.int64)
+
+
+@jit()
+def lane_element(c, nb):
+    """The element of a row of nb blocks that simd.mxfp4_row_dots reads in lane c (0 .. 32 nb
+    - 1): blocks go in pairs (MXFP4_PAIR_ORDER) where the CPU has AVX-512, the last of an odd
+    count alone, else one by one (MXFP4_LANE_ORDER)."""
+    if HAVE_AVX512 and c < 64 * (nb // 2):
+        return 64 * (c // 64) + _PAIR[c % 64]
+    return 32 * (c // 32) + _ONE[c % 32]
+
+
+@jit()
+def lane_order(nb):
+    """`lane_element` of every lane: int64 [32 nb]."""
+    order = np.empty(32 * nb, np.int64)
+    for c in range(32 * nb):
+        order[c] = lane_element(c, nb)
+    return order
+
+
 @jit(fastmath=True)
-def mxfp4_row_dot_plain(blocks, b_off, scales, s_off, scale_table, xl, x_off, order):
+def mxfp4_row_dot_plain(blocks, b_off, scales, s_off, scale_table, xl, x_off, nb):
     """One row against one vector, as simd.mxfp4_row_dots with g = 1 (returning the sum), for
-    CPUs without AVX2: x = xl[x_off:] holds element order[c] of the row in lane c
-    (order = lane_order(nb))."""
+    CPUs without AVX2: x = xl[x_off:] in lane order (`lane_element`)."""
     total = np.float32(0.0)
-    if order.shape[0] == 0:
-        return total
     part = np.float32(0.0)  # the products of the current run of lanes from one block
     block = 0
-    for c in range(order.shape[0]):
-        element = order[c]
+    for c in range(32 * nb):
+        element = lane_element(c, nb)
         if element // 32 != block:  # (every 32 lanes in the one-block order these CPUs use)
             total += part * scale_table[scales[s_off + block]]
             part, block = np.float32(0.0), element // 32
         byte = np.int64(blocks[b_off + element // 2])
         nibble = (byte >> 4) if element % 2 else (byte & 15)
         part += _FP4[nibble] * xl[x_off + c]
-    return total + part * scale_table[scales[s_off + block]]
-
-
-_ONE = np.array(MXFP4_LANE_ORDER, np.int64)
-_PAIR = np.array(MXFP4_PAIR_ORDER, np.int64)
-
-
-@jit()
-def lane_order(nb):
-    """The order in which simd.mxfp4_row_dots reads a row of nb blocks: the row's element
-    (0 .. 32 nb - 1) in each lane, int64 [32 nb]. Blocks go in pairs (MXFP4_PAIR_ORDER) where the
-    CPU has AVX-512, the last of an odd count alone, else one by one (MXFP4_LANE_ORDER)."""
-    order = np.empty(32 * nb, np.int64)
-    paired = 64 * (nb // 2) if HAVE_AVX512 else 0
-    for c in range(paired):
-        order[c] = 64 * (c // 64) + _PAIR[c % 64]
-    for c in range(paired, 32 * nb):
-        order[c] = 32 * (c // 32) + _ONE[c % 32]
-    return order
+    return total + part * scale_table[scales[s_off + block]] if nb > 0 else total
 
 
 _ORDERS: dict[int, np.ndarray] = {}
@@ -168,7 +170,6 @@ def f32_mf4w_moe_matvec(blocks, scales, bias, experts, xl, out):
     flat_s = scales.reshape(-1)
     flat_x, flat_out = xl.reshape(-1), out.reshape(-1)
     x_step = nb * 32 if xl.shape[0] > 1 else 0  # from one expert's x to the next's
-    order = lane_order(0 if HAVE_AVX2 else nb)  # the plain path's
     tasks_per_expert = (R + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in numba.prange(K * tasks_per_expert):
         k = task // tasks_per_expert
@@ -183,7 +184,7 @@ def f32_mf4w_moe_matvec(blocks, scales, bias, experts, xl, out):
                 flat_out[k * R + r] += b  # through the view the intrinsic wrote (see NOALIAS)
             else:
                 flat_out[k * R + r] = mxfp4_row_dot_plain(flat_b, row * nb * 16, flat_s, row * nb,
-                                                          _E8M0, flat_x, k * x_step, order) + b
+                                                          _E8M0, flat_x, k * x_step, nb) + b
 
 
 @jit(parallel=True, fastmath=True)
@@ -199,7 +200,6 @@ def f32_mf4w_matmul(blocks, scales, bias, xl, out):
     flat_b, flat_s, flat_x, flat_out = blocks.reshape(-1), scales.reshape(-1), xl.reshape(-1), \
         out.reshape(-1)
     n_tasks = (R + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    order = lane_order(0 if HAVE_AVX2 else nb)  # the plain path's
     for task in numba.prange(n_tasks):
         for r in range(task * ROWS_PER_TASK, min((task + 1) * ROWS_PER_TASK, R)):
             if HAVE_AVX2:  # tokens four at a time: each block decoded once per four
@@ -210,26 +210,22 @@ def f32_mf4w_matmul(blocks, scales, bias, xl, out):
             else:
                 for j in range(m):
                     flat_out[j * R + r] = mxfp4_row_dot_plain(flat_b, r * nb * 16, flat_s,
-                                                              r * nb, _E8M0, flat_x, j * nb * 32,
-                                                              order)
+                                                              r * nb, _E8M0, flat_x, j * nb * 32, nb)
             b = as_float32(np.uint32(bias[r]) << np.uint32(16))
             for j in range(m):
                 flat_out[j * R + r] += b  # through the view the intrinsic wrote (see NOALIAS)
 
 
 @jit()
-def f32_swiglu_lanes(h, limit, alpha, order, out):
+def f32_swiglu_lanes(h, limit, alpha, out):
     """out = to_lane_order(model.swiglu(h)): gpt-oss's clamped SwiGLU written straight in the
-    order the next MXFP4 matvec reads (order = lane_order(I // 32)). h [m, 2I] (gate = even
-    columns, up = odd), out [m, I], I a multiple of 32 (the matvec's blocks). NaN stays NaN
-    through the clamps, as in numpy. Twin: to_lane_order(model.swiglu(h)) (rtol 2e-6: libm's
-    expf against numpy's)."""
+    order the next MXFP4 matvec reads (`lane_element`). h [m, 2I] (gate = even columns, up =
+    odd), out [m, I], I a multiple of 32 (the matvec's blocks). NaN stays NaN through the clamps,
+    as in numpy. Twin: to_lane_order(model.swiglu(h)) (rtol 2e-6: libm's expf against numpy's)."""
     m, I = out.shape
-    if order.shape[0] != I or h.shape[0] != m or h.shape[1] != 2 * I:
-        raise ValueError("f32_swiglu_lanes: h [m, 2I], order [I], out [m, I]")
     for j in range(m):
         for i in range(I):
-            c = order[i]
+            c = lane_element(i, I // 32)
             g, u = h[j, 2 * c], h[j, 2 * c + 1]
             if g > limit:  # gate clamped above only
                 g = limit

@@ -182,8 +182,6 @@ def _e2m1_decode(builder, bptr, lanes: int = 2):
     return values
 
 
-ROW_CHAINS = 2  # independent sums a row dot keeps going (shared among its g vectors): with one,
-# each step would wait for the last step's FMA
 MAX_GROUP = 4  # vectors a row-dot intrinsic takes at once (their sums stay in registers)
 
 
@@ -256,24 +254,13 @@ def mxfp4_row_dots(typingctx, g, blocks, b_off, scales, s_off, scale_table, xl, 
         def row(group):
             lanes = 4 if HAVE_AVX512 else 2
             per_step = lanes // 2  # blocks
-            chains = -(-ROW_CHAINS // group)  # accumulators per x_j
             width = 4 * lanes
             vf = ir.VectorType(_f32, width)
-            accs = [[cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * width))
-                     for _ in range(group)] for _ in range(chains)]
-            steps = builder.udiv(nb, _const(per_step * chains))
-            with cgutils.for_range(builder, steps) as loop:
-                for c in range(chains):
-                    step(builder.mul(builder.add(builder.mul(loop.index, _const(chains)),
-                                                 _const(c)), _const(per_step)), lanes, accs[c],
-                         group)
-            with cgutils.for_range_slice(builder, builder.mul(steps, _const(chains)),
-                                         builder.udiv(nb, _const(per_step)), _const(1)) as (s, _):
-                step(builder.mul(s, _const(per_step)), lanes, accs[0], group)
-            sums = [_sum_lanes(builder, builder.load(acc), width) for acc in accs[0]]
-            for c in range(1, chains):
-                sums = [builder.fadd(total, _sum_lanes(builder, builder.load(acc), width),
-                                     flags=_FAST) for total, acc in zip(sums, accs[c])]
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * width))
+                    for _ in range(group)]  # (two accumulators a vector measured no faster)
+            with cgutils.for_range(builder, builder.udiv(nb, _const(per_step))) as loop:
+                step(builder.mul(loop.index, _const(per_step)), lanes, accs, group)
+            sums = [_sum_lanes(builder, builder.load(acc), width) for acc in accs]
             if lanes == 4:  # an odd block count: the last block alone, 256 bits wide
                 v8f = ir.VectorType(_f32, 8)
                 tail = [cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8))

@@ -159,16 +159,21 @@ def map_pages(arrays) -> None:
             _ = int(flat[::page].max()) + int(flat[-1])  # a byte of every page, the last too
 
 
-def available_memory() -> int | None:
-    """Bytes the OS could give this process without swapping (Linux MemAvailable), or None."""
+def proc_kib(path: str, field: str) -> int | None:
+    """A `Field:  N kB` line of a Linux /proc file, in bytes (None where there is none)."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def available_memory() -> int | None:
+    """Bytes the OS could give this process without swapping (Linux MemAvailable), or None."""
+    return proc_kib("/proc/meminfo", "MemAvailable")
 
 
 @functools.cache
