@@ -29,7 +29,8 @@ def moe_case(draw):
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
     # nb up to 9: with AVX-512 the row loop takes pairs two at a time, then a leftover pair and
-    # an odd last block (the 20b's rows: nb = 90); test_row_dots_at_the_real_width has nb = 90
+    # an odd last block (the 20b's rows: nb = 90); test_row_dots_at_the_real_width has nb = 90.
+    # R up to 40: decode takes rows two at a time in tasks of 16, a lone last row alone
     E, R, nb, K = draw(st.integers(1, 6)), draw(st.integers(1, 40)), draw(st.integers(1, 9)), \
         draw(st.integers(1, 4))
     blocks = rng.integers(0, 256, (E, R, nb, 16), dtype=np.uint8)

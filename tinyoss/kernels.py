@@ -21,8 +21,8 @@ import numpy as np
 from . import mxfp4
 from .simd import (HAVE_AVX2, HAVE_AVX512, KERNELS, MAX_GROUP, MXFP4_LANE_ORDER,
                    MXFP4_PAIR_ORDER, QK_DIM, QK_HEADS, as_float32, bf16_row_dots,
-                   exp_shifted_sum, max_nan, mxfp4_block_decode_avx2, mxfp4_row_dots, q8_row_dot,
-                   qk8_scores, weighted_rows64)
+                   exp_shifted_sum, max_nan, mxfp4_block_decode_avx2, mxfp4_row_dots,
+                   mxfp4_row_pair_dot, q8_row_dot, qk8_scores, weighted_rows64)
 
 # a forced kernel path (simd.KERNELS) compiles afresh: the disk cache can't tell the builds apart
 CACHE = os.environ.get("TINYOSS_NUMBA_CACHE", "1") != "0" and KERNELS == "auto"
@@ -175,16 +175,24 @@ def f32_mf4w_moe_matvec(blocks, scales, bias, experts, xl, out):
         k = task // tasks_per_expert
         e = experts[k]
         r0 = (task % tasks_per_expert) * ROWS_PER_TASK
-        for r in range(r0, min(r0 + ROWS_PER_TASK, R)):
-            row = e * R + r
-            b = as_float32(np.uint32(bias[e, r]) << np.uint32(16))
-            if HAVE_AVX2:
-                mxfp4_row_dots(1, flat_b, row * nb * 16, flat_s, row * nb, _E8M0, flat_x,
-                               k * x_step, 0, nb, flat_out, k * R + r, 1)
-                flat_out[k * R + r] += b  # through the view the intrinsic wrote (see NOALIAS)
-            else:
-                flat_out[k * R + r] = mxfp4_row_dot_plain(flat_b, row * nb * 16, flat_s, row * nb,
-                                                          _E8M0, flat_x, k * x_step, nb) + b
+        r1 = min(r0 + ROWS_PER_TASK, R)
+        if HAVE_AVX2:  # rows two at a time (sharing x's loads), a lone last one alone
+            for r in range(r0, r1, 2):
+                row = e * R + r
+                if r + 1 < r1:
+                    mxfp4_row_pair_dot(flat_b, row * nb * 16, flat_s, row * nb, _E8M0, flat_x,
+                                       k * x_step, nb, flat_out, k * R + r)
+                else:
+                    mxfp4_row_dots(1, flat_b, row * nb * 16, flat_s, row * nb, _E8M0, flat_x,
+                                   k * x_step, 0, nb, flat_out, k * R + r, 1)
+            for r in range(r0, r1):  # through the view the intrinsics wrote (see NOALIAS)
+                flat_out[k * R + r] += as_float32(np.uint32(bias[e, r]) << np.uint32(16))
+        else:
+            for r in range(r0, r1):
+                row = e * R + r
+                flat_out[k * R + r] = mxfp4_row_dot_plain(
+                    flat_b, row * nb * 16, flat_s, row * nb, _E8M0, flat_x, k * x_step, nb) + \
+                    as_float32(np.uint32(bias[e, r]) << np.uint32(16))
 
 
 @jit(parallel=True, fastmath=True)

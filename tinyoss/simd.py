@@ -199,6 +199,78 @@ def _for_group(builder, g, emit) -> None:
     builder.position_at_end(end)
 
 
+PREFETCH_ROWS = 8  # rows ahead the decode matvec asks the cache for (`mxfp4_row_pair_dot`)
+
+
+def _mxfp4_dots(builder, bptr, sptr, tptr, xptr, x_len, nb, optr, o_stride, rows: int,
+                group: int, prefetch: bool) -> None:
+    """The loop of the MXFP4 row-dot intrinsics: `rows` adjacent weight rows (nb blocks each,
+    from bptr / sptr) against `group` vectors (x_j = xptr + j * x_len, in lane order), out[j *
+    o_stride + r] = row r . x_j. A step decodes one block (two with AVX-512) of each row once for
+    the group vectors, and loads each x vector once for the rows; a block's products are summed,
+    then scaled (exact: a power of two); the sums stay in registers. prefetch: ask for the line
+    PREFETCH_ROWS rows ahead of each new line read."""
+    def scale_of(b):  # float32 2**(s-127) of block b (counted from the first row's first)
+        return builder.load(builder.gep(tptr, [builder.zext(
+            builder.load(builder.gep(sptr, [b])), _i64)]))
+
+    def step(b, lanes, accs, index):
+        """Blocks b .. b + lanes/2 - 1 of each row: their products with each x_j, scaled, into
+        accs[r][j]."""
+        width = 4 * lanes  # floats a vector
+        vf = ir.VectorType(_f32, width)
+        x0 = builder.mul(b, _const(32))
+        xs = [[builder.load(builder.bitcast(builder.gep(xptr, [builder.add(builder.mul(
+            _const(j), x_len), builder.add(x0, _const(width * i)))]), vf.as_pointer()), align=4)
+            for i in range(4)] for j in range(group)]
+        for r in range(rows):
+            rb = builder.add(b, builder.mul(nb, _const(r)))  # the block, counted from row 0's
+            if prefetch and index is not None:  # a new 64-byte line every 64 / (8 lanes) steps
+                with builder.if_then(builder.icmp_unsigned("==", builder.urem(
+                        index, _const(8 // lanes)), _const(0))):
+                    _prefetch(builder, builder.gep(bptr, [builder.mul(builder.add(
+                        rb, builder.mul(nb, _const(PREFETCH_ROWS))), _const(16))]))
+            w = _e2m1_decode(builder, builder.gep(bptr, [builder.mul(rb, _const(16))]), lanes)
+            if lanes == 2:
+                scale = _splat(builder, scale_of(rb), width)
+            else:  # float lanes 0-3 and 8-11 hold block b's values, 4-7 and 12-15 block b+1's
+                two = ir.VectorType(_f32, 2)
+                pair = builder.insert_element(builder.insert_element(
+                    ir.Constant(two, ir.Undefined), scale_of(rb), ir.Constant(_i32, 0)),
+                    scale_of(builder.add(rb, _const(1))), ir.Constant(_i32, 1))
+                scale = builder.shuffle_vector(pair, pair, ir.Constant(
+                    ir.VectorType(_i32, width), [(f // 4) % 2 for f in range(width)]))
+            for j in range(group):
+                part = None
+                for i in range(4):
+                    prod = builder.fmul(w[i], xs[j][i], flags=_FAST)
+                    part = prod if part is None else builder.fadd(part, prod, flags=_FAST)
+                _add_product(builder, accs[r][j], part, scale)
+
+    lanes = 4 if HAVE_AVX512 else 2
+    per_step = lanes // 2  # blocks
+    width = 4 * lanes
+    vf = ir.VectorType(_f32, width)
+    accs = [[cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * width))
+             for _ in range(group)] for _ in range(rows)]  # (two a vector measured no faster)
+    with cgutils.for_range(builder, builder.udiv(nb, _const(per_step))) as loop:
+        step(builder.mul(loop.index, _const(per_step)), lanes, accs, loop.index)
+    sums = [[_sum_lanes(builder, builder.load(acc), width) for acc in row] for row in accs]
+    if lanes == 4:  # an odd block count: the last block alone, 256 bits wide
+        v8f = ir.VectorType(_f32, 8)
+        tail = [[cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8))
+                 for _ in range(group)] for _ in range(rows)]
+        with builder.if_then(builder.icmp_unsigned("!=", builder.urem(nb, _const(2)),
+                                                   _const(0))):
+            step(builder.sub(nb, _const(1)), 2, tail, None)
+        sums = [[builder.fadd(total, _sum_lanes(builder, builder.load(t), 8), flags=_FAST)
+                 for total, t in zip(row_sums, row_tail)] for row_sums, row_tail in zip(sums, tail)]
+    for r, row_sums in enumerate(sums):
+        for j, total in enumerate(row_sums):
+            builder.store(total, builder.gep(optr, [builder.add(builder.mul(_const(j), o_stride),
+                                                                _const(r))]))
+
+
 @intrinsic
 def mxfp4_row_dots(typingctx, g, blocks, b_off, scales, s_off, scale_table, xl, x_off, x_len, nb,
                    out, o_off, o_stride):
@@ -206,9 +278,8 @@ def mxfp4_row_dots(typingctx, g, blocks, b_off, scales, s_off, scale_table, xl, 
     sum_c w[c] x_j[c] for j < g (float32). blocks/scales: flat uint8, the row's nb blocks start
     at blocks[b_off], scales[s_off]; scale_table: float32, byte s -> 2**(s-127);
     x_j = xl[x_off + j * x_len :] in `kernels.lane_order(nb)` (`kernels.to_lane_order`).
-    A step decodes one block (two with AVX-512) once for the g vectors; its products are summed,
-    then scaled (exact: a power of two); the sums stay in registers. g = 1 is decode's matvec,
-    1..4 prefill's few-token matmul."""
+    Each block is decoded once for the g vectors (`_mxfp4_dots`): prefill's few-token matmul
+    (g = 1..4) and a lone last row of the decode matvec (g = 1)."""
     sig = types.void(types.intp, blocks, types.intp, scales, types.intp, scale_table, xl,
                      types.intp, types.intp, types.intp, out, types.intp, types.intp)
 
@@ -221,59 +292,35 @@ def mxfp4_row_dots(typingctx, g, blocks, b_off, scales, s_off, scale_table, xl, 
         tptr = _data(context, builder, a[5], table_a)
         xptr = builder.gep(_data(context, builder, a[6], xl_a), [x_off])
         optr = builder.gep(_data(context, builder, a[10], out_a), [o_off])
+        _for_group(builder, g, lambda group: _mxfp4_dots(
+            builder, bptr, sptr, tptr, xptr, x_len, nb, optr, o_stride, 1, group, False))
+        return context.get_dummy_value()
 
-        def scale_of(b):  # float32 2**(s-127) of block b
-            return builder.load(builder.gep(tptr, [builder.zext(
-                builder.load(builder.gep(sptr, [b])), _i64)]))
+    return sig, codegen
 
-        def step(b, lanes, accs, group):
-            """Blocks b .. b + lanes/2 - 1: their products with each x_j, scaled, into accs[j]."""
-            width = 4 * lanes  # floats a vector
-            vf = ir.VectorType(_f32, width)
-            w = _e2m1_decode(builder, builder.gep(bptr, [builder.mul(b, _const(16))]), lanes)
-            if lanes == 2:
-                scale = _splat(builder, scale_of(b), width)
-            else:  # float lanes 0-3 and 8-11 hold block b's values, 4-7 and 12-15 block b+1's
-                two = ir.VectorType(_f32, 2)
-                pair = builder.insert_element(builder.insert_element(
-                    ir.Constant(two, ir.Undefined), scale_of(b), ir.Constant(_i32, 0)),
-                    scale_of(builder.add(b, _const(1))), ir.Constant(_i32, 1))
-                scale = builder.shuffle_vector(pair, pair, ir.Constant(
-                    ir.VectorType(_i32, width), [(f // 4) % 2 for f in range(width)]))
-            x0 = builder.mul(b, _const(32))
-            for j in range(group):
-                xj = builder.gep(xptr, [builder.add(builder.mul(_const(j), x_len), x0)])
-                part = None
-                for i in range(4):
-                    xv = builder.load(builder.bitcast(builder.gep(xj, [_const(width * i)]),
-                                                      vf.as_pointer()), align=4)
-                    prod = builder.fmul(w[i], xv, flags=_FAST)
-                    part = prod if part is None else builder.fadd(part, prod, flags=_FAST)
-                _add_product(builder, accs[j], part, scale)
 
-        def row(group):
-            lanes = 4 if HAVE_AVX512 else 2
-            per_step = lanes // 2  # blocks
-            width = 4 * lanes
-            vf = ir.VectorType(_f32, width)
-            accs = [cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * width))
-                    for _ in range(group)]  # (two accumulators a vector measured no faster)
-            with cgutils.for_range(builder, builder.udiv(nb, _const(per_step))) as loop:
-                step(builder.mul(loop.index, _const(per_step)), lanes, accs, group)
-            sums = [_sum_lanes(builder, builder.load(acc), width) for acc in accs]
-            if lanes == 4:  # an odd block count: the last block alone, 256 bits wide
-                v8f = ir.VectorType(_f32, 8)
-                tail = [cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8))
-                        for _ in range(group)]
-                with builder.if_then(builder.icmp_unsigned("!=", builder.urem(nb, _const(2)),
-                                                           _const(0))):
-                    step(builder.sub(nb, _const(1)), 2, tail, group)
-                sums = [builder.fadd(total, _sum_lanes(builder, builder.load(t), 8), flags=_FAST)
-                        for total, t in zip(sums, tail)]
-            for j, total in enumerate(sums):
-                builder.store(total, builder.gep(optr, [builder.mul(_const(j), o_stride)]))
+@intrinsic
+def mxfp4_row_pair_dot(typingctx, blocks, b_off, scales, s_off, scale_table, xl, x_off, nb, out,
+                       o_off):
+    """Two adjacent MXFP4 weight rows against one vector, decode's matvec: out[o_off + r] =
+    row r . x for r = 0, 1 (arguments as `mxfp4_row_dots`, the rows' blocks from b_off). x's
+    loads serve both rows, and each row's line PREFETCH_ROWS rows ahead is asked for as a line
+    is read. In one process, alternating with the one-row kernel without prefetch (the 20b's
+    expert matvecs, 4 experts x 24 layers from RAM, medians of 12 passes): 1.14x and 1.18x
+    with AVX-512 (1.05-1.18x at 2 to 16 rows ahead), 1.05x on the AVX2 path; two rows without
+    the prefetch ran 0.5x (the hardware prefetcher loses the interleaved streams)."""
+    sig = types.void(blocks, types.intp, scales, types.intp, scale_table, xl, types.intp,
+                     types.intp, out, types.intp)
 
-        _for_group(builder, g, row)
+    def codegen(context, builder, signature, args):
+        blocks_a, b_off, scales_a, s_off, table_a, xl_a, x_off, nb, out_a, o_off = args
+        a = signature.args
+        bptr = builder.gep(_data(context, builder, a[0], blocks_a), [b_off])
+        sptr = builder.gep(_data(context, builder, a[2], scales_a), [s_off])
+        tptr = _data(context, builder, a[4], table_a)
+        xptr = builder.gep(_data(context, builder, a[5], xl_a), [x_off])
+        optr = builder.gep(_data(context, builder, a[8], out_a), [o_off])
+        _mxfp4_dots(builder, bptr, sptr, tptr, xptr, _const(0), nb, optr, _const(0), 2, 1, True)
         return context.get_dummy_value()
 
     return sig, codegen
