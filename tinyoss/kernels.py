@@ -290,9 +290,12 @@ def _bf16_rows(w, xs, bias, out, r0, r1):
     flat, flat_x, flat_out = w.reshape(-1), xs.reshape(-1), out.reshape(-1)
     main = C - C % 32
     for r in range(r0, r1):
-        for j0 in range(0, m, MAX_GROUP):
-            bf16_row_dots(min(MAX_GROUP, m - j0), flat, r * C, flat_x, j0 * C, C, main, flat_out,
-                          j0 * R + r, R)
+        if m == 1:  # decode: a constant group, so the intrinsic's switch folds to one loop
+            bf16_row_dots(1, flat, r * C, flat_x, 0, C, main, flat_out, r, R)
+        else:
+            for j0 in range(0, m, MAX_GROUP):
+                bf16_row_dots(min(MAX_GROUP, m - j0), flat, r * C, flat_x, j0 * C, C, main,
+                              flat_out, j0 * R + r, R)
         for j in range(m):
             acc = flat_out[j * R + r]  # through the view the intrinsic wrote (see NOALIAS)
             for c in range(main, C):
