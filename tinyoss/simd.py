@@ -199,7 +199,7 @@ def _for_group(builder, g, emit) -> None:
     builder.position_at_end(end)
 
 
-PREFETCH_ROWS = 8  # rows ahead the matvecs ask the cache for (`mxfp4_row_pair_dot`, bf16_row_dots)
+PREFETCH_ROWS = 8  # rows ahead the matvecs ask the cache for (mxfp4_row_pair_dot, bf16_row_dots, q8_row_dot)
 
 
 def _mxfp4_dots(builder, bptr, sptr, tptr, xptr, x_len, nb, optr, o_stride, rows: int,
@@ -358,7 +358,9 @@ def q8_row_dot(typingctx, q, q_off, scales, s_off, x, nb):
     """sum over one int8 row of scale[b] * q[32b + j] * x[32b + j] (float32), 32 values a step.
 
     q: flat int8 array (row starts at q_off), scales: flat float32 (row's first at s_off),
-    x: float32 [nb * 32]. Plain LLVM vector IR: portable, no CPU-specific instruction."""
+    x: float32 [nb * 32]. Rows are nb * 32 bytes apart: every other step (a 64-byte line) asks
+    for the line PREFETCH_ROWS rows ahead. Plain LLVM vector IR: portable, no CPU-specific
+    instruction."""
     sig = types.float32(q, types.intp, scales, types.intp, x, types.intp)
 
     def codegen(context, builder, signature, args):
@@ -371,6 +373,10 @@ def q8_row_dot(typingctx, q, q_off, scales, s_off, x, nb):
         acc_slot = cgutils.alloca_once_value(builder, ir.Constant(v32f, [0.0] * 32))
         with cgutils.for_range(builder, nb) as loop:
             off = builder.mul(loop.index, ir.Constant(_i64, 32))
+            with builder.if_then(builder.icmp_unsigned("==", builder.and_(loop.index, _const(1)),
+                                                       _const(0))):
+                _prefetch(builder, builder.gep(qptr, [builder.add(off, builder.mul(
+                    nb, _const(32 * PREFETCH_ROWS)))]))
             qv = builder.load(builder.bitcast(builder.gep(qptr, [off]), v32i8.as_pointer()), align=1)
             xv = builder.load(builder.bitcast(builder.gep(xptr, [off]), v32f.as_pointer()), align=4)
             splat = _splat(builder, builder.load(builder.gep(sptr, [loop.index])), 32)
