@@ -271,6 +271,16 @@ def _mxfp4_dots(builder, bptr, sptr, tptr, xptr, x_len, nb, optr, o_stride, rows
                                                                 _const(r))]))
 
 
+def _mxfp4_pointers(context, builder, types_, args, at):
+    """The MXFP4 row-dot intrinsics' pointers (blocks, scales, scale table, x, out) from their
+    argument positions `at`; each but the table's is followed by its offset, which is applied."""
+    def pointer(i, offset=True):
+        data = _data(context, builder, types_[i], args[i])
+        return builder.gep(data, [args[i + 1]]) if offset else data
+    b, s, t, x, o = at
+    return pointer(b), pointer(s), pointer(t, False), pointer(x), pointer(o)
+
+
 @intrinsic
 def mxfp4_row_dots(typingctx, g, blocks, b_off, scales, s_off, scale_table, xl, x_off, x_len, nb,
                    out, o_off, o_stride):
@@ -284,14 +294,9 @@ def mxfp4_row_dots(typingctx, g, blocks, b_off, scales, s_off, scale_table, xl, 
                      types.intp, types.intp, types.intp, out, types.intp, types.intp)
 
     def codegen(context, builder, signature, args):
-        g, blocks_a, b_off, scales_a, s_off, table_a, xl_a, x_off, x_len, nb, out_a, o_off, \
-            o_stride = args
-        a = signature.args
-        bptr = builder.gep(_data(context, builder, a[1], blocks_a), [b_off])
-        sptr = builder.gep(_data(context, builder, a[3], scales_a), [s_off])
-        tptr = _data(context, builder, a[5], table_a)
-        xptr = builder.gep(_data(context, builder, a[6], xl_a), [x_off])
-        optr = builder.gep(_data(context, builder, a[10], out_a), [o_off])
+        g, x_len, nb, o_stride = args[0], args[8], args[9], args[12]
+        bptr, sptr, tptr, xptr, optr = _mxfp4_pointers(context, builder, signature.args, args,
+                                                       (1, 3, 5, 6, 10))
         _for_group(builder, g, lambda group: _mxfp4_dots(
             builder, bptr, sptr, tptr, xptr, x_len, nb, optr, o_stride, 1, group, False))
         return context.get_dummy_value()
@@ -313,13 +318,9 @@ def mxfp4_row_pair_dot(typingctx, blocks, b_off, scales, s_off, scale_table, xl,
                      types.intp, out, types.intp)
 
     def codegen(context, builder, signature, args):
-        blocks_a, b_off, scales_a, s_off, table_a, xl_a, x_off, nb, out_a, o_off = args
-        a = signature.args
-        bptr = builder.gep(_data(context, builder, a[0], blocks_a), [b_off])
-        sptr = builder.gep(_data(context, builder, a[2], scales_a), [s_off])
-        tptr = _data(context, builder, a[4], table_a)
-        xptr = builder.gep(_data(context, builder, a[5], xl_a), [x_off])
-        optr = builder.gep(_data(context, builder, a[8], out_a), [o_off])
+        nb = args[7]
+        bptr, sptr, tptr, xptr, optr = _mxfp4_pointers(context, builder, signature.args, args,
+                                                       (0, 2, 4, 5, 8))
         _mxfp4_dots(builder, bptr, sptr, tptr, xptr, _const(0), nb, optr, _const(0), 2, 1, True)
         return context.get_dummy_value()
 
