@@ -86,8 +86,10 @@ def as_float32(typingctx, bits):
     return sig, codegen
 
 
-def _data(context, builder, aryty, ary):
-    return context.make_array(aryty)(context, builder, ary).data
+def _data(context, builder, aryty, ary, offset=None):
+    """Pointer to an array argument's first element, or to its element `offset` (flat)."""
+    data = context.make_array(aryty)(context, builder, ary).data
+    return data if offset is None else builder.gep(data, [offset])
 
 
 def _splat(builder, value, width: int):
@@ -271,16 +273,6 @@ def _mxfp4_dots(builder, bptr, sptr, tptr, xptr, x_len, nb, optr, o_stride, rows
                                                                 _const(r))]))
 
 
-def _mxfp4_pointers(context, builder, types_, args, at):
-    """The MXFP4 row-dot intrinsics' pointers (blocks, scales, scale table, x, out) from their
-    argument positions `at`; each but the table's is followed by its offset, which is applied."""
-    def pointer(i, offset=True):
-        data = _data(context, builder, types_[i], args[i])
-        return builder.gep(data, [args[i + 1]]) if offset else data
-    b, s, t, x, o = at
-    return pointer(b), pointer(s), pointer(t, False), pointer(x), pointer(o)
-
-
 @intrinsic
 def mxfp4_row_dots(typingctx, g, blocks, b_off, scales, s_off, scale_table, xl, x_off, x_len, nb,
                    out, o_off, o_stride):
@@ -294,9 +286,14 @@ def mxfp4_row_dots(typingctx, g, blocks, b_off, scales, s_off, scale_table, xl, 
                      types.intp, types.intp, types.intp, out, types.intp, types.intp)
 
     def codegen(context, builder, signature, args):
-        g, x_len, nb, o_stride = args[0], args[8], args[9], args[12]
-        bptr, sptr, tptr, xptr, optr = _mxfp4_pointers(context, builder, signature.args, args,
-                                                       (1, 3, 5, 6, 10))
+        g, blocks_a, b_off, scales_a, s_off, table_a, xl_a, x_off, x_len, nb, out_a, o_off, \
+            o_stride = args
+        a = signature.args
+        bptr = _data(context, builder, a[1], blocks_a, b_off)
+        sptr = _data(context, builder, a[3], scales_a, s_off)
+        tptr = _data(context, builder, a[5], table_a)
+        xptr = _data(context, builder, a[6], xl_a, x_off)
+        optr = _data(context, builder, a[10], out_a, o_off)
         _for_group(builder, g, lambda group: _mxfp4_dots(
             builder, bptr, sptr, tptr, xptr, x_len, nb, optr, o_stride, 1, group, False))
         return context.get_dummy_value()
@@ -318,9 +315,13 @@ def mxfp4_row_pair_dot(typingctx, blocks, b_off, scales, s_off, scale_table, xl,
                      types.intp, out, types.intp)
 
     def codegen(context, builder, signature, args):
-        nb = args[7]
-        bptr, sptr, tptr, xptr, optr = _mxfp4_pointers(context, builder, signature.args, args,
-                                                       (0, 2, 4, 5, 8))
+        blocks_a, b_off, scales_a, s_off, table_a, xl_a, x_off, nb, out_a, o_off = args
+        a = signature.args
+        bptr = _data(context, builder, a[0], blocks_a, b_off)
+        sptr = _data(context, builder, a[2], scales_a, s_off)
+        tptr = _data(context, builder, a[4], table_a)
+        xptr = _data(context, builder, a[5], xl_a, x_off)
+        optr = _data(context, builder, a[8], out_a, o_off)
         _mxfp4_dots(builder, bptr, sptr, tptr, xptr, _const(0), nb, optr, _const(0), 2, 1, True)
         return context.get_dummy_value()
 
@@ -337,8 +338,8 @@ def mxfp4_block_decode_avx2(typingctx, blocks, b_off, scale, out, o_off):
 
     def codegen(context, builder, signature, args):
         blocks_a, b_off, scale, out_a, o_off = args
-        bptr = builder.gep(_data(context, builder, signature.args[0], blocks_a), [b_off])
-        optr = builder.gep(_data(context, builder, signature.args[3], out_a), [o_off])
+        bptr = _data(context, builder, signature.args[0], blocks_a, b_off)
+        optr = _data(context, builder, signature.args[3], out_a, o_off)
         w = _e2m1_decode(builder, bptr)  # four <8 x float>, in MXFP4_LANE_ORDER
         v32f = ir.VectorType(_f32, 32)
         i32s = lambda ids: ir.Constant(ir.VectorType(_i32, len(ids)), ids)  # noqa: E731
@@ -368,8 +369,8 @@ def q8_row_dot(typingctx, q, q_off, scales, s_off, x, nb):
         q_a, q_off, s_a, s_off, x_a, nb = args
         a = signature.args
         v32i8, v32i32, v32f = (ir.VectorType(t, 32) for t in (_i8, _i32, _f32))
-        qptr = builder.gep(_data(context, builder, a[0], q_a), [q_off])
-        sptr = builder.gep(_data(context, builder, a[2], s_a), [s_off])
+        qptr = _data(context, builder, a[0], q_a, q_off)
+        sptr = _data(context, builder, a[2], s_a, s_off)
         xptr = _data(context, builder, a[4], x_a)
         acc_slot = cgutils.alloca_once_value(builder, ir.Constant(v32f, [0.0] * 32))
         with cgutils.for_range(builder, nb) as loop:
@@ -403,9 +404,9 @@ def bf16_row_dots(typingctx, g, w, w_off, x, x_off, x_len, n, out, o_off, o_stri
         g, w_a, w_off, x_a, x_off, x_len, n, out_a, o_off, o_stride = args
         a = signature.args
         v32i16, v32i32, v32f = (ir.VectorType(t, 32) for t in (ir.IntType(16), _i32, _f32))
-        wptr = builder.gep(_data(context, builder, a[1], w_a), [w_off])
-        xptr = builder.gep(_data(context, builder, a[3], x_a), [x_off])
-        optr = builder.gep(_data(context, builder, a[7], out_a), [o_off])
+        wptr = _data(context, builder, a[1], w_a, w_off)
+        xptr = _data(context, builder, a[3], x_a, x_off)
+        optr = _data(context, builder, a[7], out_a, o_off)
 
         def row(group):
             accs = [cgutils.alloca_once_value(builder, ir.Constant(v32f, [0.0] * 32))
@@ -475,9 +476,9 @@ def qk8_scores(typingctx, qt, q_off, keys, k_off, count, scale, out, o_off, o_st
         qt_a, q_off, keys_a, k_off, count, scale, out_a, o_off, o_stride = args
         a = signature.args
         v8f = ir.VectorType(_f32, QK_HEADS)
-        qptr = builder.gep(_data(context, builder, a[0], qt_a), [q_off])
-        kptr = builder.gep(_data(context, builder, a[2], keys_a), [k_off])
-        optr = builder.gep(_data(context, builder, a[6], out_a), [o_off])
+        qptr = _data(context, builder, a[0], qt_a, q_off)
+        kptr = _data(context, builder, a[2], keys_a, k_off)
+        optr = _data(context, builder, a[6], out_a, o_off)
         splat_scale = _splat(builder, scale, QK_HEADS)
 
         def sums(t0, n):  # [n x <8 x float>]: key t0 + i against the 8 queries
@@ -525,11 +526,10 @@ def weighted_rows64(typingctx, w, w_off, w_stride, rows, r_off, count, out, o_of
         w_a, w_off, w_stride, rows_a, r_off, count, out_a, o_off, pf_off, pf_rows = args
         a = signature.args
         v64f = ir.VectorType(_f32, QK_DIM)
-        wptr = builder.gep(_data(context, builder, a[0], w_a), [w_off])
+        wptr = _data(context, builder, a[0], w_a, w_off)
         rows_base = _data(context, builder, a[3], rows_a)
         rptr, pptr = builder.gep(rows_base, [r_off]), builder.gep(rows_base, [pf_off])
-        optr = builder.bitcast(builder.gep(_data(context, builder, a[6], out_a), [o_off]),
-                               v64f.as_pointer())
+        optr = builder.bitcast(_data(context, builder, a[6], out_a, o_off), v64f.as_pointer())
         acc_slot = cgutils.alloca_once_value(builder, builder.load(optr, align=4))
         with cgutils.for_range(builder, count) as loop:
             with builder.if_then(builder.icmp_signed("<", loop.index, pf_rows)):
@@ -605,7 +605,7 @@ def max_nan(typingctx, a, off, count):
         a_a, off, count = args
         width = 16
         vf = ir.VectorType(_f32, width)
-        ptr = builder.gep(_data(context, builder, signature.args[0], a_a), [off])
+        ptr = _data(context, builder, signature.args[0], a_a, off)
         vmax = builder.module.declare_intrinsic(f"llvm.maximum.v{width}f32",
                                                 fnty=ir.FunctionType(vf, [vf, vf]))
         smax = builder.module.declare_intrinsic("llvm.maximum.f32",
@@ -645,7 +645,7 @@ def exp_shifted_sum(typingctx, a, off, count, shift):
         a_a, off, count, shift = args
         width = EXP_LANES
         vf = ir.VectorType(_f32, width)
-        ptr = builder.gep(_data(context, builder, signature.args[0], a_a), [off])
+        ptr = _data(context, builder, signature.args[0], a_a, off)
         splat_shift = _splat(builder, shift, width)
         acc_slot = cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * width))
         steps = builder.udiv(count, _const(width))
