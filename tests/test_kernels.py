@@ -143,14 +143,25 @@ def _sdpa_twin(q, k, v, sinks, cached, window):
                 attention_scores_mask(q_pos, np.arange(k.shape[0]), window))
 
 
+def _as_kv(buf, kv):
+    """A float32 KV buffer as KVCache(kv=...) holds it, and the float32 values it stands for."""
+    if kv == "f32":
+        return buf, buf
+    bits = f32_to_bf16(buf)
+    return bits, bf16_to_f32(bits)
+
+
 @SETTINGS
-@given(attention_case())
-def test_attention_equals_sdpa(case):
+@given(attention_case(), st.sampled_from(["f32", "bf16"]))
+def test_attention_equals_sdpa(case, kv):
+    """Prefill attention over a float32 cache, or a bf16 one (the twin given the same keys and
+    values widened: the kernel widens each exactly)."""
     q, k, v, sinks, cached, window = case
-    want = _sdpa_twin(q, k, v, sinks, cached, window)
-    out = np.empty_like(want)
     head_major = lambda a: np.ascontiguousarray(a.transpose(1, 0, 2))  # noqa: E731
-    kernels.f32_attention(q, head_major(k), head_major(v), sinks, cached, 0, 0, 0, window, out)
+    (k_buf, k), (v_buf, v) = _as_kv(head_major(k), kv), _as_kv(head_major(v), kv)
+    want = _sdpa_twin(q, k.transpose(1, 0, 2), v.transpose(1, 0, 2), sinks, cached, window)
+    out = np.empty_like(want)
+    kernels.f32_attention(q, k_buf, v_buf, sinks, cached, 0, 0, 0, window, out)
     _close(out, want, np.abs(v).max() * 1.0)
 
 
@@ -176,14 +187,14 @@ def test_attention_reads_a_ring_buffer(case, ring):
     _close(out, want, np.abs(v).max())
 
 
-@pytest.mark.parametrize("dense", ["bf16", "q8"])
-def test_kernels_do_not_recompile(make_checkpoint, dense, tmp_path):
+@pytest.mark.parametrize("dense,kv", [("bf16", "f32"), ("q8", "f32"), ("bf16", "bf16")])
+def test_kernels_do_not_recompile(make_checkpoint, dense, kv, tmp_path):
     """After fast.warm_up (what `tinyoss bench` runs before timing), a checkpoint's short and
     long prefills and its decode steps add no compiled signature: every kernel was ready."""
     import tinyoss
     from tinyoss.fast import warm_up
 
-    warm_up(dense)
+    warm_up(dense, kv)
     jitted = [getattr(kernels, n) for n in dir(kernels)
               if hasattr(getattr(kernels, n), "signatures")]
     before = {k.__name__: len(k.signatures) for k in jitted}
@@ -191,7 +202,7 @@ def test_kernels_do_not_recompile(make_checkpoint, dense, tmp_path):
     # q8: int8 copies in memory (no cache), written to a cache file and mapped, mapped again
     path = make_checkpoint("both", seed=2, vocab_size=300, hidden_size=256)
     for q8_cache in ([False, tmp_path, tmp_path] if dense == "q8" else [False]):
-        model = tinyoss.load(path, dense=dense, q8_cache=q8_cache)
+        model = tinyoss.load(path, dense=dense, q8_cache=q8_cache, kv=kv)
         cache = model.new_cache()
         model.forward(np.arange(2), cache)
         model.forward(np.arange(40), cache)
@@ -241,33 +252,35 @@ def decode_case(draw):
 
 
 @SETTINGS
-@given(decode_case())
-def test_decode_attention_equals_sdpa(case):
+@given(decode_case(), st.sampled_from(["f32", "bf16"]))
+def test_decode_attention_equals_sdpa(case, kv):
     """fast.attend_one (one query that sees every cached key: the three decode kernels) against
-    the numpy definition."""
+    the numpy definition, over a float32 or a bf16 cache (the twin sees it widened)."""
     from tinyoss.fast import attend_one
 
     q, k_buf, v_buf, count, sinks = case
-    k, v = k_buf[:, :count].transpose(1, 0, 2), v_buf[:, :count].transpose(1, 0, 2)
+    (k_buf, k_wide), (v_buf, v_wide) = _as_kv(k_buf, kv), _as_kv(v_buf, kv)
+    k, v = k_wide[:, :count].transpose(1, 0, 2), v_wide[:, :count].transpose(1, 0, 2)
     want = _sdpa_twin(q, k, v, sinks, count - 1, 0)
     got = attend_one(q, k_buf, v_buf, count, sinks)
     _close(got, want, np.abs(v).max())
 
 
 @SETTINGS
-@given(decode_case())
-def test_decode_attention_kernels_equal_their_twins(case):
-    q, k_buf, v_buf, count, sinks = case
+@given(decode_case(), st.sampled_from(["f32", "bf16"]))
+def test_decode_attention_kernels_equal_their_twins(case, kv):
+    q, k_bits, v_bits, count, sinks = case
+    (k_bits, k_buf), (v_bits, v_buf) = _as_kv(k_bits, kv), _as_kv(v_bits, kv)
     Hkv, _, dh = k_buf.shape
     qh = q[0].reshape(Hkv, -1, dh)
     scores = np.empty((Hkv, qh.shape[1], count), np.float32)
-    kernels.f32_decode_scores(qh, k_buf, count, scores)
+    kernels.f32_decode_scores(qh, k_bits, count, scores)
     want = qh @ k_buf[:, :count].transpose(0, 2, 1) / np.float32(np.sqrt(dh))
     _close(scores, want, np.abs(qh) @ np.abs(k_buf[:, :count]).transpose(0, 2, 1) / np.sqrt(dh))
     w = np.abs(scores)  # any weights, any softmax denominators
     denom = np.random.default_rng(count).uniform(0.5, 4, qh.shape[:2]).astype(np.float32)
     out = np.empty(qh.shape, np.float32)
-    kernels.f32_decode_values(w, v_buf, count, denom.reshape(-1), out)
+    kernels.f32_decode_values(w, v_bits, count, denom.reshape(-1), out)
     _close(out, w @ v_buf[:, :count] / denom[..., None],
            w @ np.abs(v_buf[:, :count]) / denom[..., None])
 

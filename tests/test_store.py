@@ -247,6 +247,14 @@ def test_context_overflow(make_checkpoint):
         model.new_cache(max_tokens=10 ** 7)
 
 
+def test_a_bad_kv_cache_kind_is_one_clear_error(make_checkpoint):
+    root = make_checkpoint("both", seed=1, **SMALL)
+    with pytest.raises(TinyossError, match="kv must be one of 'f32', 'bf16', got 'f16'"):
+        tinyoss.load(root, kv="f16")
+    with pytest.raises(TinyossError, match="kv must be one of 'f32', 'bf16', got 'int8'"):
+        tinyoss.load(root).new_cache(kv="int8")
+
+
 def test_release_keeps_the_data_readable(make_checkpoint):
     """Dropping a tensor's pages from the process (dense='q8' does it) loses nothing: the next
     read faults them back in from the page cache, bytes unchanged."""

@@ -22,7 +22,7 @@ import numpy as np
 
 from .fast import warm_up
 from .kernels import f32_bf16w_matvec
-from .model import Model
+from .model import KV_DTYPES, Model
 from .store import proc_kib
 
 
@@ -63,7 +63,7 @@ def bytes_per_token(model: Model, depth: int) -> int:
         per_expert = sum(a[0].nbytes for a in (lw.mlp1_blocks, lw.mlp1_scales, lw.mlp1_bias,
                                                lw.mlp2_blocks, lw.mlp2_scales, lw.mlp2_bias))
         experts += c.experts_per_token * per_expert
-    kv_row = 2 * c.kv_dim * 4  # k and v, float32
+    kv_row = 2 * c.kv_dim * np.dtype(KV_DTYPES[model.kv]).itemsize  # k and v
     kv = sum(min(depth + 1, c.sliding_window) if s else depth + 1 for s in c.layer_sliding) * kv_row
     return dense + experts + kv
 
@@ -134,6 +134,7 @@ def seconds_since_process_start() -> float | None:
 class BenchResult:
     model: str
     dense: str
+    kv: str  # the KV cache's kind: f32 or bf16
     threads: int
     load_s: float  # opening the checkpoint (+ the int8 copies with dense=q8: mapped from the
     # cache file, or made at a checkpoint's first q8 load)
@@ -152,8 +153,8 @@ class BenchResult:
 
 
 def run(path, prompt_tokens: int = 512, depths=(0,), decode_tokens: int = 16, dense: str = "bf16",
-        seed: int = 0, progress: Callable[[str], None] = lambda s: None, repeat: int = 1
-        ) -> BenchResult:
+        seed: int = 0, progress: Callable[[str], None] = lambda s: None, repeat: int = 1,
+        kv: str = "f32") -> BenchResult:
     """repeat: decode at every depth that many times, the depths taking turns (a slow minute
     of a noisy machine then hits every depth alike); each reports the median and every run."""
     from . import load
@@ -162,7 +163,7 @@ def run(path, prompt_tokens: int = 512, depths=(0,), decode_tokens: int = 16, de
     rss = PeakRSS()
     progress("opening the checkpoint")
     t = time.perf_counter()
-    model = load(path, dense=dense)
+    model = load(path, dense=dense, kv=kv)
     load_s = time.perf_counter() - t
     c = model.config
     rng = np.random.default_rng(seed)
@@ -170,7 +171,7 @@ def run(path, prompt_tokens: int = 512, depths=(0,), decode_tokens: int = 16, de
 
     progress("compiling / loading kernels")
     t = time.perf_counter()
-    warm_up(dense)
+    warm_up(dense, kv)
     compile_s = time.perf_counter() - t
     ready_s = seconds_since_process_start()
     # every weight page mapped, outside the timing: decode then measures compute and memory, not
@@ -232,13 +233,13 @@ def run(path, prompt_tokens: int = 512, depths=(0,), decode_tokens: int = 16, de
                        "fraction_of_roofline": float(np.median(fractions)),
                        "fraction_runs": fractions})
     bandwidth = max(samples)
-    return BenchResult(str(path), dense, threads, load_s, compile_s, ready_s, prompt_tokens,
+    return BenchResult(str(path), dense, kv, threads, load_s, compile_s, ready_s, prompt_tokens,
                        prefill_tok_s, decode, bandwidth / 1e9, [b / 1e9 for b in samples],
                        rss.bytes() / 2**30, not rss.exact)
 
 
 def format_result(r: BenchResult) -> str:
-    lines = [f"model {r.model}  dense {r.dense}  threads {r.threads}",
+    lines = [f"model {r.model}  dense {r.dense}  kv {r.kv}  threads {r.threads}",
              f"  load {r.load_s:.2f} s   kernels ready {r.compile_s:.2f} s"
              + (f"   process start -> ready {r.ready_s:.2f} s" if r.ready_s is not None else ""),
              f"  prefill {r.prompt_tokens} tokens: {r.prefill_tok_s:.2f} tok/s",

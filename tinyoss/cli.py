@@ -150,6 +150,11 @@ class Dense(str, Enum):
     q8 = "q8"
 
 
+class Kv(str, Enum):
+    f32 = "f32"
+    bf16 = "bf16"
+
+
 @app.command()
 @clean_errors
 def cache(clear: bool = typer.Option(False, "--clear", help="Delete every q8 cache file.")) -> None:
@@ -186,6 +191,7 @@ def bench(
                                help="Decode runs per depth (depths take turns); reports medians."),
     dense: Dense = typer.Option(Dense.bf16, "--dense", help="Dense weights: bf16 as published, "
                                 "or q8 (int8 blocks)."),
+    kv: Kv = typer.Option(Kv.f32, "--kv", help="KV cache: f32 (exact) or bf16 (half the memory)."),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1,
                                           help="Kernel threads (default: all cores)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -205,7 +211,7 @@ def bench(
     console = _stderr()
     with console.status("starting") as status:
         result = b.run(model, prompt, depth_list, decode_tokens, dense.value,
-                       progress=lambda s: status.update(s), repeat=repeat)
+                       progress=lambda s: status.update(s), repeat=repeat, kv=kv.value)
     typer.echo(json.dumps(dataclasses.asdict(result), indent=2) if as_json else
                b.format_result(result))
 
@@ -253,6 +259,8 @@ _HIDE_REASONING = typer.Option(False, "--hide-reasoning", help="Do not show the 
                                                                 "(shown dimmed on stderr by default).")
 _THREADS = typer.Option(None, "--threads", min=1, help="Kernel threads (default: all cores).")
 _DENSE = typer.Option(Dense.bf16, "--dense", help="Dense weights: bf16 as published, or q8 (int8 blocks).")
+_KV = typer.Option(Kv.f32, "--kv", help="KV cache: f32 (exact) or bf16 (half the memory, "
+                                         "a small logit drift).")
 _STATS = typer.Option(False, "--stats", help="After each reply, print token counts and speeds to stderr.")
 
 
@@ -291,7 +299,7 @@ def _system_messages(system: Optional[str]) -> list:
     return [Message.system(SystemContent(model_identity=system))] if system is not None else []
 
 
-def _open_model(name: str, dense: Dense, threads: Optional[int]):
+def _open_model(name: str, dense: Dense, threads: Optional[int], kv: Kv = Kv.f32):
     """Find the checkpoint (hub.resolve_model), set the thread count, load it."""
     from .hub import resolve_model
     from .model import load
@@ -299,7 +307,7 @@ def _open_model(name: str, dense: Dense, threads: Optional[int]):
     path = resolve_model(name, announce=lambda line: typer.echo(line, err=True))
     _set_threads(threads)
     with _stderr().status(f"loading {path}"):
-        model = load(path, dense=dense.value)
+        model = load(path, dense=dense.value, kv=kv.value)
     # map the weight pages in the background while the prompt is prepared and prefilled (one
     # call instead of page faults spread over the first tokens); a daemon: exit doesn't wait
     threading.Thread(target=_prefault_quietly, args=(model,), name="tinyoss-prefault",
@@ -438,6 +446,7 @@ def run(
     hide_reasoning: bool = _HIDE_REASONING,
     threads: Optional[int] = _THREADS,
     dense: Dense = _DENSE,
+    kv: Kv = _KV,
     stats: bool = _STATS,
 ) -> None:
     """Answer one prompt, streaming the final answer to stdout."""
@@ -447,7 +456,7 @@ def run(
     sampler = _sampler(temperature, top_p, top_k, min_p, seed)
     options = _generation_options(max_tokens, reasoning, developer, date)
     text = _read_prompt(prompt)
-    loaded = _open_model(model, dense, threads)
+    loaded = _open_model(model, dense, threads, kv)
     messages = _system_messages(system) + [Message.user(text)]
     _stream(generate(loaded, messages, sampler=sampler, **options), ReplyPrinter(hide_reasoning, raw), stats)
 
@@ -557,12 +566,13 @@ def chat(
     hide_reasoning: bool = _HIDE_REASONING,
     threads: Optional[int] = _THREADS,
     dense: Dense = _DENSE,
+    kv: Kv = _KV,
     stats: bool = _STATS,
 ) -> None:
     """Talk with the model, turn after turn. /help lists the commands; Ctrl-C stops a reply."""
     sampler = _sampler(temperature, top_p, top_k, min_p, seed)
     options = _generation_options(max_tokens, reasoning, developer, date)
-    loaded = _open_model(model, dense, threads)
+    loaded = _open_model(model, dense, threads, kv)
     session = ChatSession(loaded, sampler, options, system, dict(hide_reasoning=hide_reasoning, raw=raw),
                           stats)
     if sys.stdin.isatty():

@@ -175,6 +175,7 @@ def attention(c: Config, layer: int, fl: FastLayer, cache: KVCache, q, k, v,
               positions) -> np.ndarray:
     """q [n, Hq, dh], k/v [n, Hkv, dh] (roped) -> [n, Hq*dh]; appends k/v to the cache."""
     n = q.shape[0]
+    k, v = cache.stored(k), cache.stored(v)  # a bf16 cache: new tokens see their keys as stored
     sliding = c.layer_sliding[layer]
     window = c.sliding_window if sliding else 0
     if sliding and n > 1:
@@ -355,10 +356,11 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return out
 
 
-def warm_up(dense: str = "bf16") -> None:
+def warm_up(dense: str = "bf16", kv: str = "f32") -> None:
     """Compile every kernel (or load it from numba's on-disk cache) by running a tiny synthetic
-    checkpoint through prefill and decode. Its arrays have the same types as a real checkpoint's
-    (memory-mapped, read-only), so the real one then starts without compiling anything."""
+    checkpoint through prefill and decode, with `dense` weights and a `kv` cache. Its arrays have
+    the same types as a real checkpoint's (memory-mapped, read-only), so the real one then starts
+    without compiling anything."""
     import tempfile
 
     from . import synth
@@ -375,7 +377,7 @@ def warm_up(dense: str = "bf16") -> None:
         # cache file (read-only views): numba compiles each kind separately
         for q8_cache in ([False, f"{tmp}/q8"] if dense == "q8" else [False]):
             model = Model(Checkpoint(f"{tmp}/m"), dense, q8_cache=q8_cache)
-            cache = model.new_cache(64)
+            cache = model.new_cache(64, kv)
             model.forward([1, 2, 3], cache)  # short prefill: fused kernels (all logits: no bias)
             model.forward(np.arange(4, 44), cache, last_only=True)  # long: tiles + BLAS
             model.forward([4], cache, last_only=True)  # decode: matvec and attention kernels

@@ -21,7 +21,7 @@ import numpy as np
 from . import mxfp4
 from .simd import (HAVE_AVX2, HAVE_AVX512, KERNELS, MAX_GROUP, MXFP4_LANE_ORDER,
                    MXFP4_PAIR_ORDER, QK_DIM, QK_HEADS, as_float32, bf16_row_dots,
-                   exp_shifted_sum, max_nan, mxfp4_block_decode_avx2, mxfp4_row_dots,
+                   exp_shifted_sum, kv_float, max_nan, mxfp4_block_decode_avx2, mxfp4_row_dots,
                    mxfp4_row_pair_dot, q8_row_dot, qk8_scores, weighted_rows64)
 
 # a forced kernel path (simd.KERNELS) compiles afresh: the disk cache can't tell the builds apart
@@ -427,7 +427,8 @@ def q8_dequantize(q, s, out):
 def f32_attention(q, k_buf, v_buf, sinks, q_pos0, first_pos, ring, k_pos0, window, out):
     """Attention with sinks, GQA and an optional band, reading keys straight from the KV cache.
 
-    q [n, Hq, dh] (roped), k_buf/v_buf [Hkv, S, dh] (head-major), sinks [Hq] f32, out [n, Hq*dh].
+    q [n, Hq, dh] (roped), k_buf/v_buf [Hkv, S, dh] (head-major; float32 or bf16 bits, as the
+    KVCache holds them), sinks [Hq] f32, out [n, Hq*dh].
     Query i sits at position q_pos0 + i and sees positions max(first_pos, pos - window + 1)..pos
     (window 0 = full causal); only those keys are touched. The key of position p is in slot
     p % ring of a ring buffer (ring > 0), else in slot p - k_pos0.
@@ -452,7 +453,7 @@ def f32_attention(q, k_buf, v_buf, sinks, q_pos0, first_pos, ring, k_pos0, windo
             for m in range(q_mult):
                 s = np.float32(0.0)
                 for d in range(dh):
-                    s += q[i, h * q_mult + m, d] * k_buf[h, row, d]
+                    s += q[i, h * q_mult + m, d] * kv_float(k_buf[h, row, d])
                 scores[m, t] = s * scale
         acc = np.empty(dh, np.float32)
         for m in range(q_mult):
@@ -468,7 +469,7 @@ def f32_attention(q, k_buf, v_buf, sinks, q_pos0, first_pos, ring, k_pos0, windo
                 w = np.exp(scores[m, t] - top)
                 denom += w
                 for d in range(dh):
-                    acc[d] += w * v_buf[h, row, d]
+                    acc[d] += w * kv_float(v_buf[h, row, d])
             for d in range(dh):
                 out[i, hq * dh + d] = acc[d] / denom
 
@@ -481,7 +482,8 @@ def f32_attention(q, k_buf, v_buf, sinks, q_pos0, first_pos, ring, k_pos0, windo
 def f32_decode_scores(q, k_buf, count, out):
     """out[h, m, t] = q[h, m] . k_buf[h, t] / sqrt(dh) for the first `count` slots.
 
-    q [Hkv, q_mult, dh] (roped), k_buf [Hkv, S, dh] (the cache buffer), out [Hkv, q_mult, count].
+    q [Hkv, q_mult, dh] (roped), k_buf [Hkv, S, dh] (the cache buffer: float32 or bf16 bits),
+    out [Hkv, q_mult, count].
     gpt-oss's shape (8 queries of 64 per KV head) runs simd.qk8_scores; others plain loops.
     Twin: the scores of model.sdpa (rtol 1e-5).
     """
@@ -504,7 +506,7 @@ def f32_decode_scores(q, k_buf, count, out):
             for m in range(qm):
                 s = np.float32(0.0)
                 for d in range(dh):
-                    s += q[h, m, d] * k_buf[h, t, d]
+                    s += q[h, m, d] * kv_float(k_buf[h, t, d])
                 out[h, m, t] = s * scale
 
 
@@ -513,7 +515,8 @@ def f32_decode_values(w, v_buf, count, denom, out):
     """out[h, m] = sum_t w[h, m, t] v_buf[h, t] / denom[h * q_mult + m], over the first `count`
     slots: attention's output from its unnormalized softmax weights and their sums.
 
-    w [Hkv, q_mult, count], v_buf [Hkv, S, dh], denom [Hkv * q_mult], out [Hkv, q_mult, dh].
+    w [Hkv, q_mult, count], v_buf [Hkv, S, dh] (float32 or bf16 bits), denom [Hkv * q_mult],
+    out [Hkv, q_mult, dh].
     dh = 64 runs simd.weighted_rows64; others plain loops. Twin: weights @ values / denom
     (rtol 1e-5).
     """
@@ -544,7 +547,7 @@ def f32_decode_values(w, v_buf, count, denom, out):
         for d in range(dh):
             acc = np.float32(0.0)
             for t in range(count):
-                acc += w[h, m, t] * v_buf[h, t, d]
+                acc += w[h, m, t] * kv_float(v_buf[h, t, d])
             out[h, m, d] = acc / denom[task]
 
 

@@ -28,7 +28,7 @@ import numpy as np
 from . import mxfp4
 from .config import Config
 from .errors import TinyossError
-from .store import Checkpoint, bf16_to_f32
+from .store import Checkpoint, bf16_to_f32, f32_to_bf16
 
 Recorder = Callable[[str, np.ndarray], None]  # one layer's view: rec(name, value)
 RecorderLike = Callable[[int, str, np.ndarray], None]  # rec(layer, name, value)
@@ -80,6 +80,9 @@ class Weights:
 # run state: the KV cache
 
 
+KV_DTYPES = {"f32": np.float32, "bf16": np.uint16}  # a KV cache's kinds: what its buffers hold
+
+
 class KVCache:
     """Keys and values of the tokens seen so far, per layer.
 
@@ -87,14 +90,22 @@ class KVCache:
     p % window. Dense layers keep every position, growing by doubling up to `max_tokens`.
     Buffers are head-major, k[layer] [Hkv, slots, dh]: one kv head's keys are contiguous, which is
     how attention reads them.
+
+    kv="f32" keeps the float32 keys and values the layers compute (exact). kv="bf16" rounds them
+    to bfloat16 (to nearest even, as the published model does when it runs in bf16) and keeps the
+    bits (uint16): half the memory, and half the bytes a decoded token reads from the cache, for
+    a small logit drift. Every token then attends to keys as stored, its own included (`stored`).
     """
 
-    def __init__(self, config: Config, max_tokens: int | None = None):
+    def __init__(self, config: Config, max_tokens: int | None = None, kv: str = "f32"):
         limit = config.max_position_embeddings
         self.max_tokens = limit if max_tokens is None else int(max_tokens)
         if not 0 < self.max_tokens <= limit:
             raise TinyossError(f"max_tokens must be in 1..{limit} (the context limit), "
                                f"got {max_tokens}")
+        if kv not in KV_DTYPES:
+            raise TinyossError(f"kv must be one of {', '.join(map(repr, KV_DTYPES))}, got {kv!r}")
+        self.kv, self.dtype = kv, KV_DTYPES[kv]
         self.config = config
         self.n_tokens = 0  # positions 0 .. n_tokens-1 are cached
         self.window = config.sliding_window
@@ -103,8 +114,13 @@ class KVCache:
         self.v: list[np.ndarray] = []
         for sliding in config.layer_sliding:
             slots = min(self.window, self.max_tokens) if sliding else min(256, self.max_tokens)
-            self.k.append(np.zeros((Hkv, slots, dh), np.float32))  # [Hkv, slots, dh]
-            self.v.append(np.zeros((Hkv, slots, dh), np.float32))
+            self.k.append(np.zeros((Hkv, slots, dh), self.dtype))  # [Hkv, slots, dh]
+            self.v.append(np.zeros((Hkv, slots, dh), self.dtype))
+
+    def stored(self, x: np.ndarray) -> np.ndarray:
+        """Keys or values (float32) as this cache gives them back: x itself with kv="f32", else
+        rounded to bf16."""
+        return x if self.kv == "f32" else bf16_to_f32(f32_to_bf16(x))
 
     def check_room(self, n_new: int) -> None:
         if self.n_tokens + n_new > self.max_tokens:
@@ -123,7 +139,8 @@ class KVCache:
         """(positions [T0], k [T0, Hkv, dh], v [T0, Hkv, dh]) of the cached tokens, oldest first."""
         pos = self.positions(layer)
         s = self.slots(layer, pos)
-        return pos, self.k[layer][:, s].transpose(1, 0, 2), self.v[layer][:, s].transpose(1, 0, 2)
+        k, v = self.k[layer][:, s].transpose(1, 0, 2), self.v[layer][:, s].transpose(1, 0, 2)
+        return (pos, k, v) if self.kv == "f32" else (pos, bf16_to_f32(k), bf16_to_f32(v))
 
     def write(self, layer: int, positions: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
         """Store new keys/values; a ring keeps only the last `window` of them."""
@@ -133,6 +150,8 @@ class KVCache:
         else:
             self._grow(layer, int(positions[-1]) + 1)
         s = self.slots(layer, positions)
+        if self.kv == "bf16":
+            k, v = f32_to_bf16(k), f32_to_bf16(v)
         self.k[layer][:, s] = k.transpose(1, 0, 2)  # [n, Hkv, dh] -> [Hkv, n, dh]
         self.v[layer][:, s] = v.transpose(1, 0, 2)
 
@@ -142,7 +161,7 @@ class KVCache:
             return
         new = min(max(need, 2 * slots), self.max_tokens)
         for buf in (self.k, self.v):
-            grown = np.zeros((Hkv, new, dh), np.float32)
+            grown = np.zeros((Hkv, new, dh), self.dtype)
             grown[:, :slots] = buf[layer]
             buf[layer] = grown
 
@@ -249,6 +268,7 @@ def attention_block(x: np.ndarray, lw: LayerWeights, c: Config, layer: int, cach
     v = linear(t, lw.v_w, lw.v_b).reshape(n, Hkv, dh)  # [n, Hkv, dh]
     cos, sin = rope_cos_sin(c, positions)  # RoPE after the bias
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k, v = cache.stored(k), cache.stored(v)  # kv="bf16": the keys as the cache keeps them
     q = q.reshape(n, Hkv, c.q_mult, dh)  # query head h reads kv head h // q_mult
     old_pos, old_k, old_v = cache.read(layer)
     k_pos = np.concatenate([old_pos, positions])  # [T]
@@ -361,12 +381,16 @@ class Model:
     `forward` runs the fast path (fast.py, numba kernels); `forward_reference` the numpy
     definition above. dense="q8" replaces the dense bf16 matrices by int8 blocks (the fast path
     only; the default keeps the published bf16 and exact numerics), quantized at the first load
-    and kept in a cache folder for the next ones (quant.py).
+    and kept in a cache folder for the next ones (quant.py). kv: the kind of KV cache
+    `new_cache` makes by default ("f32" exact, "bf16" half the memory; see KVCache).
     """
 
-    def __init__(self, ckpt: Checkpoint, dense: str = "bf16", q8_cache=True):
+    def __init__(self, ckpt: Checkpoint, dense: str = "bf16", q8_cache=True, kv: str = "f32"):
         if dense not in ("bf16", "q8"):
             raise TinyossError(f"dense must be 'bf16' or 'q8', got {dense!r}")
+        if kv not in KV_DTYPES:
+            raise TinyossError(f"kv must be one of {', '.join(map(repr, KV_DTYPES))}, got {kv!r}")
+        self.kv = kv
         from .fast import FastWeights, q8_matrices
         from .quant import cache_dir, q8_copies
 
@@ -381,8 +405,10 @@ class Model:
             q8 = None
         self.fast_weights = FastWeights(self.weights, q8, ckpt.release)
 
-    def new_cache(self, max_tokens: int | None = None) -> KVCache:
-        return KVCache(self.config, max_tokens)
+    def new_cache(self, max_tokens: int | None = None, kv: str | None = None) -> KVCache:
+        """An empty KV cache for up to max_tokens (default: the context limit); kv: its kind
+        (default: the model's, from `load`)."""
+        return KVCache(self.config, max_tokens, self.kv if kv is None else kv)
 
     def prefault(self) -> bool:
         """Map every weight page a decoded token may read into the process now (store.map_pages),
@@ -437,11 +463,14 @@ class Model:
         return forward_reference(self.weights, self.config, tokens, cache, recorder)
 
 
-def load(path, layout: str | None = None, dense: str = "bf16", q8_cache=True) -> Model:
+def load(path, layout: str | None = None, dense: str = "bf16", q8_cache=True,
+         kv: str = "f32") -> Model:
     """Open a checkpoint folder (HF repo root, `original/`, or a root with layout='original').
 
     dense="q8" stores the dense matrices as int8 blocks (faster decode, small logit drift);
     q8_cache: where their copy is kept for the next load (True: quant.cache_dir(), the
     TINYOSS_CACHE_DIR folder; a path; False: nowhere, quantize at every load).
+    kv="bf16" makes the KV caches keep bf16 keys and values (half the memory and cache bytes
+    a token reads, small logit drift); the default "f32" is exact.
     """
-    return Model(Checkpoint(path, layout), dense, q8_cache)
+    return Model(Checkpoint(path, layout), dense, q8_cache, kv)
