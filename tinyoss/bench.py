@@ -147,7 +147,8 @@ class BenchResult:
     # probe beside each run), fraction_of_roofline (the median of fraction_runs: each run's
     # tok/s against its own roofline)
     bandwidth_gb_s: float  # the best sample of the whole bench
-    bandwidth_samples_gb_s: list[float]  # before the first and after every decode run
+    bandwidth_samples_gb_s: list[float]  # before the first decode run and after each (a run:
+    # decode_tokens tokens at every depth, token by token in turn)
     peak_rss_gib: float  # the model's: without the bandwidth probe's buffer (PeakRSS)
     peak_rss_with_probe: bool  # True where the OS could not leave the probe out
 
@@ -155,8 +156,9 @@ class BenchResult:
 def run(path, prompt_tokens: int = 512, depths=(0,), decode_tokens: int = 16, dense: str = "bf16",
         seed: int = 0, progress: Callable[[str], None] = lambda s: None, repeat: int = 1,
         kv: str = "f32") -> BenchResult:
-    """repeat: decode at every depth that many times, the depths taking turns (a slow minute
-    of a noisy machine then hits every depth alike); each reports the median and every run."""
+    """repeat: decode at every depth that many times, the depths taking turns token by token (a
+    slow second of a noisy machine then hits every depth alike); each reports the median and
+    every run. kv: the KV cache's kind ("f32" or "bf16", see model.KVCache)."""
     from . import load
 
     threads = numba.get_num_threads()
@@ -205,19 +207,26 @@ def run(path, prompt_tokens: int = 512, depths=(0,), decode_tokens: int = 16, de
     runs: dict[int, list[float]] = {depth: [] for depth in depths}
     beside: dict[int, list[float]] = {depth: [] for depth in depths}  # bandwidth beside each run
     for i in range(repeat):
+        progress(f"decode at depth{'s' if len(depths) > 1 else ''} "
+                 + ", ".join(map(str, depths)) + (f" ({i + 1} of {repeat})" if repeat > 1 else ""))
+        tokens, spent = {}, dict.fromkeys(depths, 0.0)
         for depth in depths:
-            progress(f"decode at depth {depth}" + (f" ({i + 1} of {repeat})" if repeat > 1 else ""))
-            cache = caches[depth]
-            cache.n_tokens = depth  # the tokens a previous run appended are forgotten
-            token = rng.integers(0, vocab, 1)
-            model.forward(token, cache, last_only=True)  # first step outside the timing
-            t = time.perf_counter()
-            for _ in range(decode_tokens):
-                logits = model.forward(token, cache, last_only=True)
-                token = [int(np.argmax(logits[-1]))]
-            runs[depth].append(decode_tokens / (time.perf_counter() - t))
-            progress("measuring memory bandwidth")
-            samples.append(rss.leave_out(memory_bandwidth))
+            caches[depth].n_tokens = depth  # the tokens a previous run appended are forgotten
+            tokens[depth] = rng.integers(0, vocab, 1)
+            model.forward(tokens[depth], caches[depth], last_only=True)  # first step untimed
+        # the depths take turns token by token: this machine's speed moves by 2x within seconds
+        # (its neighbours), and a run of each depth in turn left a depth's ratio to another to
+        # luck (0.79-0.95 in four benches of one hour); token by token both see the same
+        for _ in range(decode_tokens):
+            for depth in depths:
+                t = time.perf_counter()
+                logits = model.forward(tokens[depth], caches[depth], last_only=True)
+                tokens[depth] = [int(np.argmax(logits[-1]))]
+                spent[depth] += time.perf_counter() - t
+        progress("measuring memory bandwidth")
+        samples.append(rss.leave_out(memory_bandwidth))
+        for depth in depths:
+            runs[depth].append(decode_tokens / spent[depth])
             # a run is held to the better of the probes just before and just after it: the
             # bandwidth moves by 2x within a minute here, so a sample minutes away says little
             beside[depth].append(max(samples[-2], samples[-1]))

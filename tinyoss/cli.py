@@ -188,7 +188,8 @@ def bench(
     decode_tokens: int = typer.Option(16, "--decode-tokens", "-n", min=1,
                                       help="Tokens decoded per depth."),
     repeat: int = typer.Option(1, "--repeat", min=1,
-                               help="Decode runs per depth (depths take turns); reports medians."),
+                               help="Decode runs per depth (depths take turns token by token); "
+                               "reports medians."),
     dense: Dense = typer.Option(Dense.bf16, "--dense", help="Dense weights: bf16 as published, "
                                 "or q8 (int8 blocks)."),
     kv: Kv = typer.Option(Kv.f32, "--kv", help="KV cache: f32 (exact) or bf16 (half the memory)."),
