@@ -86,6 +86,10 @@ def test_bench_json_on_a_tiny_checkpoint(make_checkpoint):
         want = [r * d["bytes_per_token"] / (b * 1e9) for r, b in zip(d["tok_s_runs"], beside)]
         assert np.allclose(d["fraction_runs"], want, rtol=1e-9)
         assert d["fraction_of_roofline"] == sorted(d["fraction_runs"])[1]
+        ratios = [a / b for a, b in zip(d["tok_s_runs"], shallow["tok_s_runs"])]
+        assert np.allclose(d["ratio_runs"], ratios, rtol=1e-12)
+        assert d["ratio"] == sorted(d["ratio_runs"])[1]
+    assert shallow["ratio_runs"] == [1.0] * 3
 
 
 def test_bench_with_a_bf16_kv_cache_counts_half_the_cache_bytes(make_checkpoint):

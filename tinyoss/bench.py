@@ -145,7 +145,8 @@ class BenchResult:
     decode: list[dict]  # per depth: depth, tokens, tok_s (the median of tok_s_runs),
     # bytes_per_token, bandwidth_gb_s and roofline_tok_s (medians over the runs of the better
     # probe beside each run), fraction_of_roofline (the median of fraction_runs: each run's
-    # tok/s against its own roofline)
+    # tok/s against its own roofline), ratio (the median of ratio_runs: each run's tok/s over
+    # the same run's at the first depth)
     bandwidth_gb_s: float  # the best sample of the whole bench
     bandwidth_samples_gb_s: list[float]  # before the first decode run and after each (a run:
     # decode_tokens tokens at every depth, token by token in turn)
@@ -241,6 +242,11 @@ def run(path, prompt_tokens: int = 512, depths=(0,), decode_tokens: int = 16, de
                        "roofline_tok_s": float(np.median(beside[depth])) / bpt,
                        "fraction_of_roofline": float(np.median(fractions)),
                        "fraction_runs": fractions})
+        # against the first depth: run i of both decoded their tokens in turn, so their ratio
+        # sees one state of the machine (a ratio of the two medians can pair a fast run with a
+        # slow one: 0.81 where the runs' ratios were 0.81, 0.90, 0.91)
+        ratios = [r / r0 for r, r0 in zip(tok_s_runs, runs[depths[0]])]
+        decode[-1].update(ratio=float(np.median(ratios)), ratio_runs=ratios)
     bandwidth = max(samples)
     return BenchResult(str(path), dense, kv, threads, load_s, compile_s, ready_s, prompt_tokens,
                        prefill_tok_s, decode, bandwidth / 1e9, [b / 1e9 for b in samples],
@@ -261,7 +267,9 @@ def format_result(r: BenchResult) -> str:
         lines.append(f"  decode @ depth {d['depth']:>6}: {d['tok_s']:.2f} tok/s{spread}   "
                      f"{d['bytes_per_token'] / 1e9:.3f} GB/token   roofline "
                      f"{d['roofline_tok_s']:.2f} tok/s at {d['bandwidth_gb_s']:.1f} GB/s   "
-                     f"{100 * d['fraction_of_roofline']:.0f} %")
+                     f"{100 * d['fraction_of_roofline']:.0f} %"
+                     + (f"   {d['ratio']:.3f}x depth {r.decode[0]['depth']}"
+                        if d is not r.decode[0] else ""))
     lines.append(f"  peak RSS {r.peak_rss_gib:.2f} GiB" + (
         " (with the bandwidth probe's 1 GiB buffer)" if r.peak_rss_with_probe else ""))
     return "\n".join(lines)
