@@ -313,3 +313,22 @@ def test_a_q8_cache_that_cannot_be_written_is_one_warning_line(tiny_checkpoint, 
     warning = [line for line in r.stderr.splitlines() if "q8 cache" in line]
     assert len(warning) == 1 and warning[0].startswith("warning: could not write the q8 cache")
     assert "UserWarning" not in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("command", [["run", "Hi"], ["chat"]])
+def test_dense_and_kv_options_reach_the_loader(monkeypatch, tiny_checkpoint, command):
+    """`--dense` and `--kv` of run and chat are what the checkpoint is loaded with (so the KV
+    caches of every reply are of that kind: Model.new_cache defaults to the model's)."""
+    from tinyoss import model as model_module
+
+    seen = {}
+
+    def fake_load(path, **options):
+        seen.update(options)
+        return ScriptedModel(FINAL)
+
+    monkeypatch.setattr(model_module, "load", fake_load)
+    r = runner.invoke(app, [*command, "-m", str(tiny_checkpoint), "--dense", "q8", "--kv", "bf16"],
+                      input="/quit\n")
+    assert r.exit_code == 0, r.output
+    assert seen == {"dense": "q8", "kv": "bf16"}

@@ -52,8 +52,9 @@ def memory_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
     return w.nbytes / best
 
 
-def bytes_per_token(model: Model, depth: int) -> int:
-    """Bytes one decoded token reads: dense weights, k routed experts per layer, KV cache."""
+def bytes_per_token(model: Model, depth: int, kv: str | None = None) -> int:
+    """Bytes one decoded token reads: dense weights, k routed experts per layer, KV cache (of
+    kind kv, default the model's)."""
     c, fw = model.config, model.fast_weights
     dense = fw.unembed.nbytes + c.hidden_size * 2  # + one embedding row
     experts = 0
@@ -63,7 +64,7 @@ def bytes_per_token(model: Model, depth: int) -> int:
         per_expert = sum(a[0].nbytes for a in (lw.mlp1_blocks, lw.mlp1_scales, lw.mlp1_bias,
                                                lw.mlp2_blocks, lw.mlp2_scales, lw.mlp2_bias))
         experts += c.experts_per_token * per_expert
-    kv_row = 2 * c.kv_dim * np.dtype(KV_DTYPES[model.kv]).itemsize  # k and v
+    kv_row = 2 * c.kv_dim * np.dtype(KV_DTYPES[kv or model.kv]).itemsize  # k and v
     kv = sum(min(depth + 1, c.sliding_window) if s else depth + 1 for s in c.layer_sliding) * kv_row
     return dense + experts + kv
 
@@ -162,6 +163,7 @@ def run(path, prompt_tokens: int = 512, depths=(0,), decode_tokens: int = 16, de
     every run. kv: the KV cache's kind ("f32" or "bf16", see model.KVCache)."""
     from . import load
 
+    depths = list(dict.fromkeys(depths))  # each once: a depth's cache takes one turn a token
     threads = numba.get_num_threads()
     rss = PeakRSS()
     progress("opening the checkpoint")
@@ -234,7 +236,7 @@ def run(path, prompt_tokens: int = 512, depths=(0,), decode_tokens: int = 16, de
     decode = []
     for depth, tok_s_runs in runs.items():
         tok_s = float(np.median(tok_s_runs))
-        bpt = bytes_per_token(model, depth)
+        bpt = bytes_per_token(model, depth, caches[depth].kv)  # of the cache that was timed
         fractions = [r * bpt / b for r, b in zip(tok_s_runs, beside[depth])]
         decode.append({"depth": depth, "tokens": decode_tokens, "tok_s": tok_s,
                        "tok_s_runs": tok_s_runs, "bytes_per_token": bpt,

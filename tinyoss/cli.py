@@ -155,6 +155,10 @@ class Kv(str, Enum):
     bf16 = "bf16"
 
 
+_KV = typer.Option(Kv.f32, "--kv", help="KV cache: f32 (exact) or bf16 (half the memory, "
+                                         "a small logit drift).")
+
+
 @app.command()
 @clean_errors
 def cache(clear: bool = typer.Option(False, "--clear", help="Delete every q8 cache file.")) -> None:
@@ -192,7 +196,7 @@ def bench(
                                "reports medians."),
     dense: Dense = typer.Option(Dense.bf16, "--dense", help="Dense weights: bf16 as published, "
                                 "or q8 (int8 blocks)."),
-    kv: Kv = typer.Option(Kv.f32, "--kv", help="KV cache: f32 (exact) or bf16 (half the memory)."),
+    kv: Kv = _KV,
     threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1,
                                           help="Kernel threads (default: all cores)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -260,8 +264,6 @@ _HIDE_REASONING = typer.Option(False, "--hide-reasoning", help="Do not show the 
                                                                 "(shown dimmed on stderr by default).")
 _THREADS = typer.Option(None, "--threads", min=1, help="Kernel threads (default: all cores).")
 _DENSE = typer.Option(Dense.bf16, "--dense", help="Dense weights: bf16 as published, or q8 (int8 blocks).")
-_KV = typer.Option(Kv.f32, "--kv", help="KV cache: f32 (exact) or bf16 (half the memory, "
-                                         "a small logit drift).")
 _STATS = typer.Option(False, "--stats", help="After each reply, print token counts and speeds to stderr.")
 
 
