@@ -175,12 +175,13 @@ def attention(c: Config, layer: int, fl: FastLayer, cache: KVCache, q, k, v,
               positions) -> np.ndarray:
     """q [n, Hq, dh], k/v [n, Hkv, dh] (roped) -> [n, Hq*dh]; appends k/v to the cache."""
     n = q.shape[0]
-    k, v = cache.stored(k), cache.stored(v)  # a bf16 cache: new tokens see their keys as stored
     sliding = c.layer_sliding[layer]
     window = c.sliding_window if sliding else 0
     if sliding and n > 1:
         # the new tokens would overwrite ring slots their own queries still need: attend over
-        # (cached keys in order + new keys), then keep the last `window` in the ring
+        # (cached keys in order + new keys, as the cache stores them), then keep the last
+        # `window` in the ring
+        k, v = cache.stored(k), cache.stored(v)
         old_pos, old_k, old_v = cache.read(layer)
         keys = np.concatenate([old_k, k]).transpose(1, 0, 2).copy()  # [Hkv, T, dh]
         values = np.concatenate([old_v, v]).transpose(1, 0, 2).copy()
@@ -190,7 +191,7 @@ def attention(c: Config, layer: int, fl: FastLayer, cache: KVCache, q, k, v,
                               window, out)
         cache.write(layer, positions, k, v)
         return out
-    cache.write(layer, positions, k, v)
+    cache.write(layer, positions, k, v)  # the kernels below read the keys as stored
     end = int(positions[-1]) + 1
     if n == 1:  # decode: every cached key is visible, in any slot order
         count = min(end, cache.window) if sliding else end

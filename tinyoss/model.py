@@ -83,6 +83,12 @@ class Weights:
 KV_DTYPES = {"f32": np.float32, "bf16": np.uint16}  # a KV cache's kinds: what its buffers hold
 
 
+def check_kv(kv: str) -> str:
+    if kv not in KV_DTYPES:
+        raise TinyossError(f"kv must be one of {', '.join(map(repr, KV_DTYPES))}, got {kv!r}")
+    return kv
+
+
 class KVCache:
     """Keys and values of the tokens seen so far, per layer.
 
@@ -103,9 +109,7 @@ class KVCache:
         if not 0 < self.max_tokens <= limit:
             raise TinyossError(f"max_tokens must be in 1..{limit} (the context limit), "
                                f"got {max_tokens}")
-        if kv not in KV_DTYPES:
-            raise TinyossError(f"kv must be one of {', '.join(map(repr, KV_DTYPES))}, got {kv!r}")
-        self.kv, self.dtype = kv, KV_DTYPES[kv]
+        self.kv, self.dtype = check_kv(kv), KV_DTYPES[kv]
         self.config = config
         self.n_tokens = 0  # positions 0 .. n_tokens-1 are cached
         self.window = config.sliding_window
@@ -388,9 +392,7 @@ class Model:
     def __init__(self, ckpt: Checkpoint, dense: str = "bf16", q8_cache=True, kv: str = "f32"):
         if dense not in ("bf16", "q8"):
             raise TinyossError(f"dense must be 'bf16' or 'q8', got {dense!r}")
-        if kv not in KV_DTYPES:
-            raise TinyossError(f"kv must be one of {', '.join(map(repr, KV_DTYPES))}, got {kv!r}")
-        self.kv = kv
+        self.kv = check_kv(kv)  # new_cache's default, checked at load rather than at first use
         from .fast import FastWeights, q8_matrices
         from .quant import cache_dir, q8_copies
 

@@ -106,7 +106,7 @@ def _data(context, builder, aryty, ary, offset=None):
 
 
 def _is_bf16(aryty) -> bool:
-    """A KV cache array of bf16 bits (uint16) rather than float32 (KVCache(kv="bf16"))."""
+    """An array of bf16 bits (uint16; a KVCache(kv="bf16")'s) rather than float32."""
     return aryty.dtype == types.uint16
 
 
@@ -432,7 +432,7 @@ def bf16_row_dots(typingctx, g, w, w_off, x, x_off, x_len, n, out, o_off, o_stri
     def codegen(context, builder, signature, args):
         g, w_a, w_off, x_a, x_off, x_len, n, out_a, o_off, o_stride = args
         a = signature.args
-        v32i16, v32i32, v32f = (ir.VectorType(t, 32) for t in (ir.IntType(16), _i32, _f32))
+        v32i16, v32f = ir.VectorType(ir.IntType(16), 32), ir.VectorType(_f32, 32)
         wptr = _data(context, builder, a[1], w_a, w_off)
         xptr = _data(context, builder, a[3], x_a, x_off)
         optr = _data(context, builder, a[7], out_a, o_off)
@@ -446,8 +446,7 @@ def bf16_row_dots(typingctx, g, w, w_off, x, x_off, x_len, n, out, o_off, o_stri
                     x_len, _const(PREFETCH_ROWS)))]))  # (64 bytes a step: a line)
                 wv = builder.load(builder.bitcast(builder.gep(wptr, [off]), v32i16.as_pointer()),
                                   align=2)
-                wf = builder.bitcast(builder.shl(builder.zext(wv, v32i32),
-                                                 ir.Constant(v32i32, [16] * 32)), v32f)
+                wf = _widen(builder, wv)
                 for j in range(group):
                     xj = builder.gep(xptr, [builder.add(builder.mul(_const(j), x_len), off)])
                     xv = builder.load(builder.bitcast(xj, v32f.as_pointer()), align=4)
