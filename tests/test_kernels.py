@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tinyoss import kernels, mxfp4, quant
+from tinyoss import kernels, mxfp4, quant, simd
 from tinyoss.model import attention_scores_mask, sdpa
 from tinyoss.store import bf16_to_f32, f32_to_bf16
 
@@ -28,8 +28,8 @@ def _close(got, want, scale):
 def moe_case(draw):
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
-    # nb up to 9: with AVX-512 the row loop takes pairs two at a time, then a leftover pair and
-    # an odd last block (the 20b's rows: nb = 90); test_row_dots_at_the_real_width has nb = 90.
+    # nb up to 9: with AVX-512 the row loop takes blocks four at a time, then a leftover pair
+    # and an odd last block (every nb % 4; the 20b's rows: nb = 90); test_row_dots_at_the_real_width has nb = 90.
     # R up to 40: decode takes rows two at a time in tasks of 16, a lone last row alone
     E, R, nb, K = draw(st.integers(1, 6)), draw(st.integers(1, 40)), draw(st.integers(1, 9)), \
         draw(st.integers(1, 4))
@@ -415,7 +415,7 @@ def test_row_dots_at_the_real_width(m):
 
 @pytest.mark.parametrize("nb", range(1, 8))
 def test_lane_order_is_a_permutation(nb):
-    """The matvec reads each element of a row exactly once (in pairs of blocks with AVX-512)."""
+    """The matvec reads each element of a row exactly once (four blocks a step with AVX-512)."""
     order = kernels.lane_order(nb)
     assert sorted(order.tolist()) == list(range(32 * nb))
     assert np.array_equal(kernels.to_lane_order(np.arange(32 * nb, dtype=np.float32)[None])[0],
@@ -444,7 +444,7 @@ def test_smaller_cpu_paths_equal_their_twins(path, cpu, check):
             "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-k', "
             "'moe_matvec or mxfp4_matmul or kernel_equals_numpy or decode_attention or "
             "swiglu_lanes or plain_row_dot or real_width or softmax_rows or vector_exp or "
-            "lane_order', "
+            "lane_order or every_scale', "
             f"{os.path.join(here, 'test_kernels.py')!r}, {os.path.join(here, 'test_mxfp4.py')!r}]))")
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=600)
@@ -470,3 +470,32 @@ def test_rmsnorm_and_rope_equal_model(seed, n, D, H, dh):
     roped = np.empty_like(q)
     kernels.f32_rope(q, cos, sin, roped)
     np.testing.assert_array_equal(roped, apply_rope(q, cos, sin))  # same operations, bit-exact
+
+
+@pytest.mark.parametrize("nb", [4, 7])
+def test_row_dots_take_every_scale_byte_exactly(nb):
+    """Every E8M0 byte, 0 (the subnormal 2**-127) to 255 (inf), in every block position of the
+    matvec's steps (AVX-512 builds the four-block step's scales with integer ops, not the table),
+    bit for bit. x is one-hot (element j_k of block k for x_k), so out[k, r] is the decoded
+    weight W[r, j_k] (mxfp4.decode: inf where it overflows), except that the products are scaled
+    after they are summed: a row with an inf scale is NaN (0 * inf from a block x's 1 is not in,
+    or with AVX2, whose sums are per vector lane, from that block's other lanes; the reference's
+    decoded row holds a 0 * inf too), while a merely overflowing weight times x's 0 stays out of
+    the sum."""
+    rng = np.random.default_rng(nb)
+    R = 256
+    blocks = rng.integers(0, 256, (1, R, nb, 16), dtype=np.uint8)
+    scales = ((np.arange(R)[:, None] + 67 * np.arange(nb)[None]) % 256).astype(np.uint8)[None]
+    bias = np.zeros((1, R), np.uint16)
+    column = 32 * np.arange(nb) + rng.integers(0, 32, nb)  # x_k's one element, in block k
+    x = np.zeros((nb, nb * 32), np.float32)
+    x[np.arange(nb), column] = 1.0
+    want = mxfp4.decode(blocks[0], scales[0])[:, column].T.copy()  # [k, r]
+    inf = scales[0] == 255  # [r, b]
+    elsewhere = inf.any(axis=1)[None, :] & ~(inf.sum(axis=1)[None, :] == inf.T)  # [k, r]
+    want[elsewhere | (inf.T if simd.HAVE_AVX2 else False)] = np.nan
+    out = np.empty((nb, R), np.float32)
+    kernels.f32_mf4w_moe_matvec(blocks, scales, bias, np.zeros(nb, np.int64),
+                                kernels.to_lane_order(x), out)
+    assert (scales[0] == 0).any() and (scales[0] == 255).any()
+    np.testing.assert_array_equal(out, want)

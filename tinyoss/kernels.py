@@ -20,7 +20,7 @@ import numpy as np
 
 from . import mxfp4
 from .simd import (HAVE_AVX2, HAVE_AVX512, KERNELS, MAX_GROUP, MXFP4_LANE_ORDER,
-                   MXFP4_PAIR_ORDER, QK_DIM, QK_HEADS, as_float32, bf16_row_dots,
+                   MXFP4_PAIR_ORDER, MXFP4_QUAD_ORDER, QK_DIM, QK_HEADS, as_float32, bf16_row_dots,
                    exp_shifted_sum, kv_float, max_nan, mxfp4_block_decode_avx2, mxfp4_row_dots,
                    mxfp4_row_pair_dot, q8_row_dot, qk8_scores, weighted_rows64)
 
@@ -52,15 +52,21 @@ _E8M0 = mxfp4.scale_to_f32(np.arange(256, dtype=np.uint8))  # scale byte -> 2**(
 
 _ONE = np.array(MXFP4_LANE_ORDER, np.int64)
 _PAIR = np.array(MXFP4_PAIR_ORDER, np.int64)
+_QUAD = np.array(MXFP4_QUAD_ORDER, np.int64)
 
 
 @jit()
 def lane_element(c, nb):
     """The element of a row of nb blocks that simd.mxfp4_row_dots reads in lane c (0 .. 32 nb
-    - 1): blocks go in pairs (MXFP4_PAIR_ORDER) where the CPU has AVX-512, the last of an odd
-    count alone, else one by one (MXFP4_LANE_ORDER)."""
-    if HAVE_AVX512 and c < 64 * (nb // 2):
-        return 64 * (c // 64) + _PAIR[c % 64]
+    - 1): where the CPU has AVX-512, blocks go four at a time (MXFP4_QUAD_ORDER), a leftover
+    pair as a pair (MXFP4_PAIR_ORDER), the last of an odd count alone; else one by one
+    (MXFP4_LANE_ORDER)."""
+    if HAVE_AVX512:
+        quads = 128 * (nb // 4)
+        if c < quads:
+            return 128 * (c // 128) + _QUAD[c % 128]
+        if c < quads + 64 * ((nb % 4) // 2):
+            return quads + _PAIR[c - quads]
     return 32 * (c // 32) + _ONE[c % 32]
 
 
