@@ -186,7 +186,7 @@ MXFP4_PAIR_ORDER = tuple(_decode_order(4))  # two blocks (AVX-512): 64 elements
 # each 32-bit lane, and E2M1's 16 codes (sign = bit 3) are such a table. The 64 bytes are read
 # as 16 lanes of 8 nibbles; shifting them right by 4k puts nibble k in the low bits, so eight
 # shifts-and-permutes give the 128 values, already float32 (16 vector instructions per 128
-# weights; the pair step's bytes take ~28). Lane i of vector k holds nibble k of bytes 4i..4i+3: element
+# weights; the pair step takes ~22: byte tables, interleaves, shifts and masks). Lane i of vector k holds nibble k of bytes 4i..4i+3: element
 # 8 (i % 4) + k of block i // 4. In one process, alternating with the pair step (the 20b's
 # expert matvecs from RAM, 4 experts x 24 layers, Zen 4): 1.17-1.26x, 13-15 GB/s -> 18-19 GB/s
 # against a ~20 GB/s probe.
