@@ -539,9 +539,15 @@ QK_HEADS, QK_DIM = 8, 64  # the shape the two kernels below are written for (bot
 
 
 QK_KEYS = 8  # keys a step of qk8_scores: their sums stay in registers while a q row is reused
-QK_PREFETCH_KEYS = 32  # keys ahead qk8_scores asks the cache for: its 64 loads per key keep few
+QK_PREFETCH_KEYS = 64  # keys ahead qk8_scores asks the cache for: its 64 loads per key keep few
 # misses in flight by themselves (16 keys: 14 % less time at 4096 keys from memory than none; 32
-# keys: 1.10x 16 on the Zen 5 in one process, 64 or 128 in between)
+# keys: 1.10x 16 on the Zen 5 in one process, 64 or 128 in between). Into L2, not L1
+# (ATTENTION_LOCALITY): on the Zen 4, in one process, 12 layers' 4096 keys from RAM, 64 keys
+# into L2 took 1.13-1.27x less time than 32 into L1 (32 or 96 into L2 about the same as 64;
+# 64 into L1 or non-temporal slower)
+ATTENTION_LOCALITY = 2  # where the decode attention kernels prefetch to: L2 (their lines are read
+# once, while L1 holds the q rows or the chunk of values being summed; weighted_rows64 too took
+# 1.04-1.07x less time so than into L1, on the Zen 4)
 
 
 def _transpose8(builder, rows):
@@ -606,7 +612,8 @@ def qk8_scores(typingctx, qt, q_off, keys, k_off, count, scale, out, o_off, o_st
             t0 = builder.mul(loop.index, _const(QK_KEYS))
             ahead = builder.mul(builder.add(t0, _const(QK_PREFETCH_KEYS)), _const(QK_DIM))
             for line in range(QK_KEYS * QK_DIM // per_line):
-                _prefetch(builder, builder.gep(kptr, [builder.add(ahead, _const(per_line * line))]))
+                _prefetch(builder, builder.gep(kptr, [builder.add(ahead, _const(per_line * line))]),
+                          ATTENTION_LOCALITY)
             for m, col in enumerate(_transpose8(builder, sums(t0, QK_KEYS))):
                 dst = builder.gep(optr, [builder.add(builder.mul(o_stride, _const(m)), t0)])
                 builder.store(col, builder.bitcast(dst, v8f.as_pointer()), align=4)
@@ -647,8 +654,8 @@ def weighted_rows64(typingctx, w, w_off, w_stride, rows, r_off, count, out, o_of
             with builder.if_then(builder.icmp_signed("<", loop.index, pf_rows)):
                 row0 = builder.mul(loop.index, _const(QK_DIM))
                 for line in range(QK_DIM // per_line):
-                    _prefetch(builder, builder.gep(pptr, [builder.add(row0,
-                                                                      _const(per_line * line))]))
+                    _prefetch(builder, builder.gep(pptr, [builder.add(
+                        row0, _const(per_line * line))]), ATTENTION_LOCALITY)
             wt = builder.load(builder.gep(wptr, [builder.mul(loop.index, w_stride)]))
             row = builder.load(builder.bitcast(builder.gep(
                 rptr, [builder.mul(loop.index, _const(QK_DIM))]), row_type.as_pointer()),
@@ -661,13 +668,14 @@ def weighted_rows64(typingctx, w, w_off, w_stride, rows, r_off, count, out, o_of
     return sig, codegen
 
 
-def _prefetch(builder, ptr) -> None:
-    """Ask for the cache line at ptr (to read, into every cache level): a hint, never a fault."""
+def _prefetch(builder, ptr, locality: int = 3) -> None:
+    """Ask for the cache line at ptr (to read): a hint, never a fault. locality 3 brings it into
+    every cache level (x86 prefetcht0), 2 into L2 and L3 (prefetcht1; ATTENTION_LOCALITY)."""
     i8p, name = _i8.as_pointer(), "llvm.prefetch.p0"
     fn = builder.module.globals.get(name) or ir.Function(
         builder.module, ir.FunctionType(ir.VoidType(), [i8p, _i32, _i32, _i32]), name)
-    builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(_i32, 0), ir.Constant(_i32, 3),
-                      ir.Constant(_i32, 1)])
+    builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(_i32, 0),
+                      ir.Constant(_i32, locality), ir.Constant(_i32, 1)])
 
 
 # --- softmax rows: exp in vector IR ----------------------------------------------------------
