@@ -28,10 +28,11 @@ def _close(got, want, scale):
 def moe_case(draw):
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
-    # nb up to 9: with AVX-512 the row loop takes blocks four at a time, then a leftover pair
-    # and an odd last block (every nb % 4; the 20b's rows: nb = 90); test_row_dots_at_the_real_width has nb = 90.
+    # nb up to 36: with AVX-512 the row loop takes blocks sixteen, then four at a time, then a
+    # leftover pair and an odd last block (every nb % 16; the 20b's rows: nb = 90, as in
+    # test_row_dots_at_the_real_width).
     # R up to 40: decode takes rows two at a time in tasks of 16, a lone last row alone
-    E, R, nb, K = draw(st.integers(1, 6)), draw(st.integers(1, 40)), draw(st.integers(1, 9)), \
+    E, R, nb, K = draw(st.integers(1, 6)), draw(st.integers(1, 40)), draw(st.integers(1, 36)), \
         draw(st.integers(1, 4))
     blocks = rng.integers(0, 256, (E, R, nb, 16), dtype=np.uint8)
     scales = rng.integers(100, 150, (E, R, nb), dtype=np.uint8)
@@ -472,7 +473,7 @@ def test_rmsnorm_and_rope_equal_model(seed, n, D, H, dh):
     np.testing.assert_array_equal(roped, apply_rope(q, cos, sin))  # same operations, bit-exact
 
 
-@pytest.mark.parametrize("nb", [4, 7])
+@pytest.mark.parametrize("nb", [4, 7, 90])
 def test_row_dots_take_every_scale_byte_exactly(nb):
     """Every E8M0 byte, 0 (the subnormal 2**-127) to 255 (inf), in every block position of the
     matvec's steps (AVX-512 builds the four-block step's scales with integer ops, not the table),
