@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import atexit
+import hashlib
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 
-# kernels compile once per session into a temp cache, never into the source tree of a CI clone
-os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".numba_cache"))
+# kernels compile into a cache beside the tests, never into the source tree of a CI clone; one
+# folder per version of simd.py (numba notices edits to kernels.py only, not to the IR it
+# inlines from simd.py: an edit there would otherwise test the old kernels)
+_SIMD = hashlib.sha256((Path(__file__).parent.parent / "tinyoss" / "simd.py").read_bytes())
+os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(__file__).parent.parent / ".numba_cache" /
+                                             _SIMD.hexdigest()[:12]))
 # dense="q8" keeps int8 copies in a cache folder: a fresh one per session, never the user's
 os.environ["TINYOSS_CACHE_DIR"] = tempfile.mkdtemp(prefix="tinyoss-test-cache-")
 atexit.register(shutil.rmtree, os.environ["TINYOSS_CACHE_DIR"], ignore_errors=True)
