@@ -2,9 +2,10 @@
 row dot products of the matvec kernels, decode attention's inner loops and a vector exp.
 
 LLVM does not turn a 16-entry table lookup into a SIMD shuffle by itself, and that lookup is the
-whole cost of an MXFP4 matvec. Here we write it out for x86 `pshufb`, once (`_e2m1_decode`): a
-block at a time with AVX2, two with AVX-512; for the matvec of one token, the fused matmul of a
-few (`mxfp4_row_dots`) and the block decoder of prefill's tiles. On CPUs without AVX2
+whole cost of an MXFP4 matvec. Here we write it out for x86 `pshufb` (`_e2m1_decode`: a block at
+a time with AVX2, two with AVX-512) and, with AVX-512, for `vpermps` (`_e2m1_decode_quad`: four
+blocks a step, the matvecs' main loop); for the matvec of one token, the fused matmul of a few
+(`mxfp4_row_dots`) and the block decoder of prefill's tiles (pshufb). On CPUs without AVX2
 (`HAVE_AVX2` False) kernels.py uses its plain-numba twins. The rest is portable vector IR:
 numba's loops would not keep these sums in registers, or would reassociate them into one long
 chain.
