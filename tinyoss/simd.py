@@ -25,6 +25,9 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .mxfp4 import FP4_VALUES
+
+
 def _target() -> tuple[str, list[str]]:
     """The CPU numba compiles for and its features: the host, unless NUMBA_CPU_NAME names another
     (a cache built for a fleet: x86-64-v3, generic, ...) with NUMBA_CPU_FEATURES or, without
@@ -187,14 +190,12 @@ MXFP4_PAIR_ORDER = tuple(_decode_order(4))  # two blocks (AVX-512): 64 elements
 # each 32-bit lane, and E2M1's 16 codes (sign = bit 3) are such a table. The 64 bytes are read
 # as 16 lanes of 8 nibbles; shifting them right by 4k puts nibble k in the low bits, so eight
 # shifts-and-permutes give the 128 values, already float32 (16 vector instructions per 128
-# weights; the pair step takes ~22: byte tables, interleaves, shifts and masks). Lane i of vector k holds nibble k of bytes 4i..4i+3: element
-# 8 (i % 4) + k of block i // 4. In one process, alternating with the pair step (the 20b's
-# expert matvecs from RAM, 4 experts x 24 layers, Zen 4): 1.17-1.26x, 13-15 GB/s -> 18-19 GB/s
-# against a ~20 GB/s probe.
+# weights; the pair step takes ~22: byte tables, interleaves, shifts and masks). Lane i of
+# vector k holds nibble k of bytes 4i..4i+3: element 8 (i % 4) + k of block i // 4. In one
+# process, alternating with the pair step (the 20b's expert matvecs from RAM, 4 experts x 24
+# layers, Zen 4): 1.17-1.26x, 13-15 GB/s -> 18-19 GB/s against a ~20 GB/s probe.
 MXFP4_QUAD_ORDER = tuple(32 * (i // 4) + 8 * (i % 4) + k for k in range(8) for i in range(16))
-_E2M1_F32 = [float(v) for v in np.asarray([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
-                                           -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
-                                          np.float32)]
+_E2M1_F32 = [float(v) for v in FP4_VALUES]  # nibble -> E2M1 value (bit 3: the sign)
 
 
 def _e2m1_decode_quad(builder, bptr):
@@ -290,10 +291,10 @@ def _mxfp4_dots(builder, bptr, sptr, tptr, xptr, x_len, nb, optr, o_stride, rows
                 group: int, prefetch: bool) -> None:
     """The loop of the MXFP4 row-dot intrinsics: `rows` adjacent weight rows (nb blocks each,
     from bptr / sptr) against `group` vectors (x_j = xptr + j * x_len, in lane order), out[j *
-    o_stride + r] = row r . x_j. A step decodes one block (four with AVX-512: `quad`) of each row
-    once for the group vectors, and loads each x vector once for the rows; a block's products are summed,
-    then scaled (exact: a power of two); the sums stay in registers. prefetch: ask for the line
-    PREFETCH_ROWS rows ahead of each new line read."""
+    o_stride + r] = row r . x_j. A step decodes one block (four with AVX-512: `quad`) of each
+    row once for the group vectors, and loads each x vector once for the rows; a block's
+    products are summed, then scaled (exact: a power of two); the sums stay in registers.
+    prefetch: ask for the line PREFETCH_ROWS rows ahead of each new line read."""
     def scale_of(b):  # float32 2**(s-127) of block b (counted from the first row's first)
         return builder.load(builder.gep(tptr, [builder.zext(
             builder.load(builder.gep(sptr, [b])), _i64)]))
@@ -380,10 +381,10 @@ def _mxfp4_dots(builder, bptr, sptr, tptr, xptr, x_len, nb, optr, o_stride, rows
     def one(lanes):
         return lambda b, accs, index: step(b, lanes, accs, index)
 
-    def total(accs, width):
+    def lane_sums(accs, width):
         return [[_sum_lanes(builder, builder.load(acc), width) for acc in row] for row in accs]
 
-    if HAVE_AVX512:  # four blocks a step; a leftover pair, then an odd last block, as AVX2 does
+    if HAVE_AVX512:  # 16 blocks a loop step, then 4; a leftover pair, then an odd last block
         accs = zeros(16)
         sixteens = builder.udiv(nb, _const(16))
         steps(sixteens, _const(0), 16, quads4, accs)
@@ -396,15 +397,15 @@ def _mxfp4_dots(builder, bptr, sptr, tptr, xptr, x_len, nb, optr, o_stride, rows
         steps(builder.urem(left, _const(2)), builder.sub(nb, _const(1)), 1,
               lambda b, accs, index: step(b, 2, accs, None), tail)
         sums = [[builder.fadd(a, t, flags=_FAST) for a, t in zip(ra, rt)]
-                for ra, rt in zip(total(accs, 16), total(tail, 8))]
+                for ra, rt in zip(lane_sums(accs, 16), lane_sums(tail, 8))]
     else:
         accs = zeros(8)
         steps(nb, _const(0), 1, one(2), accs)
-        sums = total(accs, 8)
+        sums = lane_sums(accs, 8)
     for r, row_sums in enumerate(sums):
-        for j, total_ in enumerate(row_sums):
-            builder.store(total_, builder.gep(optr, [builder.add(builder.mul(_const(j), o_stride),
-                                                                 _const(r))]))
+        for j, total in enumerate(row_sums):
+            builder.store(total, builder.gep(optr, [builder.add(builder.mul(_const(j), o_stride),
+                                                                _const(r))]))
 
 
 @intrinsic
