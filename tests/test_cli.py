@@ -109,6 +109,21 @@ def test_bench_with_a_bf16_kv_cache_counts_half_the_cache_bytes(make_checkpoint)
     assert per_token["f32"][0] - per_token["bf16"][0] == len(config.layer_sliding) * config.kv_dim * 4
 
 
+def test_bench_with_int8_expert_inputs_reports_it(make_checkpoint):
+    """`--expert-input q8` reaches the model the bench times (the same bytes a token; the
+    integer kernels compiled before timing)."""
+    root = make_checkpoint("both", seed=3, vocab_size=300)
+    per_token = {}
+    for kind in ("f32", "q8"):
+        r = runner.invoke(app, ["bench", str(root), "--prompt", "8", "--decode-tokens", "2",
+                                "--expert-input", kind, "--json"])
+        assert r.exit_code == 0, r.output
+        result = json.loads(r.output[r.output.index("{"):])
+        assert result["expert_input"] == kind
+        per_token[kind] = result["decode"][0]["bytes_per_token"]
+    assert per_token["f32"] == per_token["q8"]
+
+
 def test_bench_run_takes_a_repeated_depth_once(make_checkpoint):
     """The library call dedupes depths as the command line does: each depth's cache takes one
     turn a token (twice would overflow it and count its time twice)."""
@@ -121,6 +136,7 @@ def test_bench_run_takes_a_repeated_depth_once(make_checkpoint):
 
 @pytest.mark.parametrize("args,message,code", [
     (["--kv", "f16"], "Invalid value for '--kv'", 2),  # typer's own check of a choice
+    (["--expert-input", "q4"], "Invalid value for '--expert-input'", 2),
     (["--depths", "a,b"], "--depths must be comma-separated integers", 1),
     (["--depths", "-5"], "--depths must be non-negative", 1),
     (["--threads", "99"], "--threads 99: at most", 1),

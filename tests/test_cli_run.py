@@ -317,8 +317,9 @@ def test_a_q8_cache_that_cannot_be_written_is_one_warning_line(tiny_checkpoint, 
 
 @pytest.mark.parametrize("command", [["run", "Hi"], ["chat"]])
 def test_dense_and_kv_options_reach_the_loader(monkeypatch, tiny_checkpoint, command):
-    """`--dense` and `--kv` of run and chat are what the checkpoint is loaded with (so the KV
-    caches of every reply are of that kind: Model.new_cache defaults to the model's)."""
+    """`--dense`, `--kv` and `--expert-input` of run and chat are what the checkpoint is loaded
+    with (so the KV caches of every reply are of that kind: Model.new_cache defaults to the
+    model's)."""
     from tinyoss import model as model_module
 
     seen = {}
@@ -328,7 +329,7 @@ def test_dense_and_kv_options_reach_the_loader(monkeypatch, tiny_checkpoint, com
         return ScriptedModel(FINAL)
 
     monkeypatch.setattr(model_module, "load", fake_load)
-    r = runner.invoke(app, [*command, "-m", str(tiny_checkpoint), "--dense", "q8", "--kv", "bf16"],
-                      input="/quit\n")
+    r = runner.invoke(app, [*command, "-m", str(tiny_checkpoint), "--dense", "q8", "--kv", "bf16",
+                            "--expert-input", "q8"], input="/quit\n")
     assert r.exit_code == 0, r.output
-    assert seen == {"dense": "q8", "kv": "bf16"}
+    assert seen == {"dense": "q8", "kv": "bf16", "expert_input": "q8"}

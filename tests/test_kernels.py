@@ -414,6 +414,60 @@ def test_row_dots_at_the_real_width(m):
     _close(out, want, scale)
 
 
+@SETTINGS
+@given(moe_case(), st.booleans(), st.booleans())
+def test_x8_moe_matvec_equals_rounded_x_then_matmul(case, one_x, specials):
+    """expert_input="q8": x quantized to int8 blocks (x8_quantize_lanes, bit for bit the numpy
+    definition, in the kernel's order and with halved scales), then integer dot products a
+    block: equal to the float matmul of the dequantized x (the integer sums are exact, the
+    block sums meet in another order). specials: a zero block and a block holding NaN."""
+    blocks, scales, bias, experts, x = case
+    if one_x:
+        x = x[:1]
+    if specials:
+        x[0, :32] = 0.0
+        if x.shape[1] > 32:
+            x[-1, 40] = np.nan
+    q, d = np.empty(x.shape, np.int8), np.empty((x.shape[0], x.shape[1] // 32), np.float32)
+    kernels.x8_quantize_lanes(x, q, d)
+    want_q, want_s = quant.x8_quantize(x)
+    order = np.array(simd.MXFP4_Q8_ORDER)
+    assert np.array_equal(q.reshape(len(x), -1, 32), want_q.reshape(len(x), -1, 32)[..., order])
+    assert np.array_equal(d, want_s / 2, equal_nan=True)
+    xr = quant.x8_round_trip(x)
+    out = np.full((len(experts), blocks.shape[1]), np.nan, np.float32)
+    kernels.f32_mf4w_q8x_moe_matvec(blocks, scales, bias, experts, q, d, out)
+    rows = [xr[0 if one_x else k] for k in range(len(experts))]
+    w = [mxfp4.decode(blocks[e], scales[e]) for e in experts]
+    want = np.stack([wk @ r + bf16_to_f32(bias[e]) for wk, r, e in zip(w, rows, experts)])
+    scale = np.stack([np.abs(wk) @ np.abs(r) + np.abs(bf16_to_f32(bias[e]))
+                      for wk, r, e in zip(w, rows, experts)])
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(out), nan)
+    _close(np.where(nan, 0, out), np.where(nan, 0, want), np.where(nan, 0, scale))
+
+
+@SETTINGS
+@given(st.integers(0, 2**32 - 1), st.integers(1, 3), st.integers(1, 6), st.floats(0.5, 20))
+def test_swiglu_x8_is_the_swiglu_then_x8_quantize(seed, m, blocks, spread):
+    """f32_swiglu_x8 = x8_quantize_lanes of the SwiGLU f32_swiglu_lanes computes (the same
+    float values: that kernel is held to model.swiglu), bit for bit."""
+    from tinyoss.model import SWIGLU_ALPHA
+
+    rng = np.random.default_rng(seed)
+    h = (rng.standard_normal((m, 64 * blocks)) * spread).astype(np.float32)
+    limit, alpha = np.float32(7.0), np.float32(SWIGLU_ALPHA)
+    lanes = np.empty((m, 32 * blocks), np.float32)
+    kernels.f32_swiglu_lanes(h, limit, alpha, lanes)
+    natural = np.empty_like(lanes)
+    natural[:, kernels.row_order(blocks)] = lanes
+    want_q, want_d = np.empty(lanes.shape, np.int8), np.empty((m, blocks), np.float32)
+    kernels.x8_quantize_lanes(natural, want_q, want_d)
+    q, d = np.empty_like(want_q), np.empty_like(want_d)
+    kernels.f32_swiglu_x8(h, limit, alpha, q, d)
+    assert np.array_equal(q, want_q) and np.array_equal(d, want_d)
+
+
 @pytest.mark.parametrize("nb", range(1, 8))
 def test_lane_order_is_a_permutation(nb):
     """The matvec reads each element of a row exactly once (four blocks a step with AVX-512)."""
@@ -445,7 +499,7 @@ def test_smaller_cpu_paths_equal_their_twins(path, cpu, check):
             "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-k', "
             "'moe_matvec or mxfp4_matmul or kernel_equals_numpy or decode_attention or "
             "swiglu_lanes or plain_row_dot or real_width or softmax_rows or vector_exp or "
-            "lane_order or every_scale', "
+            "lane_order or every_scale or x8_moe or swiglu_x8', "
             f"{os.path.join(here, 'test_kernels.py')!r}, {os.path.join(here, 'test_mxfp4.py')!r}]))")
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=600)

@@ -171,3 +171,46 @@ def test_bf16_kv_matches_the_reference_with_bf16_keys_and_values(make_checkpoint
         steps = np.concatenate([path(tokens[:20], cache)] +
                                [path(tokens[i:i + 1], cache) for i in range(20, 48)])
         assert np.abs(steps - expected).max() <= bound
+
+
+def test_expert_input_q8_matches_the_reference_given_int8_expert_inputs(make_checkpoint,
+                                                                        monkeypatch):
+    """expert_input='q8' computes what the official reference computes when the inputs of its
+    experts' two einsums are rounded as llama.cpp's quantize_row_q8_0 rounds them (blocks of
+    32: d = max|x| / 127, q = round(x * (1/d)), x = q d), written here in torch: full passes
+    and cached decode steps (the integer kernels) on the fast path, and the numpy definition.
+
+    Not to 1e-4, for the reason of the bf16 KV test below it: a value a few ULP from the
+    reference's (other summation orders) can round to the neighbouring int8 step, which moves
+    the logits after it. So the bound is 10x closer to the rounded reference than to the exact
+    one: the same rounding at the same places."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("gpt_oss.torch.model")
+    exact_einsum = torch.einsum
+
+    def q8_0(t):
+        b = t.reshape(*t.shape[:-1], -1, 32)
+        d = b.abs().amax(dim=-1, keepdim=True) / 127.0
+        inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+        return (torch.round(b * inv) * d).reshape(t.shape)  # torch.round: half to even
+
+    def einsum(equation, *operands):
+        if equation in ("beck,bk->bec", "beck,bek->bec"):  # an expert's mlp1, mlp2
+            operands = (operands[0], q8_0(operands[1]))
+        return exact_einsum(equation, *operands)
+
+    cfg = CONFIGS["4experts-top4-3kv"]
+    root = make_checkpoint("both", seed=11, **cfg)
+    tokens = _tokens(cfg["vocab_size"], 40, seed=13)
+    exact = reference_logits(root / "original", tokens)
+    monkeypatch.setattr(torch, "einsum", einsum)
+    expected = reference_logits(root / "original", tokens)
+    drift = np.abs(expected - exact).max()
+    bound = drift / 10
+    assert bound > TOL  # the oracle's rounding is not a no-op
+    model = tinyoss.load(root, expert_input="q8")
+    for path in (model.forward, model.forward_reference):
+        assert np.abs(path(tokens) - expected).max() <= bound, path
+    cache = model.new_cache()
+    steps = np.concatenate([model.forward(tokens[i:i + 1], cache) for i in range(len(tokens))])
+    assert np.abs(steps - expected).max() <= bound

@@ -255,6 +255,12 @@ def test_a_bad_kv_cache_kind_is_one_clear_error(make_checkpoint):
         tinyoss.load(root).new_cache(kv="int8")
 
 
+def test_a_bad_expert_input_is_one_clear_error(make_checkpoint):
+    root = make_checkpoint("both", seed=1, **SMALL)
+    with pytest.raises(TinyossError, match="expert_input must be 'f32' or 'q8', got 'int4'"):
+        tinyoss.load(root, expert_input="int4")
+
+
 def test_release_keeps_the_data_readable(make_checkpoint):
     """Dropping a tensor's pages from the process (dense='q8' does it) loses nothing: the next
     read faults them back in from the page cache, bytes unchanged."""

@@ -136,6 +136,7 @@ class BenchResult:
     model: str
     dense: str
     kv: str  # the KV cache's kind: f32 or bf16
+    expert_input: str  # f32 (exact) or q8 (int8 activations into the experts)
     threads: int
     load_s: float  # opening the checkpoint (+ the int8 copies with dense=q8: mapped from the
     # cache file, or made at a checkpoint's first q8 load)
@@ -157,10 +158,11 @@ class BenchResult:
 
 def run(path, prompt_tokens: int = 512, depths=(0,), decode_tokens: int = 16, dense: str = "bf16",
         seed: int = 0, progress: Callable[[str], None] = lambda s: None, repeat: int = 1,
-        kv: str = "f32") -> BenchResult:
+        kv: str = "f32", expert_input: str = "f32") -> BenchResult:
     """repeat: decode at every depth that many times, the depths taking turns token by token (a
     slow second of a noisy machine then hits every depth alike); each reports the median and
-    every run. kv: the KV cache's kind ("f32" or "bf16", see model.KVCache)."""
+    every run. kv: the KV cache's kind ("f32" or "bf16", see model.KVCache); expert_input:
+    "f32" or "q8" (model.Model)."""
     from . import load
 
     depths = list(dict.fromkeys(depths))  # each once: a depth's cache takes one turn a token
@@ -168,7 +170,7 @@ def run(path, prompt_tokens: int = 512, depths=(0,), decode_tokens: int = 16, de
     rss = PeakRSS()
     progress("opening the checkpoint")
     t = time.perf_counter()
-    model = load(path, dense=dense, kv=kv)
+    model = load(path, dense=dense, kv=kv, expert_input=expert_input)
     load_s = time.perf_counter() - t
     c = model.config
     rng = np.random.default_rng(seed)
@@ -176,7 +178,7 @@ def run(path, prompt_tokens: int = 512, depths=(0,), decode_tokens: int = 16, de
 
     progress("compiling / loading kernels")
     t = time.perf_counter()
-    warm_up(dense, kv)
+    warm_up(dense, kv, expert_input)
     compile_s = time.perf_counter() - t
     ready_s = seconds_since_process_start()
     # every weight page mapped, outside the timing: decode then measures compute and memory, not
@@ -250,13 +252,14 @@ def run(path, prompt_tokens: int = 512, depths=(0,), decode_tokens: int = 16, de
         ratios = [r / r0 for r, r0 in zip(tok_s_runs, runs[depths[0]])]
         decode[-1].update(ratio=float(np.median(ratios)), ratio_runs=ratios)
     bandwidth = max(samples)
-    return BenchResult(str(path), dense, kv, threads, load_s, compile_s, ready_s, prompt_tokens,
-                       prefill_tok_s, decode, bandwidth / 1e9, [b / 1e9 for b in samples],
-                       rss.bytes() / 2**30, not rss.exact)
+    return BenchResult(str(path), dense, kv, expert_input, threads, load_s, compile_s, ready_s,
+                       prompt_tokens, prefill_tok_s, decode, bandwidth / 1e9,
+                       [b / 1e9 for b in samples], rss.bytes() / 2**30, not rss.exact)
 
 
 def format_result(r: BenchResult) -> str:
-    lines = [f"model {r.model}  dense {r.dense}  kv {r.kv}  threads {r.threads}",
+    lines = [f"model {r.model}  dense {r.dense}  kv {r.kv}  expert input {r.expert_input}  "
+             f"threads {r.threads}",
              f"  load {r.load_s:.2f} s   kernels ready {r.compile_s:.2f} s"
              + (f"   process start -> ready {r.ready_s:.2f} s" if r.ready_s is not None else ""),
              f"  prefill {r.prompt_tokens} tokens: {r.prefill_tok_s:.2f} tok/s",

@@ -159,6 +159,16 @@ _KV = typer.Option(Kv.f32, "--kv", help="KV cache: f32 (exact) or bf16 (half the
                                          "a small logit drift).")
 
 
+class ExpertInput(str, Enum):
+    f32 = "f32"
+    q8 = "q8"
+
+
+_EXPERT_INPUT = typer.Option(ExpertInput.f32, "--expert-input",
+                             help="Inputs of the routed experts' matmuls: f32 (exact) or q8 (int8 "
+                                  "blocks, as llama.cpp: faster expert matvecs, a logit drift).")
+
+
 @app.command()
 @clean_errors
 def cache(clear: bool = typer.Option(False, "--clear", help="Delete every q8 cache file.")) -> None:
@@ -197,6 +207,7 @@ def bench(
     dense: Dense = typer.Option(Dense.bf16, "--dense", help="Dense weights: bf16 as published, "
                                 "or q8 (int8 blocks)."),
     kv: Kv = _KV,
+    expert_input: ExpertInput = _EXPERT_INPUT,
     threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1,
                                           help="Kernel threads (default: all cores)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -216,7 +227,8 @@ def bench(
     console = _stderr()
     with console.status("starting") as status:
         result = b.run(model, prompt, depth_list, decode_tokens, dense.value,
-                       progress=lambda s: status.update(s), repeat=repeat, kv=kv.value)
+                       progress=lambda s: status.update(s), repeat=repeat, kv=kv.value,
+                       expert_input=expert_input.value)
     typer.echo(json.dumps(dataclasses.asdict(result), indent=2) if as_json else
                b.format_result(result))
 
@@ -302,7 +314,8 @@ def _system_messages(system: Optional[str]) -> list:
     return [Message.system(SystemContent(model_identity=system))] if system is not None else []
 
 
-def _open_model(name: str, dense: Dense, threads: Optional[int], kv: Kv = Kv.f32):
+def _open_model(name: str, dense: Dense, threads: Optional[int], kv: Kv = Kv.f32,
+                expert_input: ExpertInput = ExpertInput.f32):
     """Find the checkpoint (hub.resolve_model), set the thread count, load it."""
     from .hub import resolve_model
     from .model import load
@@ -310,7 +323,7 @@ def _open_model(name: str, dense: Dense, threads: Optional[int], kv: Kv = Kv.f32
     path = resolve_model(name, announce=lambda line: typer.echo(line, err=True))
     _set_threads(threads)
     with _stderr().status(f"loading {path}"):
-        model = load(path, dense=dense.value, kv=kv.value)
+        model = load(path, dense=dense.value, kv=kv.value, expert_input=expert_input.value)
     # map the weight pages in the background while the prompt is prepared and prefilled (one
     # call instead of page faults spread over the first tokens); a daemon: exit doesn't wait
     threading.Thread(target=_prefault_quietly, args=(model,), name="tinyoss-prefault",
@@ -450,6 +463,7 @@ def run(
     threads: Optional[int] = _THREADS,
     dense: Dense = _DENSE,
     kv: Kv = _KV,
+    expert_input: ExpertInput = _EXPERT_INPUT,
     stats: bool = _STATS,
 ) -> None:
     """Answer one prompt, streaming the final answer to stdout."""
@@ -459,7 +473,7 @@ def run(
     sampler = _sampler(temperature, top_p, top_k, min_p, seed)
     options = _generation_options(max_tokens, reasoning, developer, date)
     text = _read_prompt(prompt)
-    loaded = _open_model(model, dense, threads, kv)
+    loaded = _open_model(model, dense, threads, kv, expert_input)
     messages = _system_messages(system) + [Message.user(text)]
     _stream(generate(loaded, messages, sampler=sampler, **options), ReplyPrinter(hide_reasoning, raw), stats)
 
@@ -570,12 +584,13 @@ def chat(
     threads: Optional[int] = _THREADS,
     dense: Dense = _DENSE,
     kv: Kv = _KV,
+    expert_input: ExpertInput = _EXPERT_INPUT,
     stats: bool = _STATS,
 ) -> None:
     """Talk with the model, turn after turn. /help lists the commands; Ctrl-C stops a reply."""
     sampler = _sampler(temperature, top_p, top_k, min_p, seed)
     options = _generation_options(max_tokens, reasoning, developer, date)
-    loaded = _open_model(model, dense, threads, kv)
+    loaded = _open_model(model, dense, threads, kv, expert_input)
     session = ChatSession(loaded, sampler, options, system, dict(hide_reasoning=hide_reasoning, raw=raw),
                           stats)
     if sys.stdin.isatty():

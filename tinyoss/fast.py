@@ -23,6 +23,7 @@ import numpy as np
 from . import kernels
 from .config import Config
 from .model import SWIGLU_ALPHA, KVCache, LayerWeights, Weights, rope_cos_sin, swiglu
+from .quant import x8_round_trip
 from .store import bf16_to_f32
 
 MATVEC_MAX_TOKENS = 1  # decode: one token, the matvec kernels
@@ -128,8 +129,9 @@ def q8_matrices(w: Weights) -> dict[str, np.ndarray]:
 
 
 class FastLayer:
-    def __init__(self, lw: LayerWeights, q8: dict, prefix: str, release):
+    def __init__(self, lw: LayerWeights, q8: dict, prefix: str, release, x8: bool = False):
         self.lw = lw
+        self.x8 = x8  # expert_input="q8": int8 activations into the routed experts
         self.q = Dense(lw.q_w, lw.q_b, q8.get(prefix + "q_w"), release)
         self.k = Dense(lw.k_w, lw.k_b, q8.get(prefix + "k_w"), release)
         self.v = Dense(lw.v_w, lw.v_b, q8.get(prefix + "v_w"), release)
@@ -153,12 +155,15 @@ class FastLayer:
 class FastWeights:
     """The weights as the fast path uses them: views, plus the int8 copies when dense='q8'."""
 
-    def __init__(self, w: Weights, q8: dict | None = None, release=lambda arr: None):
-        """q8: {name: (int8, scales)} for the matrices of `q8_matrices(w)` (dense='q8')."""
+    def __init__(self, w: Weights, q8: dict | None = None, release=lambda arr: None,
+                 expert_input: str = "f32"):
+        """q8: {name: (int8, scales)} for the matrices of `q8_matrices(w)` (dense='q8');
+        expert_input: "f32", or "q8" (model.moe_block)."""
         q8 = q8 or {}
         self.embed = w.embed
         self.norm = w.norm
-        self.layers = [FastLayer(lw, q8, f"{i}.", release) for i, lw in enumerate(w.layers)]
+        self.layers = [FastLayer(lw, q8, f"{i}.", release, expert_input == "q8")
+                       for i, lw in enumerate(w.layers)]
         self.unembed = Dense(w.unembed, None, q8.get("unembed"), release)
 
     def dense(self) -> list[Dense]:
@@ -245,15 +250,18 @@ def moe(c: Config, fl: FastLayer, t: np.ndarray) -> np.ndarray:
     out = np.zeros_like(t)
     if n <= MATVEC_MAX_TOKENS:
         for i in range(n):  # decode: the fused kernel, k experts at once
-            y = expert_matvec(c, lw, experts[i], t[i:i + 1])
+            if fl.x8:
+                y = expert_matvec_x8(c, lw, experts[i], t[i:i + 1])
+            else:
+                y = expert_matvec(c, lw, experts[i], t[i:i + 1])
             out[i] = weights[i] @ y
         return out
     for e in np.unique(experts):  # prefill: each routed expert decoded once
         tok, slot = np.nonzero(experts == e)
         if len(tok) <= FUSED_MAX_TOKENS:  # few tokens: decoded block by block, in registers
-            y = expert_few(c, lw, int(e), t[tok])
+            y = expert_few(c, lw, int(e), t[tok], fl.x8)
         else:  # many: decoded tile by tile for BLAS
-            y = expert_tiles(c, lw, int(e), t[tok])
+            y = expert_tiles(c, lw, int(e), t[tok], fl.x8)
         out[tok] += weights[tok, slot, None] * y
     return out
 
@@ -272,6 +280,25 @@ def expert_matvec(c: Config, lw: LayerWeights, experts: np.ndarray, x: np.ndarra
     return y
 
 
+def expert_matvec_x8(c: Config, lw: LayerWeights, experts: np.ndarray,
+                     x: np.ndarray) -> np.ndarray:
+    """expert_matvec with expert_input="q8": x and the SwiGLU output quantized to int8 blocks
+    (kernels.x8_quantize_lanes, f32_swiglu_x8), integer dot products."""
+    m, D, I = len(experts), c.hidden_size, c.intermediate_size
+    experts = np.ascontiguousarray(experts, dtype=np.int64)
+    xq, xd = np.empty((1, D), np.int8), np.empty((1, D // 32), np.float32)
+    kernels.x8_quantize_lanes(np.ascontiguousarray(x, np.float32), xq, xd)
+    h = np.empty((m, 2 * I), np.float32)
+    kernels.f32_mf4w_q8x_moe_matvec(lw.mlp1_blocks, lw.mlp1_scales, lw.mlp1_bias, experts, xq,
+                                    xd, h)  # x: one row, read by all m
+    aq, ad = np.empty((m, I), np.int8), np.empty((m, I // 32), np.float32)
+    kernels.f32_swiglu_x8(h, np.float32(c.swiglu_limit), np.float32(SWIGLU_ALPHA), aq, ad)
+    y = np.empty((m, D), np.float32)
+    kernels.f32_mf4w_q8x_moe_matvec(lw.mlp2_blocks, lw.mlp2_scales, lw.mlp2_bias, experts, aq,
+                                    ad, y)
+    return y
+
+
 def swiglu_lanes(c: Config, h: np.ndarray) -> np.ndarray:
     """h [m, 2I] -> to_lane_order(swiglu(h)) [m, I], one kernel: the MXFP4 matvec's input."""
     a = np.empty((h.shape[0], h.shape[1] // 2), np.float32)
@@ -279,22 +306,28 @@ def swiglu_lanes(c: Config, h: np.ndarray) -> np.ndarray:
     return a
 
 
-def expert_few(c: Config, lw: LayerWeights, e: int, x: np.ndarray) -> np.ndarray:
-    """One expert on a few tokens: x [m, D] -> [m, D], each block decoded once per four."""
+def expert_few(c: Config, lw: LayerWeights, e: int, x: np.ndarray,
+               x8: bool = False) -> np.ndarray:
+    """One expert on a few tokens: x [m, D] -> [m, D], each block decoded once per four.
+    x8 (expert_input="q8"): the inputs rounded to int8 blocks first (in float: prefill)."""
     m = x.shape[0]
     h = np.empty((m, 2 * c.intermediate_size), np.float32)
     kernels.f32_mf4w_matmul(lw.mlp1_blocks[e], lw.mlp1_scales[e], lw.mlp1_bias[e],
-                            kernels.to_lane_order(x), h)
+                            kernels.to_lane_order(x8_round_trip(x) if x8 else x), h)
     y = np.empty((m, c.hidden_size), np.float32)
-    kernels.f32_mf4w_matmul(lw.mlp2_blocks[e], lw.mlp2_scales[e], lw.mlp2_bias[e],
-                            swiglu_lanes(c, h), y)
+    a = kernels.to_lane_order(x8_round_trip(swiglu(h, c.swiglu_limit))) if x8 else \
+        swiglu_lanes(c, h)
+    kernels.f32_mf4w_matmul(lw.mlp2_blocks[e], lw.mlp2_scales[e], lw.mlp2_bias[e], a, y)
     return y
 
 
-def expert_tiles(c: Config, lw: LayerWeights, e: int, x: np.ndarray) -> np.ndarray:
+def expert_tiles(c: Config, lw: LayerWeights, e: int, x: np.ndarray,
+                 x8: bool = False) -> np.ndarray:
     """One expert on many tokens: x [m, D] -> [m, D], decoding TILE_ROWS rows at a time."""
-    h = _mxfp4_matmul(x, lw.mlp1_blocks[e], lw.mlp1_scales[e]) + bf16_to_f32(lw.mlp1_bias[e])
-    a = swiglu(h, c.swiglu_limit)
+    into = x8_round_trip if x8 else (lambda a: a)
+    h = _mxfp4_matmul(into(x), lw.mlp1_blocks[e], lw.mlp1_scales[e]) + \
+        bf16_to_f32(lw.mlp1_bias[e])
+    a = into(swiglu(h, c.swiglu_limit))
     return _mxfp4_matmul(a, lw.mlp2_blocks[e], lw.mlp2_scales[e]) + bf16_to_f32(lw.mlp2_bias[e])
 
 
@@ -357,9 +390,10 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return out
 
 
-def warm_up(dense: str = "bf16", kv: str = "f32") -> None:
+def warm_up(dense: str = "bf16", kv: str = "f32", expert_input: str = "f32") -> None:
     """Compile every kernel (or load it from numba's on-disk cache) by running a tiny synthetic
-    checkpoint through prefill and decode, with `dense` weights and a `kv` cache. Its arrays have
+    checkpoint through prefill and decode, with `dense` weights, a `kv` cache and `expert_input`
+    (model.Model). Its arrays have
     the same types as a real checkpoint's (memory-mapped, read-only), so the real one then starts
     without compiling anything."""
     import tempfile
@@ -377,7 +411,8 @@ def warm_up(dense: str = "bf16", kv: str = "f32") -> None:
         # q8: int8 copies made in memory (writable arrays: no cache folder), then mapped from a
         # cache file (read-only views): numba compiles each kind separately
         for q8_cache in ([False, f"{tmp}/q8"] if dense == "q8" else [False]):
-            model = Model(Checkpoint(f"{tmp}/m"), dense, q8_cache=q8_cache)
+            model = Model(Checkpoint(f"{tmp}/m"), dense, q8_cache=q8_cache,
+                          expert_input=expert_input)
             cache = model.new_cache(64, kv)
             model.forward([1, 2, 3], cache)  # short prefill: fused kernels (all logits: no bias)
             model.forward(np.arange(4, 44), cache, last_only=True)  # long: tiles + BLAS

@@ -20,9 +20,10 @@ import numpy as np
 
 from . import mxfp4
 from .simd import (HAVE_AVX2, HAVE_AVX512, KERNELS, MAX_GROUP, MXFP4_LANE_ORDER,
-                   MXFP4_PAIR_ORDER, MXFP4_QUAD_ORDER, QK_DIM, QK_HEADS, as_float32, bf16_row_dots,
-                   exp_shifted_sum, kv_float, max_nan, mxfp4_block_decode_avx2, mxfp4_row_dots,
-                   mxfp4_row_pair_dot, q8_row_dot, qk8_scores, weighted_rows64)
+                   MXFP4_PAIR_ORDER, MXFP4_Q8_ORDER, MXFP4_QUAD_ORDER, QK_DIM, QK_HEADS, as_float32,
+                   bf16_row_dots, exp_shifted_sum, kv_float, max_nan, mxfp4_block_decode_avx2,
+                   mxfp4_q8_row_pair_dot, mxfp4_row_dots, mxfp4_row_pair_dot, q8_row_dot,
+                   qk8_scores, weighted_rows64)
 
 # a forced kernel path (simd.KERNELS) compiles afresh: the disk cache can't tell the builds apart
 CACHE = os.environ.get("TINYOSS_NUMBA_CACHE", "1") != "0" and KERNELS == "auto"
@@ -228,6 +229,107 @@ def f32_mf4w_matmul(blocks, scales, bias, xl, out):
             b = as_float32(np.uint32(bias[r]) << np.uint32(16))
             for j in range(m):
                 flat_out[j * R + r] += b  # through the view the intrinsic wrote (see NOALIAS)
+
+
+# --- int8 activations into the experts (expert_input="q8": an approximation, see quant.py) -----
+
+_X8 = np.array(MXFP4_Q8_ORDER, np.int64)
+
+
+@jit()
+def _x8_block(vals, q, d, k, b):
+    """Quantize the 32 float32 vals (block b of row k, natural order) as quant.x8_quantize: q[k,
+    32b + p] = round(vals[MXFP4_Q8_ORDER[p]] / scale) (the order simd.mxfp4_q8_row_pair_dot reads),
+    d[k, b] = scale / 2 (its products are of doubled E2M1 values)."""
+    amax = np.float32(0.0)
+    for i in range(32):
+        a = abs(vals[i])
+        if a > amax or a != a:  # NaN wins, as numpy's max
+            amax = a
+        if amax != amax:
+            break
+    scale = amax / np.float32(127.0)
+    ok = scale > 0 and scale < np.inf
+    inv = np.float32(1.0) / scale if ok else np.float32(0.0)
+    for p in range(32):
+        q[k, 32 * b + p] = np.int8(np.rint(vals[_X8[p]] * inv)) if ok else np.int8(0)
+    d[k, b] = scale * np.float32(0.5)
+
+
+@jit()
+def x8_quantize_lanes(x, q, d):
+    """x [n, C] f32 -> q [n, C] int8 (MXFP4_Q8_ORDER within each block of 32), d [n, C/32] f32
+    (the scales halved). Twin: quant.x8_quantize (bit-exact; q permuted, d halved)."""
+    n, C = x.shape
+    for k in range(n):
+        for b in range(C // 32):
+            _x8_block(x[k, 32 * b:32 * b + 32], q, d, k, b)
+
+
+@jit()
+def f32_swiglu_x8(h, limit, alpha, q, d):
+    """x8_quantize_lanes(model.swiglu(h)): the clamped SwiGLU of `f32_swiglu_lanes`, quantized
+    block by block for the int8 expert matvec. h [m, 2I], q [m, I] int8, d [m, I/32] f32."""
+    m, I = q.shape
+    vals = np.empty(32, np.float32)
+    for j in range(m):
+        for b in range(I // 32):
+            for i in range(32):
+                c = 32 * b + i
+                g, u = h[j, 2 * c], h[j, 2 * c + 1]
+                if g > limit:
+                    g = limit
+                if u > limit:
+                    u = limit
+                elif u < -limit:
+                    u = -limit
+                vals[i] = g / (np.float32(1.0) + np.exp(-alpha * g)) * (u + np.float32(1.0))
+            _x8_block(vals, q, d, j, b)
+
+
+@jit(fastmath=True)
+def mxfp4_q8_row_dot_plain(blocks, b_off, scales, s_off, scale_table, q, q_off, d, d_off, nb):
+    """One row of simd.mxfp4_q8_row_pair_dot in plain numba (CPUs without AVX2)."""
+    total = np.float32(0.0)
+    for b in range(nb):
+        acc = np.int32(0)
+        for p in range(32):
+            e = _X8[p]
+            byte = np.int64(blocks[b_off + 16 * b + e // 2])
+            nibble = (byte >> 4) if e % 2 else (byte & 15)
+            acc += np.int32(2.0 * _FP4[nibble]) * np.int32(q[q_off + 32 * b + p])
+        total += np.float32(acc) * (scale_table[scales[s_off + b]] * d[d_off + b])
+    return total
+
+
+@jit(parallel=True, fastmath=True)
+def f32_mf4w_q8x_moe_matvec(blocks, scales, bias, experts, xq, xd, out):
+    """`f32_mf4w_moe_matvec` with int8 activations: xq [K or 1, nb*32] int8, xd [K or 1, nb]
+    f32 from x8_quantize_lanes or f32_swiglu_x8. Integer dot products a block (exact), one
+    float scale each. Twin: quant.x8_round_trip(x) @ mxfp4.decode(...).T + bias (rtol 1e-5)."""
+    E, R, nb, _ = blocks.shape
+    K = experts.shape[0]
+    flat_b, flat_s = blocks.reshape(-1), scales.reshape(-1)
+    flat_q, flat_d, flat_out = xq.reshape(-1), xd.reshape(-1), out.reshape(-1)
+    one_x = xq.shape[0] == 1
+    tasks_per_expert = (R + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for task in numba.prange(K * tasks_per_expert):
+        k = task // tasks_per_expert
+        e = experts[k]
+        xk = 0 if one_x else k
+        r0 = (task % tasks_per_expert) * ROWS_PER_TASK
+        r1 = min(r0 + ROWS_PER_TASK, R)
+        for r in range(r0, r1, 2 if HAVE_AVX2 else 1):
+            row = e * R + r
+            if HAVE_AVX2 and r + 1 < r1:
+                mxfp4_q8_row_pair_dot(flat_b, row * nb * 16, flat_s, row * nb, _E8M0, flat_q,
+                                      xk * nb * 32, flat_d, xk * nb, nb, flat_out, k * R + r)
+            else:
+                flat_out[k * R + r] = mxfp4_q8_row_dot_plain(
+                    flat_b, row * nb * 16, flat_s, row * nb, _E8M0, flat_q, xk * nb * 32,
+                    flat_d, xk * nb, nb)
+        for r in range(r0, r1):  # through the view the intrinsics wrote (see NOALIAS)
+            flat_out[k * R + r] += as_float32(np.uint32(bias[e, r]) << np.uint32(16))
 
 
 @jit()

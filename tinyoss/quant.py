@@ -6,6 +6,10 @@ q = round(w / scale) as int8: llama.cpp's Q8_0. It halves the bytes a decoded to
 dense (attention, unembedding) weights; the expert weights stay MXFP4 as published.
 The numba twins are kernels.bf16_to_q8_into and kernels.f32_q8w_matvec.
 
+The same rounding, applied to activations, is `expert_input="q8"` (`x8_quantize`): the inputs of
+the routed experts' matmuls in int8 blocks, as llama.cpp feeds its MXFP4 matvecs (numba twins:
+kernels.x8_quantize_lanes, f32_swiglu_x8, f32_mf4w_q8x_moe_matvec).
+
 Quantizing at every load took ~2 s for the 20b (most of it the first touch of 1.4 GB of fresh
 memory), so the int8 copies are made once, straight into a file in a cache folder, and every load
 memory-maps that file (`q8_copies`): TINYOSS_CACHE_DIR, else $XDG_CACHE_HOME/tinyoss or ~/.cache/tinyoss;
@@ -41,6 +45,27 @@ def q8_quantize(w_bf16: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale > 0).astype(np.float32)
     q = np.rint(w * inv[..., None]).astype(np.int8)
     return q.reshape(w_bf16.shape), scale.astype(np.float32)
+
+
+def x8_quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 activations [n, C] -> (int8 [n, C], float32 scales [n, C/32]), as q8_quantize
+    (Q8_0: scale = max|x| / 127 a block of 32, q = round(x / scale)): expert_input="q8", the
+    inputs of the routed experts' matvecs. A block holding NaN or inf gets q = 0 and a NaN or
+    inf scale, so its products come out NaN as the float path's would."""
+    x = np.asarray(x, np.float32)
+    blocks = x.reshape(x.shape[0], -1, 32)
+    with np.errstate(invalid="ignore"):
+        scale = np.abs(blocks).max(axis=-1) / np.float32(127.0)
+        ok = (scale > 0) & (scale < np.inf)
+    inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=ok).astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        q = np.where(ok[..., None], np.rint(blocks * inv[..., None]), 0).astype(np.int8)
+    return q.reshape(x.shape), scale.astype(np.float32)
+
+
+def x8_round_trip(x: np.ndarray) -> np.ndarray:
+    """x as expert_input="q8" hands it to an expert: quantized and dequantized (float32)."""
+    return q8_dequantize(*x8_quantize(x))
 
 
 def q8_dequantize(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
