@@ -405,9 +405,8 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 def warm_up(dense: str = "bf16", kv: str = "f32", expert_input: str = "f32") -> None:
     """Compile every kernel (or load it from numba's on-disk cache) by running a tiny synthetic
     checkpoint through prefill and decode, with `dense` weights, a `kv` cache and `expert_input`
-    (model.Model). Its arrays have
-    the same types as a real checkpoint's (memory-mapped, read-only), so the real one then starts
-    without compiling anything."""
+    (model.Model). Its arrays have the same types as a real checkpoint's (memory-mapped,
+    read-only), so the real one then starts without compiling anything."""
     import tempfile
 
     from . import synth

@@ -239,8 +239,9 @@ _X8 = np.array(MXFP4_Q8_ORDER, np.int64)
 @jit()
 def _x8_block(vals, q, d, k, b):
     """Quantize the 32 float32 vals (block b of row k, natural order) as quant.x8_quantize: q[k,
-    32b + p] = round(vals[MXFP4_Q8_ORDER[p]] / scale) (the order simd.mxfp4_q8_row_pair_dot reads),
-    d[k, b] = scale / 2 (its products are of doubled E2M1 values)."""
+    32b + p] = round(vals[MXFP4_Q8_ORDER[p]] * (1 / scale)) (the order
+    simd.mxfp4_q8_row_pair_dot reads), d[k, b] = scale / 2 (its products are of doubled E2M1
+    values)."""
     amax = np.float32(0.0)
     for i in range(32):
         a = abs(vals[i])
