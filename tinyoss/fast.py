@@ -283,21 +283,11 @@ def expert_matvec(c: Config, lw: LayerWeights, experts: np.ndarray, x: np.ndarra
 def expert_matvec_x8(c: Config, lw: LayerWeights, experts: np.ndarray,
                      x: np.ndarray) -> np.ndarray:
     """expert_matvec with expert_input="q8": x and the SwiGLU output quantized to int8 blocks
-    (kernels.x8_quantize_lanes, f32_swiglu_x8), integer dot products (AVX2: 1.4x the float
-    kernel on the Zen 3). Where the CPU has AVX-512, the float kernels take the rounded inputs
-    instead (the same values): there the float decode takes four blocks a step, and the AVX2
-    integer kernel has not been measured against it."""
+    (kernels.x8_quantize_lanes, f32_swiglu_x8), integer dot products (AVX2 instructions, also
+    on AVX-512 CPUs: 1.4x the float kernel on the Zen 3; not measured against AVX-512's
+    four-block float decode)."""
     m, D, I = len(experts), c.hidden_size, c.intermediate_size
     experts = np.ascontiguousarray(experts, dtype=np.int64)
-    if kernels.HAVE_AVX512:
-        h = np.empty((m, 2 * I), np.float32)
-        kernels.f32_mf4w_moe_matvec(lw.mlp1_blocks, lw.mlp1_scales, lw.mlp1_bias, experts,
-                                    kernels.to_lane_order(x8_round_trip(x)), h)
-        y = np.empty((m, D), np.float32)
-        kernels.f32_mf4w_moe_matvec(lw.mlp2_blocks, lw.mlp2_scales, lw.mlp2_bias, experts,
-                                    kernels.to_lane_order(x8_round_trip(swiglu(
-                                        h, c.swiglu_limit))), y)
-        return y
     xq, xd = np.empty((1, D), np.int8), np.empty((1, D // 32), np.float32)
     kernels.x8_quantize_lanes(np.ascontiguousarray(x, np.float32), xq, xd)
     h = np.empty((m, 2 * I), np.float32)

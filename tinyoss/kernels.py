@@ -269,22 +269,15 @@ def x8_quantize_lanes(x, q, d):
 
 @jit()
 def f32_swiglu_x8(h, limit, alpha, q, d):
-    """x8_quantize_lanes(model.swiglu(h)): the clamped SwiGLU of `f32_swiglu_lanes`, quantized
-    block by block for the int8 expert matvec. h [m, 2I], q [m, I] int8, d [m, I/32] f32."""
+    """x8_quantize_lanes(model.swiglu(h)): the clamped SwiGLU (`_swiglu`, as f32_swiglu_lanes),
+    quantized block by block for the int8 expert matvec. h [m, 2I], q [m, I] int8, d [m, I/32] f32."""
     m, I = q.shape
     vals = np.empty(32, np.float32)
     for j in range(m):
         for b in range(I // 32):
             for i in range(32):
                 c = 32 * b + i
-                g, u = h[j, 2 * c], h[j, 2 * c + 1]
-                if g > limit:
-                    g = limit
-                if u > limit:
-                    u = limit
-                elif u < -limit:
-                    u = -limit
-                vals[i] = g / (np.float32(1.0) + np.exp(-alpha * g)) * (u + np.float32(1.0))
+                vals[i] = _swiglu(h[j, 2 * c], h[j, 2 * c + 1], limit, alpha)
             _x8_block(vals, q, d, j, b)
 
 
@@ -343,14 +336,19 @@ def f32_swiglu_lanes(h, limit, alpha, out):
     for j in range(m):
         for i in range(I):
             c = lane_element(i, I // 32)
-            g, u = h[j, 2 * c], h[j, 2 * c + 1]
-            if g > limit:  # gate clamped above only
-                g = limit
-            if u > limit:  # up clamped both ways
-                u = limit
-            elif u < -limit:
-                u = -limit
-            out[j, i] = g / (np.float32(1.0) + np.exp(-alpha * g)) * (u + np.float32(1.0))
+            out[j, i] = _swiglu(h[j, 2 * c], h[j, 2 * c + 1], limit, alpha)
+
+
+@jit()
+def _swiglu(g, u, limit, alpha):
+    """model.swiglu of one (gate, up) pair: the gate clamped above only, up both ways."""
+    if g > limit:
+        g = limit
+    if u > limit:
+        u = limit
+    elif u < -limit:
+        u = -limit
+    return g / (np.float32(1.0) + np.exp(-alpha * g)) * (u + np.float32(1.0))
 
 
 # ---------------------------------------------------------------------------------------------

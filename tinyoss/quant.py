@@ -38,29 +38,29 @@ from .store import Checkpoint, SafetensorsFile, bf16_to_f32, safetensors_header
 CACHE_FORMAT = "tinyoss-q8-1"  # bump when the int8 format or its tensor names change
 
 
-def q8_quantize(w_bf16: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """bf16 [R, C] -> (int8 [R, C], float32 [R, C/32])."""
-    w = bf16_to_f32(w_bf16).reshape(w_bf16.shape[0], -1, 32)  # [R, C/32, 32]
-    scale = np.abs(w).max(axis=-1) / np.float32(127.0)  # [R, C/32]
-    inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale > 0).astype(np.float32)
-    q = np.rint(w * inv[..., None]).astype(np.int8)
-    return q.reshape(w_bf16.shape), scale.astype(np.float32)
-
-
-def x8_quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float32 activations [n, C] -> (int8 [n, C], float32 scales [n, C/32]), as q8_quantize
-    (Q8_0: scale = max|x| / 127 a block of 32, q = round(x / scale)): expert_input="q8", the
-    inputs of the routed experts' matvecs. A block holding NaN or inf gets q = 0 and a NaN or
-    inf scale, so its products come out NaN as the float path's would."""
-    x = np.asarray(x, np.float32)
-    blocks = x.reshape(x.shape[0], -1, 32)
+def _q8_blocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 [n, C] -> (int8 [n, C], float32 [n, C/32]): Q8_0, scale = max|x| / 127 a block
+    of 32, q = round(x * (1 / scale)). A block holding NaN or inf gets q = 0 and a NaN or inf
+    scale (its products come out NaN, as a float path's would)."""
+    blocks = x.reshape(x.shape[0], -1, 32)  # [n, C/32, 32]
     with np.errstate(invalid="ignore"):
-        scale = np.abs(blocks).max(axis=-1) / np.float32(127.0)
+        scale = np.abs(blocks).max(axis=-1) / np.float32(127.0)  # [n, C/32]
         ok = (scale > 0) & (scale < np.inf)
     inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=ok).astype(np.float32)
     with np.errstate(invalid="ignore"):
         q = np.where(ok[..., None], np.rint(blocks * inv[..., None]), 0).astype(np.int8)
     return q.reshape(x.shape), scale.astype(np.float32)
+
+
+def q8_quantize(w_bf16: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """bf16 [R, C] -> (int8 [R, C], float32 [R, C/32])."""
+    return _q8_blocks(bf16_to_f32(w_bf16))
+
+
+def x8_quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 activations [n, C] -> (int8 [n, C], float32 scales [n, C/32]), the rounding of
+    q8_quantize: expert_input="q8", the inputs of the routed experts' matvecs."""
+    return _q8_blocks(np.asarray(x, np.float32))
 
 
 def x8_round_trip(x: np.ndarray) -> np.ndarray:

@@ -236,21 +236,30 @@ def _spread_quad(builder, scales, q: int):
                                                               [4 * q + i // 4 for i in range(16)]))
 
 
-def _e2m1_decode(builder, bptr, lanes: int = 2):
-    """The 16 * lanes / 2 bytes at bptr (lanes / 2 blocks: one with AVX2, two with AVX-512) ->
-    four <4 * lanes x float> E2M1 values (unscaled), in the order `_decode_order(lanes)`."""
-    width = 16 * lanes  # bytes of the nibble vector
+def _nibbles(builder, bptr, lanes: int = 2):
+    """The 16 * lanes / 2 bytes at bptr -> a <16 * lanes x i8> of their nibbles, one a byte:
+    128-bit lane L holds the low (L < lanes/2) or high nibbles of block L % (lanes/2), byte j of
+    a lane the nibble of that block's byte j (elements 2j / 2j+1)."""
+    width = 16 * lanes
     vbytes, vwords = ir.VectorType(_i8, width), ir.VectorType(_i32, width // 4)
-    vf = ir.VectorType(_f32, width // 4)
-    name = "llvm.x86.avx2.pshuf.b" if lanes == 2 else "llvm.x86.avx512.pshuf.b.512"
-    pshufb = builder.module.declare_intrinsic(name, fnty=ir.FunctionType(vbytes, [vbytes, vbytes]))
     packed = builder.load(builder.bitcast(bptr, ir.VectorType(_i8, width // 2).as_pointer()),
                           align=1)
     both = builder.shuffle_vector(packed, packed, ir.Constant(ir.VectorType(_i32, width),
                                                               list(range(width // 2)) * 2))
     shifted = builder.lshr(builder.bitcast(both, vwords),
                            ir.Constant(vwords, [0] * (width // 8) + [4] * (width // 8)))
-    nibbles = builder.and_(builder.bitcast(shifted, vbytes), ir.Constant(vbytes, [15] * width))
+    return builder.and_(builder.bitcast(shifted, vbytes), ir.Constant(vbytes, [15] * width))
+
+
+def _e2m1_decode(builder, bptr, lanes: int = 2):
+    """The 16 * lanes / 2 bytes at bptr (lanes / 2 blocks: one with AVX2, two with AVX-512) ->
+    four <4 * lanes x float> E2M1 values (unscaled), in the order `_decode_order(lanes)`."""
+    width = 16 * lanes  # bytes of the nibble vector
+    vbytes, vwords = ir.VectorType(_i8, width), ir.VectorType(_i32, width // 4)
+    vf = ir.VectorType(_f32, width // 4)
+    nibbles = _nibbles(builder, bptr, lanes)
+    name = "llvm.x86.avx2.pshuf.b" if lanes == 2 else "llvm.x86.avx512.pshuf.b.512"
+    pshufb = builder.module.declare_intrinsic(name, fnty=ir.FunctionType(vbytes, [vbytes, vbytes]))
     hi = builder.call(pshufb, [ir.Constant(vbytes, [b >> 8 for b in _E2M1_BF16] * lanes), nibbles])
     lo = builder.call(pshufb, [ir.Constant(vbytes, [b & 0xFF for b in _E2M1_BF16] * lanes),
                                nibbles])
@@ -535,13 +544,7 @@ def _mxfp4_q8_dots(builder, bptr, sptr, tptr, qptr, dptr, nb, optr, rows: int) -
                                                        _const(0))):  # a new 64-byte line
                 _prefetch(builder, builder.gep(bptr, [builder.mul(builder.add(
                     rb, builder.mul(nb, _const(PREFETCH_ROWS))), _const(16))]))
-            packed = builder.load(builder.bitcast(builder.gep(bptr, [builder.mul(rb, _const(16))]),
-                                                  _V16i8.as_pointer()), align=1)
-            both = builder.shuffle_vector(packed, packed, ir.Constant(ir.VectorType(_i32, 32),
-                                                                      list(range(16)) * 2))
-            shifted = builder.lshr(builder.bitcast(both, v8i32),
-                                   ir.Constant(v8i32, [0] * 4 + [4] * 4))
-            nibbles = builder.and_(builder.bitcast(shifted, v32), ir.Constant(v32, [15] * 32))
+            nibbles = _nibbles(builder, builder.gep(bptr, [builder.mul(rb, _const(16))]))
             w = builder.call(pshufb, [table, nibbles])  # 2 E2M1, int8
             pairs = builder.call(maddubs, [builder.call(psign, [w, w]), builder.call(psign, [q, w])])
             sums = builder.sitofp(builder.call(maddwd, [pairs, ones]), v8f)  # exact
