@@ -1,6 +1,7 @@
 """Where a decoded token's time goes: every kernel of the fast path timed over N decoded tokens.
 
-    python benchmarks/profile_decode.py MODEL [--dense q8] [--kv bf16] [--depth 4096] [--tokens 16]
+    python benchmarks/profile_decode.py MODEL [--dense q8] [--kv bf16] [--expert-input q8]
+                                              [--depth 4096] [--tokens 16]
 
 Each kernel call is timed (wall clock, the kernels run on all cores); what is left is Python,
 numpy and the rest. The weights are mapped first (Model.prefault), as `tinyoss bench` does;
@@ -24,12 +25,13 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("--dense", default="bf16")
     ap.add_argument("--kv", default="f32", choices=["f32", "bf16"])
+    ap.add_argument("--expert-input", default="f32", choices=["f32", "q8"])
     ap.add_argument("--depth", type=int, default=0)
     ap.add_argument("--tokens", type=int, default=16)
     a = ap.parse_args()
 
-    model = tinyoss.load(a.model, dense=a.dense, kv=a.kv)
-    fast.warm_up(a.dense, a.kv)
+    model = tinyoss.load(a.model, dense=a.dense, kv=a.kv, expert_input=a.expert_input)
+    fast.warm_up(a.dense, a.kv, a.expert_input)
     model.prefault()
     cache = model.new_cache(a.depth + a.tokens + 2)
     bench.fill_cache(model, cache, a.depth)
@@ -61,7 +63,7 @@ def main() -> None:
             setattr(kernels, name, fn)
     total = (time.perf_counter() - t) / a.tokens
 
-    print(f"{a.model}  dense {a.dense}  kv {a.kv}  depth {a.depth}: {1e3 * total:.1f} ms per token "
+    print(f"{a.model}  dense {a.dense}  kv {a.kv}  expert input {a.expert_input}  depth {a.depth}: {1e3 * total:.1f} ms per token "
           f"({1 / total:.2f} tok/s, {a.tokens} tokens)")
     for name, s in spent.most_common():
         print(f"  {name:28s} {1e3 * s / a.tokens:7.2f} ms  {calls[name] // a.tokens:4d} calls")
