@@ -1,0 +1,98 @@
+"""Two ways of decoding compared in one process, their tokens alternating (DEVELOPERS.md: this
+VM's speed moves by 2x within seconds, so only variants timed side by side compare).
+
+    python benchmarks/ab_decode.py MODEL [--a dense=q8] [--b dense=q8,expert_input=q8]
+                                         [--b-tree ../old] [--tokens 40] [--depth 0]
+
+--a / --b: keyword arguments of tinyoss.load for each side (dense, kv, expert_input).
+--b-tree: side b imports tinyoss from another checkout (`git worktree add ../old HEAD~1`), to
+time a kernel change against the code before it; its numba cache is its own (keyed by file).
+Each side decodes `--tokens` tokens after `--depth` cached ones (random keys and values, as
+`tinyoss bench` fills them); the order within a pair of tokens alternates. Prints each side's
+median ms a token and the median and quartiles of the per-pair ratio a/b.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def options(text: str) -> dict[str, str]:
+    """'dense=q8,expert_input=q8' -> {'dense': 'q8', 'expert_input': 'q8'}."""
+    pairs = [p.split("=", 1) for p in text.split(",") if p]
+    bad = [p[0] for p in pairs if len(p) != 2 or p[0] not in ("dense", "kv", "expert_input")]
+    if bad:
+        sys.exit(f"ab_decode: not an option of tinyoss.load: {bad[0]!r} "
+                 "(use dense=..., kv=..., expert_input=...)")
+    return dict(pairs)
+
+
+def package(tree: str | None):
+    """tinyoss from this checkout, or (tree) from another one, imported as tinyoss_b."""
+    if tree is None:
+        import tinyoss
+        return tinyoss
+    init = Path(tree) / "tinyoss" / "__init__.py"
+    if not init.is_file():
+        sys.exit(f"ab_decode: no tinyoss package in {tree}")
+    spec = importlib.util.spec_from_file_location("tinyoss_b", init,
+                                                  submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["tinyoss_b"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("--a", default="", help="tinyoss.load options of side a")
+    ap.add_argument("--b", default="", help="tinyoss.load options of side b")
+    ap.add_argument("--b-tree", help="import side b's tinyoss from this checkout")
+    ap.add_argument("--tokens", type=int, default=40)
+    ap.add_argument("--depth", type=int, default=0)
+    args = ap.parse_args()
+
+    sides = {}
+    for name, opts, tree in (("a", options(args.a), None), ("b", options(args.b), args.b_tree)):
+        pkg = package(tree)
+        bench = importlib.import_module(pkg.__name__ + ".bench")
+        fast = importlib.import_module(pkg.__name__ + ".fast")
+        model = pkg.load(args.model, **opts)
+        fast.warm_up(opts.get("dense", "bf16"), opts.get("kv", "f32"),
+                     opts.get("expert_input", "f32"))
+        model.prefault()
+        cache = model.new_cache(args.depth + args.tokens + 2)
+        bench.fill_cache(model, cache, args.depth)
+        token = [int(np.argmax(model.forward([1], cache, last_only=True)[-1]))]  # untimed
+        sides[name] = {"model": model, "cache": cache, "token": token, "times": [],
+                       "label": ",".join(f"{k}={v}" for k, v in opts.items()) or "defaults"}
+        if tree:
+            sides[name]["label"] += f" ({tree})"
+
+    for i in range(args.tokens):
+        for name in ("ab" if i % 2 == 0 else "ba"):
+            s = sides[name]
+            t = time.perf_counter()
+            logits = s["model"].forward(s["token"], s["cache"], last_only=True)
+            s["times"].append(time.perf_counter() - t)
+            s["token"] = [int(np.argmax(logits[-1]))]
+
+    for name, s in sides.items():
+        ms = 1e3 * float(np.median(s["times"]))
+        print(f"{name}: {s['label']}: {ms:.1f} ms a token ({1e3 / ms:.2f} tok/s)")
+    ratio = np.array(sides["a"]["times"]) / np.array(sides["b"]["times"])
+    q1, q3 = np.percentile(ratio, [25, 75])
+    print(f"a/b time per token: median {np.median(ratio):.3f} (quartiles {q1:.3f}-{q3:.3f}, "
+          f"{args.tokens} pairs at depth {args.depth}): b is {np.median(ratio):.3f}x as fast")
+
+
+if __name__ == "__main__":
+    main()
