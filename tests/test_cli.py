@@ -140,6 +140,11 @@ def test_bench_run_takes_a_repeated_depth_once(make_checkpoint):
     (["--depths", "a,b"], "--depths must be comma-separated integers", 1),
     (["--depths", "-5"], "--depths must be non-negative", 1),
     (["--threads", "99"], "--threads 99: at most", 1),
+    # past the context limit of the tiny checkpoint's config (131072, as the published models)
+    (["--prompt", "131072"], "--prompt 131072 + --decode-tokens 16 tokens exceed the model's "
+                             "context limit (131072 tokens)", 1),
+    (["--depths", "0,131056", "--prompt", "4"], "--depths 131056: that depth + --decode-tokens "
+                                                "16 + 1 untimed token exceed", 1),
 ])
 def test_bench_bad_arguments(make_checkpoint, args, message, code):
     root = make_checkpoint("both", seed=3, vocab_size=300)
@@ -189,3 +194,15 @@ def test_bench_peak_rss_leaves_the_probe_out():
     kept = np.ones(300 * mb, np.uint8)
     assert rss.bytes() >= before + 250 * mb
     del kept
+
+
+def test_bench_lengths_may_fill_the_context_exactly():
+    """check_lengths lets every cache reach the limit and not one token past it."""
+    from tinyoss.bench import check_lengths
+    from tinyoss.errors import TinyossError
+
+    check_lengths(100, prompt_tokens=84, depths=[0, 83], decode_tokens=16)  # 84+16, 83+16+1
+    with pytest.raises(TinyossError, match="--prompt 85"):
+        check_lengths(100, prompt_tokens=85, depths=[0], decode_tokens=16)
+    with pytest.raises(TinyossError, match="--depths 84"):
+        check_lengths(100, prompt_tokens=4, depths=[0, 84], decode_tokens=16)

@@ -21,6 +21,7 @@ import numba
 import numpy as np
 
 from .fast import warm_up
+from .errors import TinyossError
 from .kernels import f32_bf16w_matvec
 from .model import KV_DTYPES, Model
 from .store import proc_kib
@@ -156,6 +157,20 @@ class BenchResult:
     peak_rss_with_probe: bool  # True where the OS could not leave the probe out
 
 
+def check_lengths(limit: int, prompt_tokens: int, depths, decode_tokens: int) -> None:
+    """Every cache the bench makes fits the model's context of `limit` tokens: the prompt's
+    (prompt + decoded tokens) and each depth's (depth + decoded tokens + the untimed first one).
+    Checked before anything is compiled or run, naming the CLI option to change."""
+    if prompt_tokens + decode_tokens > limit:
+        raise TinyossError(f"--prompt {prompt_tokens} + --decode-tokens {decode_tokens} tokens "
+                           f"exceed the model's context limit ({limit} tokens)")
+    for depth in depths:
+        if depth + decode_tokens + 1 > limit:
+            raise TinyossError(f"--depths {depth}: that depth + --decode-tokens {decode_tokens} "
+                               f"+ 1 untimed token exceed the model's context limit ({limit} "
+                               "tokens)")
+
+
 def run(path, prompt_tokens: int = 512, depths=(0,), decode_tokens: int = 16, dense: str = "bf16",
         seed: int = 0, progress: Callable[[str], None] = lambda s: None, repeat: int = 1,
         kv: str = "f32", expert_input: str = "f32") -> BenchResult:
@@ -173,6 +188,7 @@ def run(path, prompt_tokens: int = 512, depths=(0,), decode_tokens: int = 16, de
     model = load(path, dense=dense, kv=kv, expert_input=expert_input)
     load_s = time.perf_counter() - t
     c = model.config
+    check_lengths(c.max_position_embeddings, prompt_tokens, depths, decode_tokens)
     rng = np.random.default_rng(seed)
     vocab = min(c.vocab_size, 199998)  # ordinary text tokens
 
