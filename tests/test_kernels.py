@@ -286,6 +286,20 @@ def test_decode_attention_kernels_equal_their_twins(case, kv):
            w @ np.abs(v_buf[:, :count]) / denom[..., None])
 
 
+@pytest.mark.parametrize("count", [1, 7, 8, 63, 64, 65, 130, 511, 512, 513, 1100])
+def test_decode_scores_of_bf16_keys_are_those_of_the_widened_keys(count):
+    """A bf16 cache's keys are widened (simd.QK_WIDE at a time, into float32) and then summed as
+    float32 keys are: the scores equal, bit for bit, those of the float32 buffer holding the
+    same values (counts around the chunks of 8, QK_WIDE and the 512 keys of a task)."""
+    rng = np.random.default_rng(count)
+    bits = f32_to_bf16(rng.standard_normal((3, count + 2, 64)).astype(np.float32) * 2)
+    q = rng.standard_normal((3, 8, 64)).astype(np.float32)
+    got, want = (np.full((3, 8, count), np.nan, np.float32) for _ in range(2))
+    kernels.f32_decode_scores(q, bits, count, got)
+    kernels.f32_decode_scores(q, bf16_to_f32(bits), count, want)
+    np.testing.assert_array_equal(got, want)
+
+
 def test_every_kernel_has_its_own_disk_cache_entry():
     """numba's disk cache keys a kernel by file, name and first line: two dispatchers of one
     Python function (say a parallel and a serial variant) would load each other's machine code,
@@ -499,7 +513,7 @@ def test_smaller_cpu_paths_equal_their_twins(path, cpu, check):
             "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-k', "
             "'moe_matvec or mxfp4_matmul or kernel_equals_numpy or decode_attention or "
             "swiglu_lanes or plain_row_dot or real_width or softmax_rows or vector_exp or "
-            "lane_order or every_scale or x8_moe or swiglu_x8', "
+            "lane_order or every_scale or x8_moe or swiglu_x8 or bf16_keys', "
             f"{os.path.join(here, 'test_kernels.py')!r}, {os.path.join(here, 'test_mxfp4.py')!r}]))")
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=600)
