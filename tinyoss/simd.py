@@ -658,7 +658,6 @@ def bf16_row_dots(typingctx, g, w, w_off, x, x_off, x_len, n, out, o_off, o_stri
 QK_HEADS, QK_DIM = 8, 64  # the shape the two kernels below are written for (both gpt-oss models)
 
 
-QK_WIDE = 64  # bf16 keys qk8_scores widens into float32 at a time (a 16 KiB buffer: L1)
 QK_KEYS = 8  # keys a step of qk8_scores: their sums stay in registers while a q row is reused
 QK_PREFETCH_KEYS = 64  # keys ahead qk8_scores asks the cache for: its 64 loads per key keep few
 # misses in flight by themselves (16 keys: 14 % less time at 4096 keys from memory than none; 32
@@ -694,12 +693,13 @@ def _transpose8(builder, rows):
 def qk8_scores(typingctx, qt, q_off, keys, k_off, count, scale, out, o_off, o_stride):
     """out[o_off + m * o_stride + t] = scale * sum_d keys[k_off + 64t + d] * qt[q_off + 8d + m]
     for t < count, m < 8 (float32): one KV head's 8 queries (transposed: qt [64, 8]) against
-    `count` keys [count, 64], float32 or bf16 bits (widened QK_WIDE keys at a time into a
-    float32 buffer, then read as float32 keys are: the same sums, bit for bit). The 8 queries
-    fill one vector, so a key element is one broadcast and one FMA with no horizontal sum. Keys
-    go eight at a time: each q row is loaded once for the eight (the 64 rows don't fit in
-    registers), the eight sums are transposed to 8 scores per query and stored as vectors; the
-    last count % 8 keys one by one. Each score is summed over d in order."""
+    `count` keys [count, 64], float32 or bf16 bits (widened as loaded: half the bytes, but a
+    load, a shift and a broadcast from a register instead of one broadcast load, 1.1-1.2x the
+    float32 time on the Zen 5). The 8 queries fill one vector, so a key element is one broadcast
+    and one FMA with no horizontal sum. Keys go eight at a time: each q row is loaded once for the
+    eight (the 64 rows don't fit in registers), the eight sums are transposed to 8 scores per
+    query and stored as vectors; the last count % 8 keys one by one. Each score is summed over d
+    in order."""
     sig = types.void(qt, types.intp, keys, types.intp, types.intp, types.float32, out, types.intp,
                      types.intp)
 
@@ -714,76 +714,34 @@ def qk8_scores(typingctx, qt, q_off, keys, k_off, count, scale, out, o_off, o_st
         bf16 = _is_bf16(a[2])
         per_line = 32 if bf16 else 16  # keys' elements a 64-byte line
 
-        def sums(src, t0, n):  # [n x <8 x float>]: float32 key t0 + i of src against the queries
+        def sums(t0, n):  # [n x <8 x float>]: key t0 + i against the 8 queries
             accs = [None] * n
             for d in range(QK_DIM):
                 qd = builder.load(builder.bitcast(builder.gep(qptr, [_const(QK_HEADS * d)]),
                                                   v8f.as_pointer()), align=4)
                 for i in range(n):
-                    kd = builder.load(builder.gep(src, [builder.add(
+                    kd = builder.load(builder.gep(kptr, [builder.add(
                         builder.mul(builder.add(t0, _const(i)), _const(QK_DIM)), _const(d))]))
+                    kd = _widen(builder, kd) if bf16 else kd
                     prod = builder.fmul(_splat(builder, kd, QK_HEADS), qd, flags=_FMA)
                     accs[i] = prod if accs[i] is None else builder.fadd(accs[i], prod, flags=_FMA)
             return [builder.fmul(acc, splat_scale, flags=_FMA) for acc in accs]
 
-        def prefetch_keys(t0, count_keys):  # the lines of keys t0 + QK_PREFETCH_KEYS ...
+        blocks = builder.sdiv(count, _const(QK_KEYS))
+        with cgutils.for_range(builder, blocks) as loop:
+            t0 = builder.mul(loop.index, _const(QK_KEYS))
             ahead = builder.mul(builder.add(t0, _const(QK_PREFETCH_KEYS)), _const(QK_DIM))
-            for line in range(count_keys * QK_DIM // per_line):
+            for line in range(QK_KEYS * QK_DIM // per_line):
                 _prefetch(builder, builder.gep(kptr, [builder.add(ahead, _const(per_line * line))]),
                           ATTENTION_LOCALITY)
-
-        def scores(src, s0, t0, n, prefetch):
-            """Keys s0 .. s0 + n - 1 of src (float32), the scores of keys t0 .. t0 + n - 1."""
-            blocks = builder.sdiv(n, _const(QK_KEYS))
-            with cgutils.for_range(builder, blocks) as loop:
-                i0 = builder.mul(loop.index, _const(QK_KEYS))
-                if prefetch:
-                    prefetch_keys(builder.add(t0, i0), QK_KEYS)
-                for m, col in enumerate(_transpose8(builder, sums(src, builder.add(s0, i0),
-                                                                  QK_KEYS))):
-                    dst = builder.gep(optr, [builder.add(builder.mul(o_stride, _const(m)),
-                                                         builder.add(t0, i0))])
-                    builder.store(col, builder.bitcast(dst, v8f.as_pointer()), align=4)
-            with cgutils.for_range(builder, n, start=builder.mul(blocks, _const(QK_KEYS))) as loop:
-                one = sums(src, builder.add(s0, loop.index), 1)[0]
-                for m in range(QK_HEADS):  # query-major: the softmax then reduces contiguous rows
-                    dst = builder.gep(optr, [builder.add(builder.mul(o_stride, _const(m)),
-                                                         builder.add(t0, loop.index))])
-                    builder.store(builder.extract_element(one, ir.Constant(_i32, m)), dst)
-
-        if not bf16:
-            scores(kptr, _const(0), _const(0), count, True)
-        else:
-            # bf16 keys: QK_WIDE keys at a time widened into a float32 buffer by vector ops, in
-            # a loop of their own, then read as float32 keys are (one broadcast load an
-            # element). Widening each element where it was broadcast took a scalar load, a
-            # shift and a move from a general register: 1.74x the float32 time on the Zen 4;
-            # this takes 1.32-1.42x less time than that, in one process (4096 and 32768 keys).
-            # In the same loop as the sums, LLVM kept the buffer in registers and broadcast each
-            # element with two shuffles (no faster).
-            wide = builder.bitcast(cgutils.alloca_once(
-                builder, ir.ArrayType(_f32, QK_WIDE * QK_DIM)), _f32.as_pointer())
-            v16h, v16f = ir.VectorType(ir.IntType(16), 16), ir.VectorType(_f32, 16)
-            chunks = builder.sdiv(builder.add(count, _const(QK_WIDE - 1)), _const(QK_WIDE))
-            with cgutils.for_range(builder, chunks) as chunk:
-                t0 = builder.mul(chunk.index, _const(QK_WIDE))
-                n = builder.sub(count, t0)
-                n = builder.select(builder.icmp_signed("<", n, _const(QK_WIDE)), n,
-                                   _const(QK_WIDE))
-                with cgutils.for_range(builder, n) as key:
-                    t = builder.add(t0, key.index)
-                    with builder.if_then(builder.icmp_unsigned("==", builder.urem(
-                            t, _const(QK_KEYS)), _const(0))):
-                        prefetch_keys(t, QK_KEYS)
-                    for j in range(QK_DIM // 16):
-                        src = builder.gep(kptr, [builder.add(builder.mul(t, _const(QK_DIM)),
-                                                             _const(16 * j))])
-                        bits = builder.load(builder.bitcast(src, v16h.as_pointer()), align=2)
-                        dst = builder.gep(wide, [builder.add(builder.mul(
-                            key.index, _const(QK_DIM)), _const(16 * j))])
-                        builder.store(_widen(builder, bits), builder.bitcast(
-                            dst, v16f.as_pointer()), align=4)
-                scores(wide, _const(0), t0, n, False)
+            for m, col in enumerate(_transpose8(builder, sums(t0, QK_KEYS))):
+                dst = builder.gep(optr, [builder.add(builder.mul(o_stride, _const(m)), t0)])
+                builder.store(col, builder.bitcast(dst, v8f.as_pointer()), align=4)
+        with cgutils.for_range(builder, count, start=builder.mul(blocks, _const(QK_KEYS))) as loop:
+            scores = sums(loop.index, 1)[0]
+            for m in range(QK_HEADS):  # query-major: the softmax then reduces contiguous rows
+                dst = builder.gep(optr, [builder.add(builder.mul(o_stride, _const(m)), loop.index)])
+                builder.store(builder.extract_element(scores, ir.Constant(_i32, m)), dst)
         return context.get_dummy_value()
 
     return sig, codegen
