@@ -288,9 +288,9 @@ def test_decode_attention_kernels_equal_their_twins(case, kv):
 
 @pytest.mark.parametrize("count", [1, 7, 8, 63, 64, 65, 130, 511, 512, 513, 1100])
 def test_decode_scores_of_bf16_keys_are_those_of_the_widened_keys(count):
-    """A bf16 cache's keys are widened (simd.QK_WIDE at a time, into float32) and then summed as
-    float32 keys are: the scores equal, bit for bit, those of the float32 buffer holding the
-    same values (counts around the chunks of 8, QK_WIDE and the 512 keys of a task)."""
+    """A bf16 cache's keys are widened exactly and then summed as float32 keys are: the scores
+    equal, bit for bit, those of the float32 buffer holding the same values (counts around the
+    steps of 8 keys, 64 and the 512 keys of a task)."""
     rng = np.random.default_rng(count)
     bits = f32_to_bf16(rng.standard_normal((3, count + 2, 64)).astype(np.float32) * 2)
     q = rng.standard_normal((3, 8, 64)).astype(np.float32)
