@@ -6,7 +6,8 @@ VM's speed moves by 2x within seconds, so only variants timed side by side compa
 
 --a / --b: keyword arguments of tinyoss.load for each side (dense, kv, expert_input).
 --b-tree: side b imports tinyoss from another checkout (`git worktree add ../old HEAD~1`), to
-time a kernel change against the code before it; its numba cache is its own (keyed by file).
+time a kernel change against the code before it; its kernels are compiled afresh (no disk
+cache: ~20 s).
 Each side decodes `--tokens` tokens after `--depth` cached ones (random keys and values, as
 `tinyoss bench` fills them); the order within a pair of tokens alternates. Prints each side's
 median ms a token and the median and quartiles of the per-pair ratio a/b.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,7 +48,17 @@ def package(tree: str | None):
                                                   submodule_search_locations=[str(init.parent)])
     module = importlib.util.module_from_spec(spec)
     sys.modules["tinyoss_b"] = module
-    spec.loader.exec_module(module)
+    # its kernels compiled afresh: numba's disk cache of that checkout may hold code compiled
+    # under the module name tinyoss (its tests, a bench), which fails to load as tinyoss_b
+    cache, os.environ["TINYOSS_NUMBA_CACHE"] = os.environ.get("TINYOSS_NUMBA_CACHE"), "0"
+    try:
+        spec.loader.exec_module(module)
+        importlib.import_module("tinyoss_b.kernels")
+    finally:
+        if cache is None:
+            del os.environ["TINYOSS_NUMBA_CACHE"]
+        else:
+            os.environ["TINYOSS_NUMBA_CACHE"] = cache
     return module
 
 

@@ -445,8 +445,7 @@ def test_x8_moe_matvec_equals_rounded_x_then_matmul(case, one_x, specials):
     q, d = np.empty(x.shape, np.int8), np.empty((x.shape[0], x.shape[1] // 32), np.float32)
     kernels.x8_quantize_lanes(x, q, d)
     want_q, want_s = quant.x8_quantize(x)
-    order = np.array(simd.MXFP4_Q8_ORDER)
-    assert np.array_equal(q.reshape(len(x), -1, 32), want_q.reshape(len(x), -1, 32)[..., order])
+    assert np.array_equal(q, want_q[:, kernels.x8_order(x.shape[1] // 32)])
     assert np.array_equal(d, want_s / 2, equal_nan=True)
     xr = quant.x8_round_trip(x)
     out = np.full((len(experts), blocks.shape[1]), np.nan, np.float32)
@@ -482,6 +481,37 @@ def test_swiglu_x8_is_the_swiglu_then_x8_quantize(seed, m, blocks, spread):
     assert np.array_equal(q, want_q) and np.array_equal(d, want_d)
 
 
+@pytest.mark.parametrize("nb", [1, 3, 4, 5, 17, 90])
+def test_x8_order_is_a_permutation(nb):
+    """The int8 matvec reads each element of a row exactly once (groups of four blocks with
+    AVX-512 VNNI, the nb % 4 last alone), and x8_order inverts x8_position."""
+    order = kernels.x8_order(nb)
+    assert sorted(order.tolist()) == list(range(32 * nb))
+    assert all(kernels.x8_position(e, nb) == p for p, e in enumerate(order))
+
+
+def test_x8_moe_matvec_at_the_real_width():
+    """The 20b's rows (90 blocks: five steps of 16, two groups of 4, two blocks alone with AVX-512
+    VNNI) through the int8 matvec, four experts, scales of the real range."""
+    rng = np.random.default_rng(7)
+    R, nb = 34, 90
+    blocks = rng.integers(0, 256, (3, R, nb, 16), dtype=np.uint8)
+    scales = rng.integers(110, 135, (3, R, nb), dtype=np.uint8)
+    bias = f32_to_bf16(rng.standard_normal((3, R)).astype(np.float32))
+    x = rng.standard_normal((4, nb * 32)).astype(np.float32)
+    experts = np.array([2, 0, 2, 1], np.int64)
+    q, d = np.empty(x.shape, np.int8), np.empty((4, nb), np.float32)
+    kernels.x8_quantize_lanes(x, q, d)
+    out = np.full((4, R), np.nan, np.float32)
+    kernels.f32_mf4w_q8x_moe_matvec(blocks, scales, bias, experts, q, d, out)
+    xr = quant.x8_round_trip(x)
+    w = [mxfp4.decode(blocks[e], scales[e]) for e in experts]
+    want = np.stack([wk @ r + bf16_to_f32(bias[e]) for wk, r, e in zip(w, xr, experts)])
+    scale = np.stack([np.abs(wk) @ np.abs(r) + np.abs(bf16_to_f32(bias[e]))
+                      for wk, r, e in zip(w, xr, experts)])
+    _close(out, want, scale)
+
+
 @pytest.mark.parametrize("nb", range(1, 8))
 def test_lane_order_is_a_permutation(nb):
     """The matvec reads each element of a row exactly once (four blocks a step with AVX-512)."""
@@ -513,7 +543,7 @@ def test_smaller_cpu_paths_equal_their_twins(path, cpu, check):
             "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-k', "
             "'moe_matvec or mxfp4_matmul or kernel_equals_numpy or decode_attention or "
             "swiglu_lanes or plain_row_dot or real_width or softmax_rows or vector_exp or "
-            "lane_order or every_scale or x8_moe or swiglu_x8 or bf16_keys', "
+            "lane_order or every_scale or x8_moe or swiglu_x8 or x8_order or bf16_keys', "
             f"{os.path.join(here, 'test_kernels.py')!r}, {os.path.join(here, 'test_mxfp4.py')!r}]))")
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=600)

@@ -283,9 +283,9 @@ def expert_matvec(c: Config, lw: LayerWeights, experts: np.ndarray, x: np.ndarra
 def expert_matvec_x8(c: Config, lw: LayerWeights, experts: np.ndarray,
                      x: np.ndarray) -> np.ndarray:
     """expert_matvec with expert_input="q8": x and the SwiGLU output quantized to int8 blocks
-    (kernels.x8_quantize_lanes, f32_swiglu_x8), integer dot products (AVX2 instructions, also
-    on AVX-512 CPUs: 1.4x the float kernel on the Zen 3; on a Zen 4, whole tokens 1.00-1.05x
-    its four-block float decode, README's performance section)."""
+    (kernels.x8_quantize_lanes, f32_swiglu_x8), integer dot products (AVX2, 1.4x the float
+    kernel on the Zen 3; AVX-512 VNNI where the CPU has it, whole tokens 1.19x the float
+    kernels on a Zen 4: README's performance section)."""
     m, D, I = len(experts), c.hidden_size, c.intermediate_size
     experts = np.ascontiguousarray(experts, dtype=np.int64)
     xq, xd = np.empty((1, D), np.int8), np.empty((1, D // 32), np.float32)

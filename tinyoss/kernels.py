@@ -20,10 +20,10 @@ import numpy as np
 
 from . import mxfp4
 from .simd import (HAVE_AVX2, HAVE_AVX512, KERNELS, MAX_GROUP, MXFP4_LANE_ORDER,
-                   MXFP4_PAIR_ORDER, MXFP4_Q8_ORDER, MXFP4_QUAD_ORDER, QK_DIM, QK_HEADS, as_float32,
-                   bf16_row_dots, exp_shifted_sum, kv_float, max_nan, mxfp4_block_decode_avx2,
-                   mxfp4_q8_row_pair_dot, mxfp4_row_dots, mxfp4_row_pair_dot, q8_row_dot,
-                   qk8_scores, weighted_rows64)
+                   MXFP4_PAIR_ORDER, MXFP4_Q8_GROUP, MXFP4_Q8_ROWS, MXFP4_QUAD_ORDER, QK_DIM,
+                   QK_HEADS, as_float32, bf16_row_dots, exp_shifted_sum, kv_float, max_nan,
+                   mxfp4_block_decode_avx2, mxfp4_q8_row_dots, mxfp4_row_dots, mxfp4_row_pair_dot,
+                   q8_row_dot, qk8_scores, weighted_rows64)
 
 # a forced kernel path (simd.KERNELS) compiles afresh: the disk cache can't tell the builds apart
 CACHE = os.environ.get("TINYOSS_NUMBA_CACHE", "1") != "0" and KERNELS == "auto"
@@ -233,15 +233,32 @@ def f32_mf4w_matmul(blocks, scales, bias, xl, out):
 
 # --- int8 activations into the experts (expert_input="q8": an approximation, see quant.py) -----
 
-_X8 = np.array(MXFP4_Q8_ORDER, np.int64)
+@jit()
+def x8_position(e, nb):
+    """Where element e of a row of nb blocks goes in the int8 x that simd.mxfp4_q8_row_dots
+    reads: blocks in groups of MXFP4_Q8_GROUP (4 with AVX-512 VNNI, else 1; the nb % 4 last
+    blocks one by one), a group's even elements first (element 2j of its block k at 16k + j),
+    then its odd ones."""
+    b, i = e // 32, e % 32
+    n = MXFP4_Q8_GROUP if b < MXFP4_Q8_GROUP * (nb // MXFP4_Q8_GROUP) else 1
+    first = n * (b // n)
+    return 32 * first + 16 * n * (i % 2) + 16 * (b - first) + i // 2
 
 
 @jit()
-def _x8_block(vals, q, d, k, b):
-    """Quantize the 32 float32 vals (block b of row k, natural order) as quant.x8_quantize: q[k,
-    32b + p] = round(vals[MXFP4_Q8_ORDER[p]] * (1 / scale)) (the order
-    simd.mxfp4_q8_row_pair_dot reads), d[k, b] = scale / 2 (its products are of doubled E2M1
-    values)."""
+def x8_order(nb):
+    """The element at each position of that x: int64 [32 nb] (the inverse of x8_position)."""
+    order = np.empty(32 * nb, np.int64)
+    for e in range(32 * nb):
+        order[x8_position(e, nb)] = e
+    return order
+
+
+@jit()
+def _x8_block(vals, q, d, k, b, nb):
+    """Quantize the 32 float32 vals (block b of row k, natural order) as quant.x8_quantize:
+    q[k, x8_position(32b + i, nb)] = round(vals[i] * (1 / scale)), d[k, b] = scale / 2 (the
+    kernel's products are of doubled E2M1 values)."""
     amax = np.float32(0.0)
     for i in range(32):
         a = abs(vals[i])
@@ -252,19 +269,19 @@ def _x8_block(vals, q, d, k, b):
     scale = amax / np.float32(127.0)
     ok = scale > 0 and scale < np.inf
     inv = np.float32(1.0) / scale if ok else np.float32(0.0)
-    for p in range(32):
-        q[k, 32 * b + p] = np.int8(np.rint(vals[_X8[p]] * inv)) if ok else np.int8(0)
+    for i in range(32):
+        q[k, x8_position(32 * b + i, nb)] = np.int8(np.rint(vals[i] * inv)) if ok else np.int8(0)
     d[k, b] = scale * np.float32(0.5)
 
 
 @jit()
 def x8_quantize_lanes(x, q, d):
-    """x [n, C] f32 -> q [n, C] int8 (MXFP4_Q8_ORDER within each block of 32), d [n, C/32] f32
-    (the scales halved). Twin: quant.x8_quantize (bit-exact; q permuted, d halved)."""
+    """x [n, C] f32 -> q [n, C] int8 (in x8_position order), d [n, C/32] f32 (the scales
+    halved). Twin: quant.x8_quantize (bit-exact; q permuted, d halved)."""
     n, C = x.shape
     for k in range(n):
         for b in range(C // 32):
-            _x8_block(x[k, 32 * b:32 * b + 32], q, d, k, b)
+            _x8_block(x[k, 32 * b:32 * b + 32], q, d, k, b, C // 32)
 
 
 @jit()
@@ -278,20 +295,20 @@ def f32_swiglu_x8(h, limit, alpha, q, d):
             for i in range(32):
                 c = 32 * b + i
                 vals[i] = _swiglu(h[j, 2 * c], h[j, 2 * c + 1], limit, alpha)
-            _x8_block(vals, q, d, j, b)
+            _x8_block(vals, q, d, j, b, I // 32)
 
 
 @jit(fastmath=True)
 def mxfp4_q8_row_dot_plain(blocks, b_off, scales, s_off, scale_table, q, q_off, d, d_off, nb):
-    """One row of simd.mxfp4_q8_row_pair_dot in plain numba (CPUs without AVX2)."""
+    """One row of simd.mxfp4_q8_row_dots in plain numba (CPUs without AVX2, a lone last row):
+    each block's integer sum, then its one float scale."""
     total = np.float32(0.0)
     for b in range(nb):
         acc = np.int32(0)
-        for p in range(32):
-            e = _X8[p]
-            byte = np.int64(blocks[b_off + 16 * b + e // 2])
-            nibble = (byte >> 4) if e % 2 else (byte & 15)
-            acc += np.int32(2.0 * _FP4[nibble]) * np.int32(q[q_off + 32 * b + p])
+        for i in range(32):
+            byte = np.int64(blocks[b_off + 16 * b + i // 2])
+            nibble = (byte >> 4) if i % 2 else (byte & 15)
+            acc += np.int32(2.0 * _FP4[nibble]) * np.int32(q[q_off + x8_position(32 * b + i, nb)])
         total += np.float32(acc) * (scale_table[scales[s_off + b]] * d[d_off + b])
     return total
 
@@ -313,11 +330,11 @@ def f32_mf4w_q8x_moe_matvec(blocks, scales, bias, experts, xq, xd, out):
         xk = 0 if one_x else k
         r0 = (task % tasks_per_expert) * ROWS_PER_TASK
         r1 = min(r0 + ROWS_PER_TASK, R)
-        for r in range(r0, r1, 2 if HAVE_AVX2 else 1):
+        for r in range(r0, r1, MXFP4_Q8_ROWS if HAVE_AVX2 else 1):
             row = e * R + r
-            if HAVE_AVX2 and r + 1 < r1:
-                mxfp4_q8_row_pair_dot(flat_b, row * nb * 16, flat_s, row * nb, _E8M0, flat_q,
-                                      xk * nb * 32, flat_d, xk * nb, nb, flat_out, k * R + r)
+            if HAVE_AVX2 and r + MXFP4_Q8_ROWS <= r1:
+                mxfp4_q8_row_dots(flat_b, row * nb * 16, flat_s, row * nb, _E8M0, flat_q,
+                                  xk * nb * 32, flat_d, xk * nb, nb, flat_out, k * R + r)
             else:
                 flat_out[k * R + r] = mxfp4_q8_row_dot_plain(
                     flat_b, row * nb * 16, flat_s, row * nb, _E8M0, flat_q, xk * nb * 32,

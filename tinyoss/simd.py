@@ -45,7 +45,10 @@ def _target() -> tuple[str, list[str]]:
     avx2 = avx512 or name == "x86-64-v3" or name.startswith((
         "haswell", "broadwell", "skylake", "znver", "alderlake", "raptorlake", "meteorlake",
         "arrowlake", "lunarlake"))
-    return name, ["+avx2"] * avx2 + ["+avx512f", "+avx512bw"] * avx512
+    vnni = avx512 and name.startswith((
+        "znver4", "znver5", "cascadelake", "cooperlake", "icelake", "tigerlake",
+        "sapphirerapids", "emeraldrapids", "graniterapids"))
+    return name, ["+avx2"] * avx2 + ["+avx512f", "+avx512bw"] * avx512 + ["+avx512vnni"] * vnni
 
 
 _CPU, _FEATURES = _target()
@@ -501,24 +504,38 @@ def mxfp4_block_decode_avx2(typingctx, blocks, b_off, scale, out, o_off):
 
 # --- MXFP4 rows against int8 activations (expert_input="q8", an approximation) ---------------
 # llama.cpp quantizes the activations entering its MXFP4 matvecs to int8 blocks of 32 (Q8_0) and
-# takes integer dot products; expert_input="q8" does the same (quant.x8_quantize). A block is then
-# one pshufb of the 16 doubled E2M1 values (0, 1, 2, 3, 4, 6, 8, 12 and negatives: exact int8),
-# a sign moved onto x (psign: vpmaddubsw takes an unsigned and a signed operand), vpmaddubsw,
-# vpmaddwd by ones and one int -> float conversion: ~11 AVX2 instructions per block and row
-# where the float decode takes ~16 (1.4x in a loop on cached rows on the Zen 3). Exact integer
-# sums (|sum| <= 32 * 12 * 127 < 2^24): the only rounding is x's own, to int8.
-# x is read in the order of this decode (element 2j of a block in byte j, 2j+1 in byte 16 + j):
-# MXFP4_Q8_ORDER.
-MXFP4_Q8_ORDER = tuple([2 * j for j in range(16)] + [2 * j + 1 for j in range(16)])
-_E2M1_TWICE_I8 = [0, 1, 2, 3, 4, 6, 8, 12]
-_E2M1_TWICE_I8 += [(-v) & 0xFF for v in _E2M1_TWICE_I8]  # nibble bit 3 is the sign
+# takes integer dot products; expert_input="q8" does the same (quant.x8_quantize). With AVX2 a
+# block is one pshufb of the 16 doubled E2M1 values (0, 1, 2, 3, 4, 6, 8, 12 and negatives:
+# exact int8), a sign moved onto x (psign: vpmaddubsw takes an unsigned and a signed operand),
+# vpmaddubsw, vpmaddwd by ones and one int -> float conversion: ~11 AVX2 instructions per block
+# and row where the float decode takes ~16 (1.4x in a loop on cached rows on the Zen 3). With
+# AVX-512 VNNI (`_q8_group`) four blocks go at once, as 64 unsigned bytes: the doubled value
+# plus 12 (0 .. 24), so that vpdpbusd (unsigned x signed bytes, four products summed into each
+# 32-bit lane) needs no sign step; the 12 * sum(x) this adds is taken off once per group for
+# all the rows. Exact integer sums (|sum| <= 32 * 12 * 127 < 2^24): the only rounding is x's
+# own, to int8.
+# x is read in the order of the decode, in groups of MXFP4_Q8_GROUP blocks (4 with AVX-512 VNNI,
+# else 1; the nb % 4 last blocks of a row one by one): a group's even elements (2j of its
+# blocks in turn), then its odd ones (kernels.x8_position).
+HAVE_VNNI512 = HAVE_AVX512 and "+avx512vnni" in _FEATURES
+MXFP4_Q8_GROUP = 4 if HAVE_VNNI512 else 1
+MXFP4_Q8_ROWS = 1 if HAVE_VNNI512 else 2  # rows a call of mxfp4_q8_row_dots takes. Two rows
+# share x's loads (the AVX2 kernel, bound by its arithmetic: 1.4x the float kernel so on the
+# Zen 3), but their two interleaved streams read memory slower: on the Zen 4, the 20b's expert
+# matvecs from RAM read 21.5-22.8 GB/s two rows at a time and 32.4-34.8 one row at a time with
+# VNNI (the bf16 matvec over the same bytes 36.6), while the AVX2 kernel gained 1.06x from one
+# row at a time there (not measured on a Zen 3: it stays at two).
+_E2M1_TWICE = [0, 1, 2, 3, 4, 6, 8, 12]
+_E2M1_TWICE_I8 = _E2M1_TWICE + [(-v) & 0xFF for v in _E2M1_TWICE]  # nibble bit 3 is the sign
+_E2M1_TWICE_U8 = [12 + v for v in _E2M1_TWICE] + [12 - v for v in _E2M1_TWICE]  # (+12: VNNI)
 
 
 def _mxfp4_q8_dots(builder, bptr, sptr, tptr, qptr, dptr, nb, optr, rows: int) -> None:
     """out[r] = sum_b 2**(s[r, b]-127) * d[b] * sum_i 2 E2M1[r, b, i] * q[b, i] / 2 for `rows`
-    adjacent MXFP4 rows (AVX2): q int8 [nb * 32] in MXFP4_Q8_ORDER, d float32 [nb] its block
-    scales halved (quant.x8_quantize). Each row's line PREFETCH_ROWS rows ahead is asked for
-    as a line is read."""
+    adjacent MXFP4 rows: q int8 [nb * 32] in the order above, d float32 [nb] its block scales
+    halved (quant.x8_quantize). Each row's line PREFETCH_ROWS rows ahead is asked for as a line
+    is read. With AVX-512 VNNI: 16 blocks a loop step (their scales read at once), then groups
+    of 4, then the last nb % 4 blocks one by one (the AVX2 step, into their own sums)."""
     v32, v16i16, v8i32, v8f = (ir.VectorType(_i8, 32), ir.VectorType(ir.IntType(16), 16),
                                ir.VectorType(_i32, 8), ir.VectorType(_f32, 8))
     mod = builder.module
@@ -526,15 +543,15 @@ def _mxfp4_q8_dots(builder, bptr, sptr, tptr, qptr, dptr, nb, optr, rows: int) -
     def declare(name, ret, *args):
         return mod.declare_intrinsic(name, fnty=ir.FunctionType(ret, list(args)))
 
-    pshufb = declare("llvm.x86.avx2.pshuf.b", v32, v32, v32)
-    psign = declare("llvm.x86.avx2.psign.b", v32, v32, v32)
-    maddubs = declare("llvm.x86.avx2.pmadd.ub.sw", v16i16, v32, v32)
-    maddwd = declare("llvm.x86.avx2.pmadd.wd", v8i32, v16i16, v16i16)
-    table = ir.Constant(v32, _E2M1_TWICE_I8 * 2)
-    ones = ir.Constant(v16i16, [1] * 16)
-    accs = [cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8)) for _ in range(rows)]
-    with cgutils.for_range(builder, nb) as loop:
-        b = loop.index
+    def prefetch(rb):  # row r's line PREFETCH_ROWS rows ahead of block rb
+        _prefetch(builder, builder.gep(bptr, [builder.mul(builder.add(
+            rb, builder.mul(nb, _const(PREFETCH_ROWS))), _const(16))]))
+
+    def block_step(b, accs):  # block b of each row (AVX2)
+        pshufb = declare("llvm.x86.avx2.pshuf.b", v32, v32, v32)
+        psign = declare("llvm.x86.avx2.psign.b", v32, v32, v32)
+        maddubs = declare("llvm.x86.avx2.pmadd.ub.sw", v16i16, v32, v32)
+        maddwd = declare("llvm.x86.avx2.pmadd.wd", v8i32, v16i16, v16i16)
         q = builder.load(builder.bitcast(builder.gep(qptr, [builder.mul(b, _const(32))]),
                                          v32.as_pointer()), align=1)
         d = builder.load(builder.gep(dptr, [b]))
@@ -542,25 +559,108 @@ def _mxfp4_q8_dots(builder, bptr, sptr, tptr, qptr, dptr, nb, optr, rows: int) -
             rb = builder.add(b, builder.mul(nb, _const(r)))
             with builder.if_then(builder.icmp_unsigned("==", builder.urem(b, _const(4)),
                                                        _const(0))):  # a new 64-byte line
-                _prefetch(builder, builder.gep(bptr, [builder.mul(builder.add(
-                    rb, builder.mul(nb, _const(PREFETCH_ROWS))), _const(16))]))
+                prefetch(rb)
             nibbles = _nibbles(builder, builder.gep(bptr, [builder.mul(rb, _const(16))]))
-            w = builder.call(pshufb, [table, nibbles])  # 2 E2M1, int8
+            w = builder.call(pshufb, [ir.Constant(v32, _E2M1_TWICE_I8 * 2), nibbles])  # 2 E2M1
             pairs = builder.call(maddubs, [builder.call(psign, [w, w]), builder.call(psign, [q, w])])
-            sums = builder.sitofp(builder.call(maddwd, [pairs, ones]), v8f)  # exact
+            sums = builder.sitofp(builder.call(maddwd, [pairs, ir.Constant(v16i16, [1] * 16)]),
+                                  v8f)  # exact
             scale = builder.fmul(builder.load(builder.gep(tptr, [builder.zext(
                 builder.load(builder.gep(sptr, [rb])), _i64)])), d)  # a power of two times d
             _add_product(builder, accs[r], sums, _splat(builder, scale, 8))
+
+    def zeros(width):
+        vf = ir.VectorType(_f32, width)
+        return [cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * width))
+                for _ in range(rows)]
+
+    def blocks(count, first, per_step, run, accs):  # run(b, accs) for count steps from `first`
+        with cgutils.for_range(builder, count) as loop:
+            run(builder.add(first, builder.mul(loop.index, _const(per_step))), accs)
+
+    if not HAVE_VNNI512:
+        accs = zeros(8)
+        blocks(nb, _const(0), 1, block_step, accs)
+        sums = [_sum_lanes(builder, builder.load(acc), 8) for acc in accs]
+    else:
+        v16f, v4f = ir.VectorType(_f32, 16), ir.VectorType(_f32, 4)
+
+        def sixteen(b, accs):  # blocks b .. b + 15: four groups, the 16 scales read at once
+            d = builder.load(builder.bitcast(builder.gep(dptr, [b]), v16f.as_pointer()), align=4)
+            scales = [builder.fmul(_e8m0_floats(builder, builder.load(builder.bitcast(
+                builder.gep(sptr, [builder.add(b, builder.mul(nb, _const(r)))]),
+                ir.VectorType(_i8, 16).as_pointer()), align=1)), d) for r in range(rows)]
+            for g in range(4):
+                _q8_group(builder, bptr, qptr, builder.add(b, _const(4 * g)), nb, accs,
+                          [_spread_quad(builder, row, g) for row in scales], prefetch)
+
+        def four(b, accs):  # blocks b .. b + 3
+            d = builder.load(builder.bitcast(builder.gep(dptr, [b]), v4f.as_pointer()), align=4)
+            scales = [_spread_quad(builder, builder.fmul(_e8m0_floats(builder, builder.load(
+                builder.bitcast(builder.gep(sptr, [builder.add(b, builder.mul(nb, _const(r)))]),
+                                ir.VectorType(_i8, 4).as_pointer()), align=1)), d), 0)
+                for r in range(rows)]
+            _q8_group(builder, bptr, qptr, b, nb, accs, scales, prefetch)
+
+        accs = zeros(16)
+        sixteens = builder.udiv(nb, _const(16))
+        blocks(sixteens, _const(0), 16, sixteen, accs)
+        groups = builder.udiv(nb, _const(4))
+        done = builder.mul(sixteens, _const(16))
+        blocks(builder.sub(groups, builder.udiv(done, _const(4))), done, 4, four, accs)
+        tail = zeros(8)
+        blocks(builder.urem(nb, _const(4)), builder.mul(groups, _const(4)), 1, block_step, tail)
+        sums = [builder.fadd(_sum_lanes(builder, builder.load(a), 16),
+                             _sum_lanes(builder, builder.load(t), 8), flags=_FAST)
+                for a, t in zip(accs, tail)]
     for r in range(rows):
-        builder.store(_sum_lanes(builder, builder.load(accs[r]), 8), builder.gep(optr, [_const(r)]))
+        builder.store(sums[r], builder.gep(optr, [_const(r)]))
+
+
+def _q8_group(builder, bptr, qptr, b, nb, accs, scales, prefetch) -> None:
+    """Blocks b .. b + 3 of each row against their 128 int8 x values (AVX-512 VNNI): the 64
+    bytes' low nibbles (even elements) and high nibbles (odd ones) looked up as doubled E2M1 +
+    12, unsigned; vpdpbusd against x's evens, then its odds, from 32-bit lanes that start at
+    -12 * the x values they will meet; lane i holds block i // 4's partial sums (the lanes of
+    `_spread_quad`): converted to float (exact), times scales[r] into accs[r]."""
+    v64, v16i, v8i64 = ir.VectorType(_i8, 64), ir.VectorType(_i32, 16), ir.VectorType(_i64, 8)
+    mod = builder.module
+    pshufb = mod.declare_intrinsic("llvm.x86.avx512.pshuf.b.512",
+                                   fnty=ir.FunctionType(v64, [v64, v64]))
+    dpbusd = mod.declare_intrinsic("llvm.x86.avx512.vpdpbusd.512",
+                                   fnty=ir.FunctionType(v16i, [v16i, v16i, v16i]))
+
+    def dot(acc, unsigned, signed):  # acc + four u8 x s8 products a 32-bit lane
+        return builder.call(dpbusd, [acc, builder.bitcast(unsigned, v16i),
+                                     builder.bitcast(signed, v16i)])
+
+    x0 = builder.mul(b, _const(32))
+    evens, odds = (builder.load(builder.bitcast(builder.gep(qptr, [builder.add(x0, _const(k))]),
+                                                v64.as_pointer()), align=1) for k in (0, 64))
+    twelve = ir.Constant(v64, [12] * 64)
+    bias = builder.sub(ir.Constant(v16i, [0] * 16),
+                       dot(dot(ir.Constant(v16i, [0] * 16), twelve, evens), twelve, odds))
+    table, low = ir.Constant(v64, _E2M1_TWICE_U8 * 4), ir.Constant(v64, [15] * 64)
+    for r, acc in enumerate(accs):
+        rb = builder.add(b, builder.mul(nb, _const(r)))
+        prefetch(rb)  # a group is a 64-byte line of each row
+        packed = builder.load(builder.bitcast(builder.gep(bptr, [builder.mul(rb, _const(16))]),
+                                              v64.as_pointer()), align=1)
+        high = builder.bitcast(builder.lshr(builder.bitcast(packed, v8i64),
+                                            ir.Constant(v8i64, [4] * 8)), v64)
+        w_even = builder.call(pshufb, [table, builder.and_(packed, low)])
+        w_odd = builder.call(pshufb, [table, builder.and_(high, low)])
+        sums = builder.sitofp(dot(dot(bias, w_even, evens), w_odd, odds), ir.VectorType(_f32, 16))
+        _add_product(builder, acc, sums, scales[r])
 
 
 @intrinsic
-def mxfp4_q8_row_pair_dot(typingctx, blocks, b_off, scales, s_off, scale_table, q, q_off, d,
-                          d_off, nb, out, o_off):
-    """Two adjacent MXFP4 rows against int8 activations (`_mxfp4_q8_dots`, AVX2): out[o_off + r]
-    for r = 0, 1; the rows' blocks from blocks[b_off], scales[s_off] (flat uint8); scale_table
-    float32 byte -> 2**(s-127); q int8 from q_off, d float32 from d_off."""
+def mxfp4_q8_row_dots(typingctx, blocks, b_off, scales, s_off, scale_table, q, q_off, d, d_off,
+                      nb, out, o_off):
+    """MXFP4_Q8_ROWS adjacent MXFP4 rows against int8 activations (`_mxfp4_q8_dots`):
+    out[o_off + r] for r < MXFP4_Q8_ROWS; the rows' blocks from blocks[b_off], scales[s_off]
+    (flat uint8); scale_table float32 byte -> 2**(s-127); q int8 from q_off, d float32 from
+    d_off."""
     sig = types.void(blocks, types.intp, scales, types.intp, scale_table, q, types.intp, d,
                      types.intp, types.intp, out, types.intp)
 
@@ -572,7 +672,7 @@ def mxfp4_q8_row_pair_dot(typingctx, blocks, b_off, scales, s_off, scale_table, 
                        _data(context, builder, a[4], table_a),
                        _data(context, builder, a[5], q_a, q_off),
                        _data(context, builder, a[7], d_a, d_off), nb,
-                       _data(context, builder, a[10], out_a, o_off), 2)
+                       _data(context, builder, a[10], out_a, o_off), MXFP4_Q8_ROWS)
         return context.get_dummy_value()
 
     return sig, codegen
