@@ -20,10 +20,10 @@ import numpy as np
 
 from . import mxfp4
 from .simd import (HAVE_AVX2, HAVE_AVX512, KERNELS, MAX_GROUP, MXFP4_LANE_ORDER,
-                   MXFP4_PAIR_ORDER, MXFP4_Q8_GROUP, MXFP4_Q8_ROWS, MXFP4_QUAD_ORDER, QK_DIM,
-                   QK_HEADS, as_float32, bf16_row_dots, exp_shifted_sum, kv_float, max_nan,
-                   mxfp4_block_decode_avx2, mxfp4_q8_row_dots, mxfp4_row_dots, mxfp4_row_pair_dot,
-                   q8_row_dot, qk8_scores, weighted_rows64)
+                   MXFP4_PAIR_ORDER, MXFP4_Q8_GROUP, MXFP4_Q8_ROWS, MXFP4_QUAD_ORDER, MXFP4_ROWS,
+                   QK_DIM, QK_HEADS, as_float32, bf16_row_dots, exp_shifted_sum, kv_float,
+                   max_nan, mxfp4_block_decode_avx2, mxfp4_matvec_rows, mxfp4_q8_row_dots,
+                   mxfp4_row_dots, q8_row_dot, qk8_scores, weighted_rows64)
 
 # a forced kernel path (simd.KERNELS) compiles afresh: the disk cache can't tell the builds apart
 CACHE = os.environ.get("TINYOSS_NUMBA_CACHE", "1") != "0" and KERNELS == "auto"
@@ -183,12 +183,12 @@ def f32_mf4w_moe_matvec(blocks, scales, bias, experts, xl, out):
         e = experts[k]
         r0 = (task % tasks_per_expert) * ROWS_PER_TASK
         r1 = min(r0 + ROWS_PER_TASK, R)
-        if HAVE_AVX2:  # rows two at a time (sharing x's loads), a lone last one alone
-            for r in range(r0, r1, 2):
+        if HAVE_AVX2:  # MXFP4_ROWS rows a call (two share x's loads with AVX-512), a lone last
+            for r in range(r0, r1, MXFP4_ROWS):  # one alone
                 row = e * R + r
-                if r + 1 < r1:
-                    mxfp4_row_pair_dot(flat_b, row * nb * 16, flat_s, row * nb, _E8M0, flat_x,
-                                       k * x_step, nb, flat_out, k * R + r)
+                if r + MXFP4_ROWS <= r1:
+                    mxfp4_matvec_rows(flat_b, row * nb * 16, flat_s, row * nb, _E8M0, flat_x,
+                                      k * x_step, nb, flat_out, k * R + r)
                 else:
                     mxfp4_row_dots(1, flat_b, row * nb * 16, flat_s, row * nb, _E8M0, flat_x,
                                    k * x_step, 0, nb, flat_out, k * R + r, 1)

@@ -296,7 +296,8 @@ def _for_group(builder, g, emit) -> None:
     builder.position_at_end(end)
 
 
-PREFETCH_ROWS = 8  # rows ahead the matvecs ask the cache for (mxfp4_row_pair_dot, bf16_row_dots, q8_row_dot)
+PREFETCH_ROWS = 8  # rows ahead the matvecs ask the cache for (mxfp4_matvec_rows, bf16_row_dots,
+# q8_row_dot)
 
 
 def _mxfp4_dots(builder, bptr, sptr, tptr, xptr, x_len, nb, optr, o_stride, rows: int,
@@ -448,16 +449,22 @@ def mxfp4_row_dots(typingctx, g, blocks, b_off, scales, s_off, scale_table, xl, 
     return sig, codegen
 
 
+MXFP4_ROWS = 2 if HAVE_AVX512 else 1  # rows a call of mxfp4_matvec_rows takes (below)
+
+
 @intrinsic
-def mxfp4_row_pair_dot(typingctx, blocks, b_off, scales, s_off, scale_table, xl, x_off, nb, out,
-                       o_off):
-    """Two adjacent MXFP4 weight rows against one vector, decode's matvec: out[o_off + r] =
-    row r . x for r = 0, 1 (arguments as `mxfp4_row_dots`, the rows' blocks from b_off). x's
-    loads serve both rows, and each row's line PREFETCH_ROWS rows ahead is asked for as a line
-    is read. In one process, alternating with the one-row kernel without prefetch (the 20b's
-    expert matvecs, 4 experts x 24 layers from RAM, medians of 12 passes): 1.14x and 1.18x
-    with AVX-512 (1.05-1.18x at 2 to 16 rows ahead), 1.05x on the AVX2 path; two rows without
-    the prefetch ran 0.5x (the hardware prefetcher loses the interleaved streams)."""
+def mxfp4_matvec_rows(typingctx, blocks, b_off, scales, s_off, scale_table, xl, x_off, nb, out,
+                      o_off):
+    """MXFP4_ROWS adjacent MXFP4 weight rows against one vector, decode's matvec: out[o_off + r]
+    = row r . x for r < MXFP4_ROWS (arguments as `mxfp4_row_dots`, the rows' blocks from
+    b_off); each row's line PREFETCH_ROWS rows ahead is asked for as a line is read. With
+    AVX-512 two rows share x's loads: in one process, alternating with the one-row kernel
+    without prefetch (the 20b's expert matvecs, 4 experts x 24 layers from RAM, medians of 12
+    passes), 1.14x and 1.18x (1.05-1.18x at 2 to 16 rows ahead), and against one row with the
+    prefetch 1.04x with the rows in L3, 0.98x from RAM (Zen 4). On the AVX2 path one row a call:
+    1.05-1.07x two rows on the Zen 4 (from RAM and L3, one thread or two; two interleaved row
+    streams read memory slower than one, see simd.MXFP4_Q8_ROWS), 1.03x whole tokens. Two rows
+    without the prefetch ran 0.5x (the hardware prefetcher loses the interleaved streams)."""
     sig = types.void(blocks, types.intp, scales, types.intp, scale_table, xl, types.intp,
                      types.intp, out, types.intp)
 
@@ -469,7 +476,8 @@ def mxfp4_row_pair_dot(typingctx, blocks, b_off, scales, s_off, scale_table, xl,
         tptr = _data(context, builder, a[4], table_a)
         xptr = _data(context, builder, a[5], xl_a, x_off)
         optr = _data(context, builder, a[8], out_a, o_off)
-        _mxfp4_dots(builder, bptr, sptr, tptr, xptr, _const(0), nb, optr, _const(0), 2, 1, True)
+        _mxfp4_dots(builder, bptr, sptr, tptr, xptr, _const(0), nb, optr, _const(0), MXFP4_ROWS,
+                    1, True)
         return context.get_dummy_value()
 
     return sig, codegen
