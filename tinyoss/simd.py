@@ -300,6 +300,24 @@ PREFETCH_ROWS = 8  # rows ahead the matvecs ask the cache for (mxfp4_matvec_rows
 # q8_row_dot)
 
 
+def _block_steps(builder, count, first, per_step, run) -> None:
+    """run(b, index) for `count` loop steps of per_step blocks from block `first`."""
+    with cgutils.for_range(builder, count) as loop:
+        run(builder.add(first, builder.mul(loop.index, _const(per_step))), loop.index)
+
+
+def _sixteens_then_fours(builder, nb, sixteen, four):
+    """The AVX-512 kernels' walk over a row's nb blocks: sixteen(b, index) for blocks 16 at a
+    time, then four(b, index) for the whole groups of 4 left; returns the first block after
+    them (4 * (nb // 4)), where the caller's leftovers start."""
+    sixteens = builder.udiv(nb, _const(16))
+    _block_steps(builder, sixteens, _const(0), 16, sixteen)
+    done = builder.mul(sixteens, _const(16))
+    quads = builder.udiv(nb, _const(4))
+    _block_steps(builder, builder.sub(quads, builder.udiv(done, _const(4))), done, 4, four)
+    return builder.mul(quads, _const(4))
+
+
 def _mxfp4_dots(builder, bptr, sptr, tptr, xptr, x_len, nb, optr, o_stride, rows: int,
                 group: int, prefetch: bool) -> None:
     """The loop of the MXFP4 row-dot intrinsics: `rows` adjacent weight rows (nb blocks each,
@@ -383,8 +401,7 @@ def _mxfp4_dots(builder, bptr, sptr, tptr, xptr, x_len, nb, optr, o_stride, rows
 
     def steps(count, first, per_step, run, accs):
         """run(b, accs, index) for `count` steps of per_step blocks from block `first`."""
-        with cgutils.for_range(builder, count) as loop:
-            run(builder.add(first, builder.mul(loop.index, _const(per_step))), accs, loop.index)
+        _block_steps(builder, count, first, per_step, lambda b, index: run(b, accs, index))
 
     def zeros(width):
         vf = ir.VectorType(_f32, width)
@@ -399,13 +416,10 @@ def _mxfp4_dots(builder, bptr, sptr, tptr, xptr, x_len, nb, optr, o_stride, rows
 
     if HAVE_AVX512:  # 16 blocks a loop step, then 4; a leftover pair, then an odd last block
         accs = zeros(16)
-        sixteens = builder.udiv(nb, _const(16))
-        steps(sixteens, _const(0), 16, quads4, accs)
-        done = builder.mul(sixteens, _const(16))
-        quads = builder.udiv(nb, _const(4))
-        steps(builder.sub(quads, builder.udiv(done, _const(4))), done, 4, quad, accs)
-        left = builder.sub(nb, builder.mul(quads, _const(4)))
-        steps(builder.udiv(left, _const(2)), builder.mul(quads, _const(4)), 2, one(4), accs)
+        first = _sixteens_then_fours(builder, nb, lambda b, index: quads4(b, accs, index),
+                                     lambda b, index: quad(b, accs, index))
+        left = builder.sub(nb, first)
+        steps(builder.udiv(left, _const(2)), first, 2, one(4), accs)
         tail = zeros(8)
         steps(builder.urem(left, _const(2)), builder.sub(nb, _const(1)), 1,
               lambda b, accs, index: step(b, 2, accs, None), tail)
@@ -582,13 +596,9 @@ def _mxfp4_q8_dots(builder, bptr, sptr, tptr, qptr, dptr, nb, optr, rows: int) -
         return [cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * width))
                 for _ in range(rows)]
 
-    def blocks(count, first, per_step, run, accs):  # run(b, accs) for count steps from `first`
-        with cgutils.for_range(builder, count) as loop:
-            run(builder.add(first, builder.mul(loop.index, _const(per_step))), accs)
-
     if not HAVE_VNNI512:
         accs = zeros(8)
-        blocks(nb, _const(0), 1, block_step, accs)
+        _block_steps(builder, nb, _const(0), 1, lambda b, _: block_step(b, accs))
         sums = [_sum_lanes(builder, builder.load(acc), 8) for acc in accs]
     else:
         v16f, v4f = ir.VectorType(_f32, 16), ir.VectorType(_f32, 4)
@@ -611,13 +621,10 @@ def _mxfp4_q8_dots(builder, bptr, sptr, tptr, qptr, dptr, nb, optr, rows: int) -
             _q8_group(builder, bptr, qptr, b, nb, accs, scales, prefetch)
 
         accs = zeros(16)
-        sixteens = builder.udiv(nb, _const(16))
-        blocks(sixteens, _const(0), 16, sixteen, accs)
-        groups = builder.udiv(nb, _const(4))
-        done = builder.mul(sixteens, _const(16))
-        blocks(builder.sub(groups, builder.udiv(done, _const(4))), done, 4, four, accs)
+        first = _sixteens_then_fours(builder, nb, lambda b, _: sixteen(b, accs),
+                                     lambda b, _: four(b, accs))
         tail = zeros(8)
-        blocks(builder.urem(nb, _const(4)), builder.mul(groups, _const(4)), 1, block_step, tail)
+        _block_steps(builder, builder.sub(nb, first), first, 1, lambda b, _: block_step(b, tail))
         sums = [builder.fadd(_sum_lanes(builder, builder.load(a), 16),
                              _sum_lanes(builder, builder.load(t), 8), flags=_FAST)
                 for a, t in zip(accs, tail)]
