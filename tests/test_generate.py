@@ -24,6 +24,19 @@ WEATHER_CALL = ('<|channel|>analysis<|message|>Need the weather.<|end|>'
 FINAL = '<|channel|>final<|message|>It is 20°C in Paris.<|return|>'
 
 
+class ScriptedCache:
+    """The stand-in's KV cache: it holds nothing, so it can go back to any point."""
+
+    def __init__(self, max_tokens):
+        self.max_tokens = max_tokens
+
+    def ring_copy(self):
+        return SimpleNamespace(at=0)
+
+    def rewind(self, n_tokens, copies=()):
+        return n_tokens
+
+
 class ScriptedModel:
     """A stand-in for a Model that writes scripted replies, whatever it is asked.
 
@@ -42,7 +55,7 @@ class ScriptedModel:
         self.reply, self.position = -1, 0
 
     def new_cache(self, max_tokens=None):
-        return SimpleNamespace(max_tokens=max_tokens)
+        return ScriptedCache(max_tokens)
 
     def forward(self, tokens, cache=None, *, last_only=False):
         tokens = [int(t) for t in tokens]
@@ -199,7 +212,10 @@ def test_a_context_reuses_the_cached_prefix_across_turns():
     assert second.stats.reused_tokens == second.stats.prompt_tokens - second.stats.prefill_tokens > 50
     assert decode(model.fed[len(first.tokens)]).startswith("<|end|><|start|>user<|message|>And now?")
     changed = g.chat(model, history, sampler=GREEDY, date="2030-01-01", context=context)
-    assert changed.stats.reused_tokens == 0  # a different system message: start over
+    before = h.render_conversation(g.prepare_conversation(history, date=DATE))
+    after = h.render_conversation(g.prepare_conversation(history, date="2030-01-01"))
+    same = next(i for i, (a, b) in enumerate(zip(before, after)) if a != b)
+    assert 0 < changed.stats.reused_tokens == same  # a different date: from the first id that differs
 
 
 # ---------------------------------------------------------------------------------------------------

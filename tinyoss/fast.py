@@ -343,11 +343,41 @@ def _mxfp4_matmul(x: np.ndarray, blocks: np.ndarray, scales: np.ndarray) -> np.n
 def forward_fast(fw: FastWeights, c: Config, tokens: np.ndarray, cache: KVCache,
                  last_only: bool = False) -> np.ndarray:
     """tokens [n] -> logits [n, V] (or [1, V] of the last token); appends them to the cache."""
+    positions = np.arange(cache.n_tokens, cache.n_tokens + len(tokens))
+
+    def attend(layer: int, fl: FastLayer, q, k, v) -> np.ndarray:
+        return attention(c, layer, fl, cache, q, k, v, positions)
+
+    logits = _forward_blas1(fw, c, tokens, positions, attend, last_only)
+    cache.n_tokens += len(tokens)
+    return logits
+
+
+def forward_batch(fw: FastWeights, c: Config, tokens: np.ndarray,
+                  caches: list[KVCache]) -> np.ndarray:
+    """One decode step of several sequences: tokens [B] (token i follows caches[i]) -> logits
+    [B, V]; appends each token to its cache. The dense weights are read once for all B tokens
+    (the few-token kernels), the experts grouped (each routed expert decoded once for the
+    tokens that chose it); attention runs per sequence, against its own cache."""
+    positions = np.array([cache.n_tokens for cache in caches], np.int64)  # [B]
+
+    def attend(layer: int, fl: FastLayer, q, k, v) -> np.ndarray:
+        return np.concatenate([attention(c, layer, fl, cache, q[i:i + 1], k[i:i + 1], v[i:i + 1],
+                                         positions[i:i + 1])
+                               for i, cache in enumerate(caches)])  # [B, Hq*dh]
+
+    logits = _forward_blas1(fw, c, tokens, positions, attend, False)
+    for cache in caches:
+        cache.n_tokens += 1
+    return logits
+
+
+def _forward_blas1(*args) -> np.ndarray:
     # BLAS runs single-threaded inside our own worker threads (TileMatmul) or on tiny matrices
     # (decode attention): its own threads, spinning after each call, would stall numba's
     # (measured: a matvec + attention pair 7.8 ms with one BLAS thread, 340 ms with two)
     with _blas_controller().limit(limits=1, user_api="blas"):
-        return _forward(fw, c, tokens, cache, last_only)
+        return _forward(*args)
 
 
 @functools.lru_cache(maxsize=1)
@@ -357,10 +387,11 @@ def _blas_controller():
     return ThreadpoolController()
 
 
-def _forward(fw: FastWeights, c: Config, tokens: np.ndarray, cache: KVCache,
+def _forward(fw: FastWeights, c: Config, tokens: np.ndarray, positions: np.ndarray, attend,
              last_only: bool) -> np.ndarray:
+    """tokens [n] at `positions` [n] -> logits; attend(layer, fl, q, k, v) -> [n, Hq*dh] runs
+    attention against (and appends k, v to) the KV cache(s)."""
     n = len(tokens)
-    positions = np.arange(cache.n_tokens, cache.n_tokens + n)
     cos, sin = rope_cos_sin(c, positions)  # [n, dh/2], shared by every layer
     x = bf16_to_f32(fw.embed[tokens])  # [n, D]
     for layer, fl in enumerate(fw.layers):
@@ -370,9 +401,8 @@ def _forward(fw: FastWeights, c: Config, tokens: np.ndarray, cache: KVCache,
         q = apply_rope(q.reshape(n, c.num_attention_heads, c.head_dim), cos, sin)
         k = apply_rope(k.reshape(n, c.num_key_value_heads, c.head_dim), cos, sin)
         v = v.reshape(n, c.num_key_value_heads, c.head_dim)
-        x = x + fl.o(attention(c, layer, fl, cache, q, k, v, positions))
+        x = x + fl.o(attend(layer, fl, q, k, v))
         x = x + moe(c, fl, rmsnorm(x, lw.mlp_norm, c.rms_norm_eps))
-    cache.n_tokens += n
     if last_only:
         x = x[-1:]
     return fw.unembed(rmsnorm(x, fw.norm, c.rms_norm_eps))

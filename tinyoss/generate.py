@@ -140,11 +140,17 @@ Event = TokenEvent | ToolEvent | Reply
 class Context:
     """The run state of one conversation: a KV cache and the token ids it holds.
 
-    `max_tokens` bounds the context (default: the model's, 131072 for gpt-oss). A prompt that starts
-    with the cached ids only runs its new part; any other prompt starts over (a ring-buffer cache
-    cannot be rolled back). If a forward pass is interrupted (Ctrl-C) the context empties itself,
-    since the cache may then hold part of the interrupted tokens.
+    `max_tokens` bounds the context (default: the model's, 131072 for gpt-oss). `prefill(prompt)`
+    keeps the longest prefix the prompt shares with the cached ids and runs only the rest: a
+    follow-up turn of a chat (or a tool result) prefills just its new tokens. The banded layers'
+    rings hold only the last 128 positions, so going back to an earlier point needs the rings as
+    they were there: a copy is kept where each prompt ended (the next turn diverges there or
+    later, where the re-rendered reply differs from the sampled one), the last `RING_COPIES` of
+    them. If a forward pass is interrupted (Ctrl-C) the context empties itself, since the cache
+    may then hold part of the interrupted tokens.
     """
+
+    RING_COPIES = 4
 
     def __init__(self, model: Any, max_tokens: int | None = None):
         self.model = model
@@ -155,6 +161,7 @@ class Context:
         self.cache = self.model.new_cache(self.max_tokens)
         self.tokens: list[int] = []
         self._logits: np.ndarray | None = None  # [vocab] after the last token
+        self._copies: list = []  # model.RingCopy at prompt ends, oldest first
 
     @property
     def room(self) -> int:
@@ -168,9 +175,20 @@ class Context:
         except BaseException:
             self.reset()
             raise
+        self.extended(tokens, logits)
+        return logits
+
+    def extended(self, tokens: Sequence[int], logits: np.ndarray) -> None:
+        """Record that the cache now also holds `tokens` (run by `append`, or by a batched forward
+        of several contexts), with `logits` [vocab] after them."""
         self.tokens += [int(t) for t in tokens]
         self._logits = logits
-        return logits
+
+    def shared_prefix(self, prompt: Sequence[int]) -> int:
+        """How many leading ids of `prompt` the cache holds."""
+        n = min(len(prompt), len(self.tokens))
+        same = np.asarray(prompt[:n]) == np.asarray(self.tokens[:n], dtype=np.int64)
+        return int(n if same.all() else np.argmin(same))
 
     def prefill(self, prompt: Sequence[int]) -> tuple[np.ndarray, int]:
         """Make the context hold exactly `prompt`. -> (logits [vocab] after it, ids reused from the cache)"""
@@ -180,14 +198,25 @@ class Context:
         if len(prompt) > self.max_tokens:
             raise GenerationError(f"the prompt ({len(prompt)} tokens) does not fit the context "
                                   f"({self.max_tokens} tokens)")
-        n_cached = len(self.tokens)
-        if prompt[:n_cached] != self.tokens:  # not a continuation: start over
-            self.reset()
-            n_cached = 0
-        if n_cached == len(prompt):
+        shared = self.shared_prefix(prompt)
+        if shared == len(prompt) == len(self.tokens):
             assert self._logits is not None
-            return self._logits, n_cached
-        return self.append(prompt[n_cached:]), n_cached
+            return self._logits, shared
+        # keep at least one id to run: its logits are the ones wanted
+        kept = self.rewind(min(shared, len(prompt) - 1))
+        logits = self.append(prompt[kept:])
+        self._copies = (self._copies + [self.cache.ring_copy()])[-self.RING_COPIES:]
+        return logits, kept
+
+    def rewind(self, n_tokens: int) -> int:
+        """Keep the first `n_tokens` cached ids, or as many as the rings allow. -> how many kept"""
+        if n_tokens == len(self.tokens):
+            return n_tokens
+        kept = self.cache.rewind(n_tokens, self._copies)
+        self.tokens = self.tokens[:kept]
+        self._copies = [c for c in self._copies if c.at <= kept]
+        self._logits = None
+        return kept
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import dataclasses
 import functools
 import math
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -160,6 +160,44 @@ class KVCache:
         self.k[layer][:, s] = k.transpose(1, 0, 2)  # [n, Hkv, dh] -> [Hkv, n, dh]
         self.v[layer][:, s] = v.transpose(1, 0, 2)
 
+    # -- rolling back: a prompt cache reuses the longest prefix the next prompt shares --------
+
+    def ring_copy(self) -> "RingCopy":
+        """A copy of the banded layers' rings as they are now (where a prompt ends: the next turn
+        of a conversation diverges there or later). A few MB: 128 slots a banded layer."""
+        sliding = [i for i, s in enumerate(self.config.layer_sliding) if s]
+        return RingCopy(self.n_tokens, {i: (self.k[i].copy(), self.v[i].copy()) for i in sliding})
+
+    def rewind(self, n_tokens: int, copies: Sequence["RingCopy"] = ()) -> int:
+        """Forget every position from `n_tokens` on, as far as the rings allow. -> the positions
+        kept (<= n_tokens): then run the rest of the prompt from there.
+
+        A dense layer keeps every position: cutting it is free. A banded layer's ring holds only
+        the last `window` positions, so the ring as it was at position R is rebuilt from the live
+        ring (positions n-W..n-1) and the `copies` (a copy taken at X holds X-W..X-1); R is the
+        largest point <= n_tokens whose last W positions one of them holds. Copies taken past R
+        describe positions about to be overwritten: the caller drops them (`RingCopy.at`).
+        """
+        if not 0 <= n_tokens <= self.n_tokens:
+            raise TinyossError(f"cannot rewind to {n_tokens}: the cache holds {self.n_tokens} tokens")
+        live = RingCopy(self.n_tokens, {})
+        sources = [live] + [c for c in copies if c.at <= self.n_tokens]
+        kept = _reachable(n_tokens, [c.at for c in sources], self.window)
+        need = np.arange(max(0, kept - self.window), kept)  # positions the ring at `kept` holds
+        missing = need[need < self.n_tokens - self.window]  # no longer in the live ring
+        for copy in sorted(sources[1:], key=lambda c: -c.at):  # newest first
+            mine = missing[(missing >= copy.at - self.window) & (missing < copy.at)]
+            if len(mine) == 0:
+                continue
+            slots = mine % self.window
+            for layer, (k, v) in copy.rings.items():
+                self.k[layer][:, slots] = k[:, slots]
+                self.v[layer][:, slots] = v[:, slots]
+            missing = np.setdiff1d(missing, mine)
+        assert len(missing) == 0, "rewind: _reachable promised a position no ring holds"
+        self.n_tokens = kept
+        return kept
+
     def _grow(self, layer: int, need: int) -> None:
         Hkv, slots, dh = self.k[layer].shape
         if need <= slots:
@@ -169,6 +207,32 @@ class KVCache:
             grown = np.zeros((Hkv, new, dh), self.dtype)
             grown[:, :slots] = buf[layer]
             buf[layer] = grown
+
+
+@dataclasses.dataclass(frozen=True)
+class RingCopy:
+    """The banded layers' rings (layer -> (k, v) buffers) as they were when the cache held `at`
+    tokens: they hold positions at-W .. at-1."""
+
+    at: int
+    rings: dict
+
+
+def _reachable(target: int, points: Sequence[int], window: int) -> int:
+    """The largest R <= target such that positions R-W..R-1 (those >= 0) all lie in the windows
+    [X-W, X) of the given points X: the rings can be rebuilt as they were at R."""
+    runs: list[list[int]] = []  # the windows merged into runs of consecutive positions
+    for a, b in sorted((max(0, x - window), x) for x in points):
+        if runs and a <= runs[-1][1]:
+            runs[-1][1] = max(runs[-1][1], b)
+        else:
+            runs.append([a, b])
+    best = 0
+    for start, end in runs:  # R may be any of [start + W, end] ([0, end] for a run from 0)
+        low = 0 if start == 0 else start + window
+        if min(target, end) >= low:
+            best = max(best, min(target, end))
+    return best
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,6 +531,21 @@ class Model:
 
         tokens, cache = self._prepare(tokens, cache)
         return forward_fast(self.fast_weights, self.config, tokens, cache, last_only)
+
+    def forward_batch(self, tokens, caches: Sequence[KVCache]) -> np.ndarray:
+        """One decoded token for each of several sequences: tokens[i] follows caches[i].
+        -> logits [B, vocab] float32; each cache is extended by its token. The same logits as B
+        calls of `forward` (to float rounding: the few-token kernels sum in another order), for
+        about the weight reads of one (fast.forward_batch)."""
+        from .fast import forward_batch
+
+        tokens = check_tokens(tokens, self.config.vocab_size)
+        if len(tokens) != len(caches) or len({id(c) for c in caches}) != len(caches):
+            raise TinyossError(f"forward_batch needs one distinct cache per token: {len(tokens)} "
+                               f"tokens, {len(caches)} caches")
+        for cache in caches:
+            cache.check_room(1)
+        return forward_batch(self.fast_weights, self.config, tokens, list(caches))
 
     def forward_reference(self, tokens, cache: KVCache | None = None,
                           recorder: "RecorderLike | None" = None) -> np.ndarray:
