@@ -658,6 +658,55 @@ def inspect_(
         typer.echo(f"saved the recording to {save}")
 
 
+@app.command()
+@clean_errors
+def serve(
+    model: str = _MODEL,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every "
+                             "interface; give --api-key then)."),
+    port: int = typer.Option(8000, "--port", "-p", min=0, max=65535, help="Port (0: any free one)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="TINYOSS_API_KEY",
+                                          help="Require 'Authorization: Bearer KEY' on /v1 "
+                                               "(also from $TINYOSS_API_KEY)."),
+    parallel: Optional[int] = typer.Option(None, "--parallel", min=1, max=64,
+                                           help="Requests decoded at once (default: what fits "
+                                                "in memory, at most 4)."),
+    ctx: int = typer.Option(16384, "--ctx", min=16, help="Context per request, in tokens "
+                            "(prompt + reply)."),
+    queue: int = typer.Option(16, "--queue", min=0, help="Requests that may wait for a free slot; "
+                              "beyond them: 503."),
+    cors: Optional[list[str]] = typer.Option(None, "--cors", help="Allow browser pages from this "
+                                             "origin (repeat for more; none by default)."),
+    threads: Optional[int] = _THREADS,
+    dense: Dense = _DENSE,
+    kv: Kv = _KV,
+    expert_input: ExpertInput = _EXPERT_INPUT,
+) -> None:
+    """Serve the model over HTTP: OpenAI's Chat Completions and Responses APIs, and a chat page."""
+    import logging
+
+    from . import server as srv
+    from .store import available_memory
+
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        typer.secho(f"warning: listening on {host} without --api-key: anyone who can reach this "
+                    f"machine can use the model", fg=typer.colors.YELLOW, err=True)
+    loaded = _open_model(model, dense, threads, kv, expert_input)
+    limit = loaded.config.max_position_embeddings
+    if ctx > limit:
+        fail(f"--ctx {ctx}: the model's context limit is {limit}")
+    if parallel is None:
+        per_slot = srv.kv_bytes_per_slot(loaded, ctx)
+        free = available_memory() or 4 * per_slot
+        parallel = max(1, min(4, int(free // 2 // per_slot)))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    server = srv.Server(loaded, srv.model_id_for(str(loaded.checkpoint.path)), parallel=parallel,
+                        ctx=ctx, max_queue=queue, api_key=api_key)
+    typer.echo(f"serving {server.model_id}: {parallel} at once, {ctx} tokens of context each, "
+               f"up to {queue} waiting", err=True)
+    srv.serve(server, host, port, cors, on_ready=lambda line: typer.echo(line, err=True))
+
+
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
     """Library warnings (e.g. a q8 cache that can't be written) as one line, no source dump."""
     typer.secho(f"warning: {str(message).removeprefix('tinyoss: ')}", fg=typer.colors.YELLOW,

@@ -230,10 +230,13 @@ def drop_finished_analysis(messages: Sequence[Message]) -> list[Message]:
 
     (harmony.render_conversation's auto_drop_analysis only drops what precedes the *first* final
     answer, as openai-harmony does; this drops what precedes the *last* one, as the chat template does.)
+    A tool call the model wrote on the analysis channel (120b does, about half the time) is a call,
+    not reasoning: it stays, as its result does (the chat template renders every call).
     """
     finals = [i for i, m in enumerate(messages) if m.role == Role.ASSISTANT and m.channel == "final"]
     last_final = finals[-1] if finals else -1
-    return [m for i, m in enumerate(messages) if not (i < last_final and m.channel == "analysis")]
+    return [m for i, m in enumerate(messages)
+            if not (i < last_final and m.channel == "analysis" and m.recipient is None)]
 
 
 def _leading(messages: list[Message], role: Role) -> tuple[Message | None, list[Message]]:
@@ -484,7 +487,7 @@ def generate(
     descriptions = [harmony.tool_from_function(f) for f in (functions or {}).values()]
     conversation = prepare_conversation(messages, reasoning=reasoning, date=date,
                                         instructions=instructions, tools=descriptions)
-    prompt = harmony.render_conversation_for_completion(conversation)
+    prompt = harmony.render_conversation_for_completion(conversation, auto_drop_analysis=False)
     context = context if context is not None else Context(model)
     sampler = sampler if sampler is not None else Sampler()
     tally = _Tally(prompt_tokens=len(prompt))
