@@ -31,7 +31,7 @@ class ScriptedCache:
         self.max_tokens = max_tokens
 
     def ring_copy(self):
-        return SimpleNamespace(at=0)
+        return SimpleNamespace(at=-1)
 
     def rewind(self, n_tokens, copies=()):
         return n_tokens

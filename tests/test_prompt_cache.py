@@ -75,6 +75,12 @@ def test_the_same_prompt_again_runs_nothing_and_a_shorter_one_runs_its_last_id(m
     first, _ = context.prefill(prompt)
     again, kept = context.prefill(prompt)
     assert kept == 12 and np.array_equal(first, again)
+    decode(context, ids(40, seed=7))  # a reply longer than the window, then the prompt again:
+    again, kept = context.prefill(prompt)  # the ring copy and logits kept where it ended
+    assert kept == 12 and np.array_equal(first, again)
+    decode(context, ids(3, seed=8))
+    np.testing.assert_allclose(context._logits, fresh_logits(model, prompt + ids(3, seed=8)), atol=1e-4,
+                               rtol=0)
     shorter, kept = context.prefill(prompt[:10])  # its logits need its last id run again
     assert kept == 9
     np.testing.assert_allclose(shorter, fresh_logits(model, prompt[:10]), atol=1e-4, rtol=0)

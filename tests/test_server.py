@@ -166,12 +166,12 @@ def test_a_commentary_preamble_is_content(served):
 def test_reasoning_effort_in_every_dialect_reaches_the_prompt(served, scripted):
     url, _ = served
     c = client(url)
-    for extra in ({"reasoning_effort": "high"}, {"reasoning": {"effort": "high"}},
-                  {"chat_template_kwargs": {"reasoning_effort": "high"}}):
+    for i, extra in enumerate(({"reasoning_effort": "high"}, {"reasoning": {"effort": "high"}},
+                               {"chat_template_kwargs": {"reasoning_effort": "high"}})):
         before = len(scripted.prompts)
-        c.chat.completions.create(model=MODEL_ID, messages=user("Hello"), max_tokens=2, extra_body=extra)
+        c.chat.completions.create(model=MODEL_ID, messages=user(f"Hello {i}"), max_tokens=2, extra_body=extra)
         assert "Reasoning: high" in scripted.prompts[before], extra
-    c.chat.completions.create(model=MODEL_ID, messages=user("Hello"), max_tokens=2)
+    c.chat.completions.create(model=MODEL_ID, messages=user("Hello 4"), max_tokens=2)
     assert "Reasoning: medium" in scripted.prompts[-1]
     with pytest.raises(openai.BadRequestError) as err:
         c.chat.completions.create(model=MODEL_ID, messages=user("Hello"), reasoning_effort="extreme")

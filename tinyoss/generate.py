@@ -161,7 +161,7 @@ class Context:
         self.cache = self.model.new_cache(self.max_tokens)
         self.tokens: list[int] = []
         self._logits: np.ndarray | None = None  # [vocab] after the last token
-        self._copies: list = []  # model.RingCopy at prompt ends, oldest first
+        self._copies: list = []  # (model.RingCopy, logits after it) where prompts ended, oldest first
 
     @property
     def room(self) -> int:
@@ -202,19 +202,24 @@ class Context:
         if shared == len(prompt) == len(self.tokens):
             assert self._logits is not None
             return self._logits, shared
+        ended_here = [logits for copy, logits in self._copies if copy.at == len(prompt)]
+        if shared == len(prompt) and ended_here:  # the same prompt again: its logits were kept
+            if self.rewind(shared) == shared:
+                self._logits = ended_here[0]
+                return self._logits, shared
         # keep at least one id to run: its logits are the ones wanted
         kept = self.rewind(min(shared, len(prompt) - 1))
         logits = self.append(prompt[kept:])
-        self._copies = (self._copies + [self.cache.ring_copy()])[-self.RING_COPIES:]
+        self._copies = (self._copies + [(self.cache.ring_copy(), logits)])[-self.RING_COPIES:]
         return logits, kept
 
     def rewind(self, n_tokens: int) -> int:
         """Keep the first `n_tokens` cached ids, or as many as the rings allow. -> how many kept"""
         if n_tokens == len(self.tokens):
             return n_tokens
-        kept = self.cache.rewind(n_tokens, self._copies)
+        kept = self.cache.rewind(n_tokens, [copy for copy, _ in self._copies])
         self.tokens = self.tokens[:kept]
-        self._copies = [c for c in self._copies if c.at <= kept]
+        self._copies = [(copy, logits) for copy, logits in self._copies if copy.at <= kept]
         self._logits = None
         return kept
 
