@@ -29,7 +29,7 @@ import httpx
 
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
-    command = ["tinyoss", "serve", "-m", args.model, "--port", "0", "--parallel", "4", "--ctx", "4096",
+    command = [sys.executable, "-m", "tinyoss.cli", "serve", "-m", args.model, "--port", "0", "--parallel", "4", "--ctx", "4096",
                "--dense", args.dense, "--expert-input", args.expert_input]
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     while True:
@@ -90,7 +90,7 @@ def ttft_busy(url: str, tokens: int, prompt: str) -> float:
 
 
 def bench_decode(args) -> float:
-    out = subprocess.run(["tinyoss", "bench", args.model, "-p", "16", "-n", str(args.tokens), "--dense",
+    out = subprocess.run([sys.executable, "-m", "tinyoss.cli", "bench", args.model, "-p", "16", "-n", str(args.tokens), "--dense",
                           args.dense, "--expert-input", args.expert_input, "--json"],
                          capture_output=True, text=True, check=True).stdout
     return json.loads(out[out.index("{"):])["decode"][0]["tok_s"]

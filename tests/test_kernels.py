@@ -120,6 +120,11 @@ def test_q8_kernels_equal_numpy(seed, R, nb):
     out = np.empty(R, np.float32)
     kernels.f32_q8w_matvec(q, s, x, np.zeros(0, np.uint16), out)
     _close(out, deq @ x, np.abs(deq) @ np.abs(x))
+    xs = rng.standard_normal((1 + seed % 5, nb * 32)).astype(np.float32)  # a few tokens at once
+    bias = f32_to_bf16(rng.standard_normal(R).astype(np.float32))
+    out = np.full((xs.shape[0], R), np.nan, np.float32)
+    kernels.f32_q8w_matmul(q, s, xs, bias, out)
+    _close(out, xs @ deq.T + bf16_to_f32(bias), np.abs(xs) @ np.abs(deq).T + np.abs(bf16_to_f32(bias)))
 
 
 @st.composite
@@ -407,6 +412,29 @@ def test_mxfp4_matmul_equals_decode_then_matmul(seed, R, nb, m):
     _close(out, x @ w.T + bf16_to_f32(bias), np.abs(x) @ np.abs(w).T + np.abs(bf16_to_f32(bias)))
 
 
+@SETTINGS
+@given(st.integers(0, 2**32 - 1), st.integers(1, 40), st.integers(1, 9),
+       st.lists(st.integers(1, 9), min_size=1, max_size=5))
+def test_grouped_moe_matmul_equals_decode_then_matmul(seed, R, nb, group_sizes):
+    """Batched decode's experts: each routed expert (distinct, any order) with its group of
+    tokens, one launch; groups of one token take the two-row matvec."""
+    rng = np.random.default_rng(seed)
+    E = 6
+    blocks = rng.integers(0, 256, (E, R, nb, 16), dtype=np.uint8)
+    scales = rng.integers(100, 150, (E, R, nb), dtype=np.uint8)
+    bias = f32_to_bf16(rng.standard_normal((E, R)).astype(np.float32))
+    experts = rng.permutation(E)[:len(group_sizes)].astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(group_sizes)]).astype(np.int64)
+    x = rng.standard_normal((starts[-1], nb * 32)).astype(np.float32)
+    out = np.full((starts[-1], R), np.nan, np.float32)
+    kernels.f32_mf4w_moe_matmul(blocks, scales, bias, experts, starts, kernels.to_lane_order(x), out)
+    for g, e in enumerate(experts):
+        rows = slice(starts[g], starts[g + 1])
+        w = mxfp4.decode(blocks[e], scales[e])
+        _close(out[rows], x[rows] @ w.T + bf16_to_f32(bias[e]),
+               np.abs(x[rows]) @ np.abs(w).T + np.abs(bf16_to_f32(bias[e])))
+
+
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5])
 def test_row_dots_at_the_real_width(m):
     """The 20b's rows (2880 = 90 blocks) through the decode matvec and the few-token matmul (m
@@ -541,7 +569,7 @@ def test_smaller_cpu_paths_equal_their_twins(path, cpu, check):
     here = os.path.dirname(__file__)
     code = (f"import sys, pytest; from tinyoss import simd; {check}; "
             "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-k', "
-            "'moe_matvec or mxfp4_matmul or kernel_equals_numpy or decode_attention or "
+            "'moe_matvec or mxfp4_matmul or grouped_moe or kernel_equals_numpy or decode_attention or "
             "swiglu_lanes or plain_row_dot or real_width or softmax_rows or vector_exp or "
             "lane_order or every_scale or x8_moe or swiglu_x8 or x8_order or bf16_keys', "
             f"{os.path.join(here, 'test_kernels.py')!r}, {os.path.join(here, 'test_mxfp4.py')!r}]))")

@@ -106,8 +106,11 @@ class Dense:
                 else:
                     kernels.f32_bf16w_matvec(self.w, x[i], self.bias, out[i])
             return out
-        if n <= FUSED_MAX_TOKENS and not self.q8:  # a few tokens: each weight read once
-            kernels.f32_bf16w_matmul(self.w, np.ascontiguousarray(x), self.bias, out)
+        if n <= FUSED_MAX_TOKENS:  # a few tokens: each weight read once
+            if self.q8:
+                kernels.f32_q8w_matmul(self.q8[0], self.q8[1], np.ascontiguousarray(x), self.bias, out)
+            else:
+                kernels.f32_bf16w_matmul(self.w, np.ascontiguousarray(x), self.bias, out)
             return out
         if self.q8:
             q, s = self.q8
@@ -247,6 +250,8 @@ def moe(c: Config, fl: FastLayer, t: np.ndarray) -> np.ndarray:
     top = np.take_along_axis(logits, experts, axis=-1)
     weights = np.exp(top - top[:, :1])
     weights /= weights.sum(axis=-1, keepdims=True)  # softmax over the top-k only
+    if MATVEC_MAX_TOKENS < n <= FUSED_MAX_TOKENS:  # a decode batch, a short prompt
+        return experts_grouped(c, fl, t, experts, weights)
     out = np.zeros_like(t)
     if n <= MATVEC_MAX_TOKENS:
         for i in range(n):  # decode: the fused kernel, k experts at once
@@ -263,6 +268,32 @@ def moe(c: Config, fl: FastLayer, t: np.ndarray) -> np.ndarray:
         else:  # many: decoded tile by tile for BLAS
             y = expert_tiles(c, lw, int(e), t[tok], fl.x8)
         out[tok] += weights[tok, slot, None] * y
+    return out
+
+
+def experts_grouped(c: Config, fl: FastLayer, t: np.ndarray, experts: np.ndarray,
+                    weights: np.ndarray) -> np.ndarray:
+    """A few tokens' experts, two kernel launches in all: t [n, D], experts/weights [n, k] ->
+    [n, D]. The (token, expert) pairs are sorted by expert, so each routed expert is read once
+    for every token that chose it (kernels.f32_mf4w_moe_matmul); then weighted and summed per
+    token. x8 (expert_input="q8"): the inputs rounded to int8 blocks first (in float, as prefill)."""
+    lw, (n, k) = fl.lw, experts.shape
+    order = np.argsort(experts.reshape(-1), kind="stable")  # [n*k] pairs grouped by expert
+    tok = order // k  # the token of each pair
+    chosen, starts = np.unique(experts.reshape(-1)[order], return_index=True)
+    starts = np.append(starts, n * k).astype(np.int64)
+    chosen = chosen.astype(np.int64)
+    x = t[tok]  # [n*k, D]
+    h = np.empty((n * k, 2 * c.intermediate_size), np.float32)
+    kernels.f32_mf4w_moe_matmul(lw.mlp1_blocks, lw.mlp1_scales, lw.mlp1_bias, chosen, starts,
+                                kernels.to_lane_order(x8_round_trip(x) if fl.x8 else x), h)
+    a = kernels.to_lane_order(x8_round_trip(swiglu(h, c.swiglu_limit))) if fl.x8 else \
+        swiglu_lanes(c, h)
+    y = np.empty((n * k, c.hidden_size), np.float32)
+    kernels.f32_mf4w_moe_matmul(lw.mlp2_blocks, lw.mlp2_scales, lw.mlp2_bias, chosen, starts, a, y)
+    y *= weights.reshape(-1)[order, None]  # router weights
+    out = np.zeros_like(t)
+    np.add.at(out, tok, y)
     return out
 
 
@@ -285,7 +316,7 @@ def expert_matvec_x8(c: Config, lw: LayerWeights, experts: np.ndarray,
     """expert_matvec with expert_input="q8": x and the SwiGLU output quantized to int8 blocks
     (kernels.x8_quantize_lanes, f32_swiglu_x8), integer dot products (AVX2, 1.4x the float
     kernel on the Zen 3; AVX-512 VNNI where the CPU has it, whole tokens 1.19x the float
-    kernels on a Zen 4: README's performance section)."""
+    kernels on a Zen 4: PERFORMANCE.md)."""
     m, D, I = len(experts), c.hidden_size, c.intermediate_size
     experts = np.ascontiguousarray(experts, dtype=np.int64)
     xq, xd = np.empty((1, D), np.int8), np.empty((1, D // 32), np.float32)

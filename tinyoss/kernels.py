@@ -231,6 +231,56 @@ def f32_mf4w_matmul(blocks, scales, bias, xl, out):
                 flat_out[j * R + r] += b  # through the view the intrinsic wrote (see NOALIAS)
 
 
+@jit(parallel=True, fastmath=True)
+def f32_mf4w_moe_matmul(blocks, scales, bias, experts, starts, xl, out):
+    """out[t, r] = sum_c W_e[r, c] x_t[c] + bias[e, r] for each routed expert e = experts[g] and
+    the tokens t in starts[g]..starts[g+1]-1 that chose it: a few tokens' experts in one launch,
+    each expert's rows read once for all its tokens (batched decode, few-token prefill).
+
+    blocks [E, R, nb, 16] u8, scales [E, R, nb] u8, bias [E, R] bf16, experts [G] int (distinct),
+    starts [G+1] int (xl's rows grouped by expert), xl [T, nb*32] f32 (lane order), out [T, R].
+    One or two tokens run decode's matvec each on rows just read; three or more the group dots.
+    Twin: per group, xl[t0:t1] @ mxfp4.decode(W_e).T + bias[e] (sums reordered: rtol 1e-5).
+    """
+    E, R, nb, _ = blocks.shape
+    G = experts.shape[0]
+    flat_b, flat_s, flat_x, flat_out = blocks.reshape(-1), scales.reshape(-1), xl.reshape(-1), \
+        out.reshape(-1)
+    tasks_per_expert = (R + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for task in numba.prange(G * tasks_per_expert):
+        g = task // tasks_per_expert
+        e, t0, m = experts[g], starts[g], starts[g + 1] - starts[g]
+        r0 = (task % tasks_per_expert) * ROWS_PER_TASK
+        r1 = min(r0 + ROWS_PER_TASK, R)
+        if HAVE_AVX2 and m >= 3:  # each block decoded once for the group's tokens
+            for r in range(r0, r1):
+                row = e * R + r
+                for j0 in range(0, m, MAX_GROUP):
+                    mxfp4_row_dots(min(MAX_GROUP, m - j0), flat_b, row * nb * 16, flat_s, row * nb,
+                                   _E8M0, flat_x, (t0 + j0) * nb * 32, nb * 32, nb, flat_out,
+                                   (t0 + j0) * R + r, R)
+        elif HAVE_AVX2:  # one or two tokens: decode's matvec for each in turn, the rows read from
+            for r in range(r0, r1, MXFP4_ROWS):  # memory once, then from L1 (two tokens: 1.5x
+                row = e * R + r  # faster than the group dots above, which pay off from three)
+                for j in range(m):
+                    if r + MXFP4_ROWS <= r1:
+                        mxfp4_matvec_rows(flat_b, row * nb * 16, flat_s, row * nb, _E8M0, flat_x,
+                                          (t0 + j) * nb * 32, nb, flat_out, (t0 + j) * R + r)
+                    else:
+                        mxfp4_row_dots(1, flat_b, row * nb * 16, flat_s, row * nb, _E8M0, flat_x,
+                                       (t0 + j) * nb * 32, 0, nb, flat_out, (t0 + j) * R + r, 1)
+        else:
+            for r in range(r0, r1):
+                row = e * R + r
+                for j in range(m):
+                    flat_out[(t0 + j) * R + r] = mxfp4_row_dot_plain(
+                        flat_b, row * nb * 16, flat_s, row * nb, _E8M0, flat_x, (t0 + j) * nb * 32, nb)
+        for r in range(r0, r1):  # through the view the intrinsics wrote (see NOALIAS)
+            b = as_float32(np.uint32(bias[e, r]) << np.uint32(16))
+            for j in range(m):
+                flat_out[(t0 + j) * R + r] += b
+
+
 # --- int8 activations into the experts (expert_input="q8": an approximation, see quant.py) -----
 
 @jit()
@@ -523,6 +573,24 @@ def f32_q8w_matvec(q, s, x, bias, out):
             if bias.shape[0] > 0:
                 acc += as_float32(np.uint32(bias[r]) << np.uint32(16))
             out[r] = acc
+
+
+@jit(parallel=True, fastmath=True)
+def f32_q8w_matmul(q, s, xs, bias, out):
+    """out[j, r] = f32_q8w_matvec's row r against xs[j], for a few tokens j (batched decode): each
+    row read from memory once, then from L1 for the next token. xs [m, C], out [m, R].
+    Twin: xs @ quant.q8_dequantize(q, s).T (rtol 1e-5)."""
+    R, C = q.shape
+    nb = C // 32
+    m = xs.shape[0]
+    flat_q = q.reshape(-1)
+    flat_s = s.reshape(-1)
+    n_tasks = (R + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for task in numba.prange(n_tasks):
+        for r in range(task * ROWS_PER_TASK, min((task + 1) * ROWS_PER_TASK, R)):
+            b = as_float32(np.uint32(bias[r]) << np.uint32(16)) if bias.shape[0] > 0 else np.float32(0)
+            for j in range(m):
+                out[j, r] = q8_row_dot(flat_q, r * C, flat_s, r * nb, xs[j], nb) + b
 
 
 @jit()
