@@ -5,9 +5,11 @@
         v  pending (bounded)
     engine thread, forever:
       1. admit: each waiting job takes a free slot (the one whose cached ids share the longest
-         prefix with its prompt), and its prompt is prefilled there (only the ids not cached)
-      2. sample one token for every active stream (its own sampler, constraint, logprobs), send it
-      3. run all the sampled tokens through ONE forward (Model.forward_batch): the dense weights
+         prefix with its prompt); only the ids its cache lacks are left to prefill
+      2. prefill one chunk (PREFILL_CHUNK ids) of the oldest prompt still going in: a long
+         prompt goes in between decode steps, it does not stop the other streams
+      3. sample one token for every decoding stream (its own sampler, constraint, logprobs)
+      4. run all the sampled tokens through ONE forward (Model.forward_batch): the dense weights
          are read once per step for every stream, the experts grouped
     A stream ends at <|return|> / <|call|>, max_tokens, a full context, or when cancelled (a client
     that went away): it leaves at the next step and its slot is free for the next job.
@@ -38,6 +40,9 @@ from .generate import Context
 from .harmony import ASSISTANT_STOP_TOKENS
 from .sampling import Choice, Sampler
 from .tokenizer import CALL, RETURN
+
+
+PREFILL_CHUNK = 256  # prompt ids run between two decode steps of the other streams
 
 
 class Overloaded(TinyossError):
@@ -118,10 +123,13 @@ class Stream:
         self._sync: queue.SimpleQueue | None = queue.SimpleQueue() if loop is None else None
         # engine-side state
         self.context: Context | None = None
-        self.logits: np.ndarray | None = None
+        self.todo: list[int] = []  # prompt ids still to prefill
+        self.cached = 0  # prompt ids the slot's cache already held
+        self.logits: np.ndarray | None = None  # set once the prompt is in: decoding
         self.sampled: list[int] = []
         self.started = Started(0, 0)
         self.prefill_seconds = 0.0
+        self.admitted_at = 0.0
         self.first_token_at = 0.0
 
     def cancel(self) -> None:
@@ -223,6 +231,7 @@ class Engine:
                     return
             try:
                 self._admit()
+                self._prefill_chunk()
                 self._step()
             except BaseException as err:  # noqa: BLE001  a bug must not kill the engine silently
                 self._fail_all(err)
@@ -250,22 +259,52 @@ class Engine:
                     return
                 self._pending.popleft()
                 self._busy[slot] = stream
+                stream.admitted_at = time.perf_counter()
             self._prefill(slot, stream)
 
     def _prefill(self, slot: int, stream: Stream) -> None:
+        """Give the stream its slot's context: what it shares with the prompt is kept."""
         context = self.slots[slot]
+        stream.context = context
+        try:
+            stream.cached, logits = context.start_prompt(stream.job.prompt)
+        except Exception as err:  # noqa: BLE001
+            self._failed(slot, stream, err)
+            return
+        stream.todo = stream.job.prompt[stream.cached:] if logits is None else []
+        if logits is not None:
+            self._prompt_in(stream, logits)
+
+    def _prompt_in(self, stream: Stream, logits: np.ndarray) -> None:
+        stream.logits = logits
+        stream.started = Started(len(stream.job.prompt), stream.cached)
+        stream._put(stream.started)
+
+    def _prefill_chunk(self) -> None:
+        """Run the next PREFILL_CHUNK ids of the prompt admitted first among those going in."""
+        with self._lock:
+            going_in = [(slot, s) for slot, s in self._busy.items() if s.logits is None]
+        if not going_in:
+            return
+        slot, stream = min(going_in, key=lambda item: item[1].admitted_at)
+        if stream.cancelled.is_set():
+            self._end(slot, stream, self._done(stream, "cancelled"))
+            return
+        chunk, stream.todo = stream.todo[:PREFILL_CHUNK], stream.todo[PREFILL_CHUNK:]
         start = time.perf_counter()
         try:
-            logits, cached = context.prefill(stream.job.prompt)
-        except Exception as err:  # noqa: BLE001
-            self._end(slot, stream, Done("error", error=str(err)))
-            if not isinstance(err, TinyossError) and self._on_error:
-                self._on_error(err)
+            logits = stream.context.append(chunk)
+        except Exception as err:  # noqa: BLE001  (append empties the context)
+            self._failed(slot, stream, err)
             return
-        stream.prefill_seconds = time.perf_counter() - start
-        stream.context, stream.logits = context, logits
-        stream.started = Started(len(stream.job.prompt), cached)
-        stream._put(stream.started)
+        stream.prefill_seconds += time.perf_counter() - start
+        if not stream.todo:
+            self._prompt_in(stream, stream.context.end_prompt(logits))
+
+    def _failed(self, slot: int, stream: Stream, err: Exception) -> None:
+        self._end(slot, stream, Done("error", error=str(err)))
+        if not isinstance(err, TinyossError) and self._on_error:
+            self._on_error(err)
 
     def _end(self, slot: int, stream: Stream, done: Done) -> None:
         with self._lock:
@@ -292,7 +331,7 @@ class Engine:
     def _step(self) -> None:
         """Sample a token for every active stream, then run them all through one forward."""
         with self._lock:
-            active = list(self._busy.items())
+            active = [(slot, s) for slot, s in self._busy.items() if s.logits is not None]
         running: list[tuple[int, Stream, int]] = []
         for slot, stream in active:
             if stream.cancelled.is_set():

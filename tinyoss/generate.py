@@ -193,6 +193,15 @@ class Context:
     def prefill(self, prompt: Sequence[int]) -> tuple[np.ndarray, int]:
         """Make the context hold exactly `prompt`. -> (logits [vocab] after it, ids reused from the cache)"""
         prompt = [int(t) for t in prompt]
+        kept, logits = self.start_prompt(prompt)
+        if logits is None:
+            logits = self.end_prompt(self.append(prompt[kept:]))
+        return logits, kept
+
+    def start_prompt(self, prompt: list[int]) -> tuple[int, np.ndarray | None]:
+        """The first half of `prefill`: keep what the cache shares with `prompt`. -> (ids kept,
+        the logits after the prompt when nothing is left to run, else None: then `append` the
+        rest, in pieces if you like, and hand the last logits to `end_prompt`)."""
         if not prompt:
             raise GenerationError("the prompt is empty")
         if len(prompt) > self.max_tokens:
@@ -201,17 +210,19 @@ class Context:
         shared = self.shared_prefix(prompt)
         if shared == len(prompt) == len(self.tokens):
             assert self._logits is not None
-            return self._logits, shared
+            return shared, self._logits
         ended_here = [logits for copy, logits in self._copies if copy.at == len(prompt)]
         if shared == len(prompt) and ended_here:  # the same prompt again: its logits were kept
             if self.rewind(shared) == shared:
                 self._logits = ended_here[0]
-                return self._logits, shared
+                return shared, self._logits
         # keep at least one id to run: its logits are the ones wanted
-        kept = self.rewind(min(shared, len(prompt) - 1))
-        logits = self.append(prompt[kept:])
+        return self.rewind(min(shared, len(prompt) - 1)), None
+
+    def end_prompt(self, logits: np.ndarray) -> np.ndarray:
+        """The prompt is in: keep the rings (and the logits) where it ends, for the next turn."""
         self._copies = (self._copies + [(self.cache.ring_copy(), logits)])[-self.RING_COPIES:]
-        return logits, kept
+        return logits
 
     def rewind(self, n_tokens: int) -> int:
         """Keep the first `n_tokens` cached ids, or as many as the rings allow. -> how many kept"""
