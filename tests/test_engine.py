@@ -73,8 +73,14 @@ def test_a_slot_keeps_its_cache_for_the_next_turn(model):
         second = list(engine.submit(Job(follow_up, 3, GREEDY)))
         started = next(e for e in second if isinstance(e, Started))
         assert started.cached_tokens == len(prompt) + len(reply) - 1  # all but the last, never run
-        other = list(engine.submit(Job(ids(30, 5), 2, GREEDY)))  # no shared prefix: the free slot
+        # a new conversation sharing only the first ids (a system message) with that one: the
+        # rings can't go back there, so it takes the other slot rather than evicting this one
+        other = list(engine.submit(Job(follow_up[:5] + ids(30, 5), 2, GREEDY)))
         assert next(e for e in other if isinstance(e, Started)).cached_tokens == 0
+        second_reply = [e.token for e in second if isinstance(e, Token)]
+        third = list(engine.submit(Job(follow_up + second_reply + ids(4, 6), 2, GREEDY)))
+        assert next(e for e in third if isinstance(e, Started)).cached_tokens == \
+            len(follow_up) + len(second_reply) - 1
         assert engine.load == {"running": 0, "waiting": 0, "slots": 2}
     finally:
         engine.close()

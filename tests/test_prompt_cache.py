@@ -59,6 +59,7 @@ def test_a_prompt_reuses_its_shared_prefix_and_gets_fresh_prefill_logits(model, 
     history = first + reply  # the ids the cache holds: S + decoded
     at = {"S": S, "n": len(history)}.get(diverge, diverge)
     second = history[:at] + ids(length - at, seed=3)
+    assert context.reusable(second) == reused  # what a server ranks slots by, asked before
     logits, kept = context.prefill(second)
     assert kept == reused
     assert context.tokens == second

@@ -186,6 +186,18 @@ def _unanswered_calls(messages: list[Message]) -> list[Message]:
 # ---------------------------------------------------------------------------------------------------
 
 
+MAX_SCHEMA_DEPTH = 64  # harmony renders a schema recursively: ~330 nested objects exhaust Python's stack
+
+
+def _depth(value: Any) -> int:
+    """How deeply objects and arrays nest in a decoded JSON value (a scalar: 0)."""
+    depth, level = 0, [value]
+    while level:
+        level = [v for x in level if isinstance(x, (dict, list)) for v in (x.values() if isinstance(x, dict) else x)]
+        depth += 1
+    return depth - 1
+
+
 def function_tools(tools: Any, api: str) -> list[ToolDescription]:
     """The `tools` of a request (api "chat": `{"type": "function", "function": {...}}`; api "responses":
     `{"type": "function", "name": ...}`) as harmony tool descriptions. Only function tools exist here."""
@@ -212,6 +224,8 @@ def function_tools(tools: Any, api: str) -> list[ToolDescription]:
         if parameters is not None and not isinstance(parameters, dict):
             raise RequestError(f"{param}.parameters must be a JSON schema object, got {_json_type(parameters)}",
                                f"{param}.parameters")
+        if parameters is not None and _depth(parameters) > MAX_SCHEMA_DEPTH:
+            raise RequestError(f"{param}.parameters nests deeper than {MAX_SCHEMA_DEPTH} levels", f"{param}.parameters")
         if spec.get("strict") is not None and not isinstance(spec["strict"], bool):
             raise RequestError(f"{param}.strict must be a boolean", f"{param}.strict")
         description = _optional_string(spec, "description", param) or ""

@@ -237,12 +237,13 @@ class Engine:
                 self._fail_all(err)
 
     def _take_slot(self, prompt: list[int]) -> int | None:
-        """The free slot whose cached ids share the most with `prompt` (then the least recently
-        used), or None."""
+        """The free slot that can reuse the most of `prompt` (what its rings allow, not only what
+        its ids share: a new conversation that shares just the system message would otherwise
+        evict one that is going on), then the least recently used; None when all are busy."""
         free = [i for i in range(len(self.slots)) if i not in self._busy]
         if not free:
             return None
-        return max(free, key=lambda i: (self.slots[i].shared_prefix(prompt), -self._last_used[i]))
+        return max(free, key=lambda i: (self.slots[i].reusable(prompt), -self._last_used[i]))
 
     def _admit(self) -> None:
         while True:

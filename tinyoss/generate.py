@@ -224,6 +224,18 @@ class Context:
         self._copies = (self._copies + [(self.cache.ring_copy(), logits)])[-self.RING_COPIES:]
         return logits
 
+    def reusable(self, prompt: Sequence[int]) -> int:
+        """How many ids of `prompt` `prefill` would take from the cache (it changes nothing): what
+        a server ranks its slots by."""
+        shared = self.shared_prefix(prompt)
+        if shared == len(prompt) and (shared == len(self.tokens) or
+                                      any(copy.at == shared for copy, _ in self._copies)):
+            return shared
+        target = min(shared, len(prompt) - 1)
+        if target == len(self.tokens):
+            return target
+        return self.cache.reachable(target, [copy for copy, _ in self._copies])
+
     def rewind(self, n_tokens: int) -> int:
         """Keep the first `n_tokens` cached ids, or as many as the rings allow. -> how many kept"""
         if n_tokens == len(self.tokens):

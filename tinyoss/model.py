@@ -180,12 +180,11 @@ class KVCache:
         """
         if not 0 <= n_tokens <= self.n_tokens:
             raise TinyossError(f"cannot rewind to {n_tokens}: the cache holds {self.n_tokens} tokens")
-        live = RingCopy(self.n_tokens, {})
-        sources = [live] + [c for c in copies if c.at <= self.n_tokens]
-        kept = _reachable(n_tokens, [c.at for c in sources], self.window)
+        sources = [c for c in copies if c.at <= self.n_tokens]
+        kept = self.reachable(n_tokens, sources)
         need = np.arange(max(0, kept - self.window), kept)  # positions the ring at `kept` holds
         missing = need[need < self.n_tokens - self.window]  # no longer in the live ring
-        for copy in sorted(sources[1:], key=lambda c: -c.at):  # newest first
+        for copy in sorted(sources, key=lambda c: -c.at):  # newest first
             mine = missing[(missing >= copy.at - self.window) & (missing < copy.at)]
             if len(mine) == 0:
                 continue
@@ -197,6 +196,11 @@ class KVCache:
         assert len(missing) == 0, "rewind: _reachable promised a position no ring holds"
         self.n_tokens = kept
         return kept
+
+    def reachable(self, n_tokens: int, copies: Sequence["RingCopy"] = ()) -> int:
+        """How many positions `rewind(n_tokens, copies)` would keep (it changes nothing)."""
+        points = [self.n_tokens] + [c.at for c in copies if c.at <= self.n_tokens]
+        return _reachable(min(n_tokens, self.n_tokens), points, self.window)
 
     def _grow(self, layer: int, need: int) -> None:
         Hkv, slots, dh = self.k[layer].shape

@@ -35,7 +35,7 @@ from typing import Any, AsyncIterator
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -73,10 +73,10 @@ def error_body(message: str, status: int, param: str | None = None, code: str | 
                       "param": param, "code": code}}
 
 
-def error_response(err: RequestError) -> JSONResponse:
+def error_response(err: RequestError) -> Response:
     headers = {"Retry-After": "1"} if err.status == 503 else None
-    return JSONResponse(error_body(str(err), err.status, err.param, err.code), err.status,
-                        headers=headers)
+    body = json.dumps(error_body(str(err), err.status, err.param, err.code))  # ASCII: never fails
+    return Response(body, err.status, headers=headers, media_type="application/json")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -174,7 +174,8 @@ def _tool_choice(value: Any, tools: list[harmony.ToolDescription], api: str) -> 
         return value
     name = None
     if isinstance(value, dict) and value.get("type") == "function":
-        name = (value.get("function") or {}).get("name") if api == "chat" else value.get("name")
+        function = value.get("function") if api == "chat" else value
+        name = function.get("name") if isinstance(function, dict) else None
     if not isinstance(name, str):
         raise RequestError("'tool_choice' must be 'auto', 'none', 'required' or a function "
                            "{\"type\": \"function\", ...}", "tool_choice")
@@ -271,6 +272,7 @@ class Generation:
         self.stream = server.engine.submit(job, asyncio.get_running_loop())
         self.started_at = time.perf_counter()
         self.first_token_s: float | None = None
+        self.client_gone = False  # the client disconnected: the stream was cancelled for that
 
     async def deltas(self) -> AsyncIterator[tuple[apimap.Delta, list[dict]]]:
         """(delta, the logprobs entries of the tokens it came from) until the end."""
@@ -287,8 +289,8 @@ class Generation:
                         yield delta
                 elif isinstance(event, Done) and not self.stops.hit:
                     self.reason, self.error = event.reason, event.error
-                    if event.reason == "cancelled":  # not by us: the server is shutting down
-                        self.reason, self.error = "error", "cancelled: the server is shutting down"
+                    if event.reason == "cancelled" and not self.client_gone:  # nor by a stop
+                        self.reason, self.error = "shutdown", "cancelled: the server is shutting down"
             self.output = self.mapper.finish()
             self.usage.reasoning_tokens = self.output.reasoning_tokens
             for delta in self.output.tail:  # e.g. a character cut off by the end: U+FFFD
@@ -423,12 +425,12 @@ def _sampler(body: dict) -> Sampler:
 # Chat Completions
 # ---------------------------------------------------------------------------------------------------
 
-_CHAT_FIELDS = {"model", "messages", "tools", "tool_choice", "reasoning_effort", "reasoning",
+_CHAT_FIELDS = {"model", "messages", "tools", "tool_choice", "reasoning_effort", "reasoning", "modalities",
                 "chat_template_kwargs", "max_tokens", "max_completion_tokens", "temperature", "top_p",
                 "top_k", "min_p", "seed", "stop", "logprobs", "top_logprobs", "stream", "n",
                 "response_format"}
 _CHAT_REFUSED = {
-    "audio": "audio output is not supported", "modalities": "text only",
+    "audio": "audio output is not supported",
     "logit_bias": "not supported", "prediction": "not supported",
     "presence_penalty": "penalties are not implemented", "frequency_penalty": "penalties are not implemented",
     "functions": "use 'tools'", "function_call": "use 'tool_choice'",
@@ -436,7 +438,33 @@ _CHAT_REFUSED = {
 }
 
 
-async def chat_completions(server: Server, body: dict) -> Response:
+def _check_ended(generation: "Generation") -> None:
+    """A non-streamed reply that did not end well: say so with the right status."""
+    if generation.client_gone:
+        raise RequestError("the client went away", None, 499, "client_closed_request")
+    if generation.reason == "shutdown":
+        raise RequestError(generation.error, None, 503, "shutting_down")
+    if generation.reason == "error":
+        raise RequestError(f"generation failed: {generation.error}", None, 500)
+
+
+async def _collect(request, generation: "Generation"):
+    """generation.deltas() for a non-streamed reply, cancelled if the client goes away meanwhile."""
+    async def watch():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        generation.client_gone = True
+        generation.stream.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        async for item in generation.deltas():
+            yield item
+    finally:
+        watcher.cancel()
+
+
+async def chat_completions(server: Server, body: dict, request=None) -> Response:
     _check_fields(body, _CHAT_FIELDS, _CHAT_REFUSED)
     if _integer(body, "n", 1) not in (None, 1):
         raise RequestError("'n' must be 1: one choice per request", "n", code="unsupported_parameter")
@@ -462,6 +490,8 @@ async def chat_completions(server: Server, body: dict) -> Response:
     options = body.get("stream_options")
     if options is not None and (not isinstance(options, dict) or not stream):
         raise RequestError("'stream_options' is an object, and only with 'stream': true", "stream_options")
+    if options and not isinstance(options.get("include_usage", False), bool):
+        raise RequestError("'stream_options.include_usage' must be true or false", "stream_options.include_usage")
     include_usage = bool(options and options.get("include_usage"))
     stops = _stop_strings(body)
     sampler = _sampler(body)
@@ -476,7 +506,7 @@ async def chat_completions(server: Server, body: dict) -> Response:
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     reasoning, content, calls = [], [], {}
-    async for delta, _ in generation.deltas():
+    async for delta, _ in _collect(request, generation):
         if delta.kind == "reasoning":
             reasoning.append(delta.text)
         elif delta.kind == "content":
@@ -486,8 +516,7 @@ async def chat_completions(server: Server, body: dict) -> Response:
                                   "function": {"name": delta.name, "arguments": ""}}
         else:
             calls[delta.index]["function"]["arguments"] += delta.text
-    if generation.reason == "error":
-        raise RequestError(f"generation failed: {generation.error}", None, 500)
+    _check_ended(generation)
     message = {"role": "assistant", "content": "".join(content) if content or not calls else None}
     if reasoning:
         message["reasoning"] = message["reasoning_content"] = "".join(reasoning)
@@ -506,31 +535,36 @@ def _sse(data: dict | str) -> str:
 
 async def _chat_stream(server: Server, generation: Generation, chunk_id: str, created: int,
                        include_usage: bool, logprobs: bool) -> AsyncIterator[str]:
+    head = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": server.model_id}
+
     def chunk(delta: dict, finish: str | None = None, entries: list | None = None) -> str:
         choice = {"index": 0, "delta": delta, "finish_reason": finish,
                   "logprobs": {"content": entries} if logprobs and entries is not None else None}
-        return _sse({"id": chunk_id, "object": "chat.completion.chunk", "created": created,
-                     "model": server.model_id, "choices": [choice],
-                     **({"usage": None} if include_usage else {})})
+        return _sse({**head, "choices": [choice], **({"usage": None} if include_usage else {})})
 
-    yield chunk({"role": "assistant", "content": ""})
-    async for delta, entries in generation.deltas():
-        if delta.kind == "reasoning":
-            yield chunk({"reasoning": delta.text, "reasoning_content": delta.text})
-        elif delta.kind == "content":
-            yield chunk({"content": delta.text}, entries=entries)
-        elif delta.kind == "tool_call":
-            yield chunk({"tool_calls": [{"index": delta.index, "id": delta.call_id, "type": "function",
-                                         "function": {"name": delta.name, "arguments": ""}}]})
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        async for delta, entries in generation.deltas():
+            if delta.kind == "reasoning":
+                yield chunk({"reasoning": delta.text, "reasoning_content": delta.text})
+            elif delta.kind == "content":
+                yield chunk({"content": delta.text}, entries=entries)
+            elif delta.kind == "tool_call":
+                yield chunk({"tool_calls": [{"index": delta.index, "id": delta.call_id, "type": "function",
+                                             "function": {"name": delta.name, "arguments": ""}}]})
+            else:
+                yield chunk({"tool_calls": [{"index": delta.index, "function": {"arguments": delta.text}}]})
+        if generation.reason in ("error", "shutdown"):
+            yield _sse(error_body(f"generation failed: {generation.error}", 500))
         else:
-            yield chunk({"tool_calls": [{"index": delta.index, "function": {"arguments": delta.text}}]})
-    if generation.reason == "error":
-        yield _sse(error_body(f"generation failed: {generation.error}", 500))
-    else:
-        yield chunk({}, generation.finish_reason)
-        if include_usage:
-            yield _sse({"id": chunk_id, "object": "chat.completion.chunk", "created": created,
-                        "model": server.model_id, "choices": [], "usage": generation.usage.chat()})
+            yield chunk({}, generation.finish_reason)
+            if include_usage:
+                yield _sse({**head, "choices": [], "usage": generation.usage.chat()})
+    except Exception as err:  # noqa: BLE001  a bug: logged, the client gets an error event
+        log.exception("chat stream failed")
+        yield _sse(error_body(f"internal server error: {type(err).__name__}", 500))
+    finally:
+        generation.stream.cancel()  # whatever happened, the engine drops the stream
     yield _sse("[DONE]")
 
 
@@ -621,7 +655,7 @@ class Items:
         return events
 
 
-async def responses(server: Server, body: dict) -> Response:
+async def responses(server: Server, body: dict, request=None) -> Response:
     _check_fields(body, _RESPONSES_FIELDS, _RESPONSES_REFUSED)
     server.check_model(body)
     text = body.get("text")
@@ -632,8 +666,10 @@ async def responses(server: Server, body: dict) -> Response:
         raise RequestError("'include' is not supported", "include", code="unsupported_parameter")
     previous_id = body.get("previous_response_id")
     previous: list[harmony.Message] | None = None
+    if previous_id is not None and not isinstance(previous_id, str):
+        raise RequestError("'previous_response_id' must be a string", "previous_response_id")
     if previous_id is not None:
-        stored = server.responses.get(previous_id) if isinstance(previous_id, str) else None
+        stored = server.responses.get(previous_id)
         if stored is None:
             raise RequestError(f"no stored response '{previous_id}' (kept in memory: the last "
                                f"{STORED_RESPONSES} with store=true)", "previous_response_id", 404,
@@ -670,7 +706,7 @@ async def responses(server: Server, body: dict) -> Response:
     def finished(items: Items) -> dict:
         items.close()
         done = dict(response, output=items.items, usage=generation.usage.responses())
-        if generation.reason == "error":
+        if generation.reason in ("error", "shutdown"):
             done.update(status="failed", error={"code": "server_error", "message": generation.error})
         elif generation.reason in ("length", "context"):
             done.update(status="incomplete", incomplete_details={"reason": "max_output_tokens"})
@@ -685,11 +721,10 @@ async def responses(server: Server, body: dict) -> Response:
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     items = Items()
-    async for delta, _ in generation.deltas():
+    async for delta, _ in _collect(request, generation):
         items.feed(delta)
+    _check_ended(generation)
     done = finished(items)
-    if done["status"] == "failed":
-        raise RequestError(f"generation failed: {generation.error}", None, 500)
     return JSONResponse(done)
 
 
@@ -704,11 +739,18 @@ async def _responses_stream(response: dict, generation: Generation, finished) ->
     yield event("response.created", {"response": response})
     yield event("response.in_progress", {"response": response})
     items = Items()
-    async for delta, _ in generation.deltas():
-        items.feed(delta)
-        for kind, data in items.take_events():
-            yield event(kind, data)
-    done = finished(items)
+    try:
+        async for delta, _ in generation.deltas():
+            items.feed(delta)
+            for kind, data in items.take_events():
+                yield event(kind, data)
+        done = finished(items)
+    except Exception as err:  # noqa: BLE001  a bug: logged, the client gets a failed response
+        log.exception("responses stream failed")
+        done = dict(response, status="failed", error={"code": "server_error",
+                                                      "message": f"internal server error: {type(err).__name__}"})
+    finally:
+        generation.stream.cancel()
     for kind, data in items.take_events():
         yield event(kind, data)
     final = {"completed": "response.completed", "incomplete": "response.incomplete",
@@ -734,8 +776,13 @@ async def _read_json(request: Request, limit: int) -> dict:
                                "request_too_large")
     try:
         data = json.loads(bytes(body))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, bad UTF-8, a 5000-digit int, deep nesting
         raise RequestError(f"the request body is not valid JSON: {err}", None) from None
+    try:
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise RequestError("the request body holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
+                           "escape), which is no text", None) from None
     if not isinstance(data, dict):
         raise RequestError("the request body must be a JSON object", None)
     return data
@@ -767,6 +814,9 @@ def create_app(server: Server, cors_origins: list[str] | None = None) -> Starlet
             except RequestError as err:
                 status, note = err.status, str(err)
                 return error_response(err)
+            except ClientDisconnect:  # gone before its body arrived: nobody to answer
+                status, note = 499, "the client went away"
+                return Response(status_code=400)
             except Exception as err:  # noqa: BLE001  a bug: logged here, never shown to the client
                 log.exception("%s %s failed", request.method, request.url.path)
                 note = f"{type(err).__name__}: {err}"
@@ -789,10 +839,10 @@ def create_app(server: Server, cors_origins: list[str] | None = None) -> Starlet
         return JSONResponse(_model_card(server))
 
     async def chat(request, body):
-        return await chat_completions(server, body)
+        return await chat_completions(server, body, request)
 
     async def respond(request, body):
-        return await responses(server, body)
+        return await responses(server, body, request)
 
     async def stored(request, body):
         entry = server.responses.get(request.path_params["id"])

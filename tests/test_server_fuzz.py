@@ -1,0 +1,238 @@
+"""`tinyoss serve` under hostile input: every client mistake is an OpenAI-shaped 4xx error body (never
+a 500, never a traceback in the log) and the server keeps serving; a client that goes away frees
+its slot, streamed or not. The real server on the tiny synthetic checkpoint (tests/serving.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+
+import httpx
+import pytest
+
+pytest.importorskip("uvicorn")
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import tinyoss  # noqa: E402
+from serving import MODEL_ID, serve  # noqa: E402
+
+CTX = 4096
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {
+    "type": "object", "properties": {"a": {"type": "string"}}}}}]
+CHAT = {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+RESPONSES = {"model": MODEL_ID, "input": "hi", "max_output_tokens": 2}
+
+
+@pytest.fixture(scope="module")
+def served(tiny_checkpoint):
+    with serve(tinyoss.load(tiny_checkpoint), parallel=2, ctx=CTX, max_queue=4) as (url, server):
+        yield url, server
+
+
+class _Errors(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@pytest.fixture()
+def errors_logged():
+    """ERROR records of the server and of uvicorn (its "Exception in ASGI application")."""
+    handler = _Errors()
+    loggers = [logging.getLogger(name) for name in ("tinyoss.server", "uvicorn.error")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    yield handler.records
+    for logger in loggers:
+        logger.removeHandler(handler)
+
+
+def post(url: str, path: str, data: bytes) -> httpx.Response:
+    # a fresh connection each time: after a 500, uvicorn closes the connection it came on
+    return httpx.post(url + path, content=data, headers={"content-type": "application/json"},
+                      timeout=30)
+
+
+def assert_client_error(response: httpx.Response, status: int | None = 400, param: str | None = "?"):
+    assert response.status_code < 500, (response.status_code, response.text[:300])
+    if status is not None:
+        assert response.status_code == status, response.text[:300]
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    if param != "?":
+        assert error["param"] == param, error
+
+
+def assert_healthy(url: str):
+    health = httpx.get(f"{url}/health", timeout=10).json()
+    assert health["status"] == "ok"
+
+
+def dumps(body: dict) -> bytes:
+    return json.dumps(body).encode()  # ensure_ascii: a lone surrogate goes as its \\udXXX escape
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bodies the json module rejects with something other than JSONDecodeError
+# ---------------------------------------------------------------------------------------------------
+
+BAD_JSON = {
+    "an integer of 5000 digits (ValueError)": b'{"model": "tiny", "max_tokens": ' + b"9" * 5000 + b"}",
+    "arrays nested 100000 deep (RecursionError)": b"[" * 100_000 + b"]" * 100_000,
+    "objects nested 5000 deep (RecursionError)": b'{"a":' * 5000 + b"1" + b"}" * 5000,
+}
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
+@pytest.mark.parametrize("name", list(BAD_JSON))
+def test_a_body_json_cannot_decode_is_a_400(served, errors_logged, path, name):
+    url, _ = served
+    assert_client_error(post(url, path, BAD_JSON[name]), 400, None)
+    assert not errors_logged
+    assert_healthy(url)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Lone surrogates (valid JSON escapes, not encodable as UTF-8) wherever the server echoes a string
+# ---------------------------------------------------------------------------------------------------
+
+SURROGATE = "\ud800"
+ECHOED = {
+    "an unknown field's name": ("/v1/chat/completions", {**CHAT, SURROGATE: 1}),
+    "model": ("/v1/chat/completions", {**CHAT, "model": SURROGATE}),
+    "messages[0].role": ("/v1/chat/completions", {**CHAT, "messages": [{"role": SURROGATE, "content": "x"}]}),
+    "previous_response_id": ("/v1/responses", {**RESPONSES, "previous_response_id": SURROGATE}),
+    "instructions": ("/v1/responses", {**RESPONSES, "instructions": SURROGATE}),
+    "instructions, streamed": ("/v1/responses", {**RESPONSES, "instructions": SURROGATE, "stream": True}),
+    "tools[0].description": ("/v1/responses", {**RESPONSES, "tools": [
+        {"type": "function", "name": "f", "description": SURROGATE}]}),
+}
+
+
+@pytest.mark.parametrize("name", list(ECHOED))
+def test_a_lone_surrogate_is_a_400_not_a_500(served, errors_logged, name):
+    url, _ = served
+    path, body = ECHOED[name]
+    assert_client_error(post(url, path, dumps(body)), 400)
+    assert not errors_logged
+    assert_healthy(url)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fields that reached code which assumed their shape
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("function", ["f", ["f"], 5, True])
+def test_tool_choice_with_a_function_that_is_no_object_is_a_400(served, errors_logged, function):
+    url, _ = served
+    body = {**CHAT, "tools": TOOLS, "tool_choice": {"type": "function", "function": function}}
+    assert_client_error(post(url, "/v1/chat/completions", dumps(body)), 400, "tool_choice")
+    assert not errors_logged
+
+
+def test_deeply_nested_tool_parameters_are_a_400(served, errors_logged):
+    """~330 nested object schemas exhaust the recursion of harmony's TypeScript rendering."""
+    url, _ = served
+    schema: dict = {"type": "string"}
+    for _ in range(450):
+        schema = {"type": "object", "properties": {"a": schema}}
+    body = {**CHAT, "tools": [{"type": "function", "function": {"name": "f", "parameters": schema}}]}
+    assert_client_error(post(url, "/v1/chat/completions", dumps(body)), 400)
+    assert not errors_logged
+    assert_healthy(url)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Random values for every top-level field
+# ---------------------------------------------------------------------------------------------------
+
+_text = st.text(max_size=8) | st.sampled_from(["", "auto", "none", "required", "function", "text", "low",
+                                              "f", MODEL_ID, "\x00", "😀", "<|start|>", SURROGATE])
+_scalar = (st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | _text)
+_json = st.recursive(_scalar, lambda inner: st.lists(inner, max_size=3)
+                     | st.dictionaries(_text, inner, max_size=3), max_leaves=8)
+CHAT_FIELDS = ["model", "messages", "tools", "tool_choice", "reasoning_effort", "reasoning",
+               "chat_template_kwargs", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+               "top_k", "min_p", "seed", "stop", "logprobs", "top_logprobs", "stream", "n",
+               "response_format", "stream_options", "user", "metadata", "logit_bias", "unknown"]
+RESPONSES_FIELDS = ["model", "input", "instructions", "tools", "tool_choice", "reasoning",
+                    "max_output_tokens", "temperature", "top_p", "store", "previous_response_id",
+                    "stream", "text", "include", "metadata", "background", "unknown"]
+
+
+def _fuzz_one(url: str, path: str, body: dict, max_field: str) -> None:
+    if not isinstance(body.get(max_field), int) or isinstance(body.get(max_field), bool):
+        body[max_field] = 2  # keep any generation short
+    if max_field == "max_tokens":
+        body.pop("max_completion_tokens", None)
+    response = post(url, path, dumps(body))
+    assert response.status_code < 500, (body, response.text[:300])
+    if response.status_code >= 400:
+        assert_client_error(response, None)
+    elif "text/event-stream" in response.headers.get("content-type", ""):
+        assert "[DONE]" in response.text or "response.completed" in response.text \
+            or "response.incomplete" in response.text, response.text[-300:]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(changes=st.lists(st.tuples(st.sampled_from(CHAT_FIELDS), _json), min_size=1, max_size=2))
+def test_random_chat_fields_never_make_a_500(served, changes):
+    url, _ = served
+    _fuzz_one(url, "/v1/chat/completions", {**CHAT, "tools": TOOLS, **dict(changes)}, "max_tokens")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(changes=st.lists(st.tuples(st.sampled_from(RESPONSES_FIELDS), _json), min_size=1, max_size=2))
+def test_random_responses_fields_never_make_a_500(served, changes):
+    url, _ = served
+    _fuzz_one(url, "/v1/responses", {**RESPONSES, **dict(changes)}, "max_output_tokens")
+
+
+# ---------------------------------------------------------------------------------------------------
+# A client that goes away
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
+def test_a_non_streamed_request_whose_client_left_frees_its_slot(served, path):
+    """An HTTP client that times out (the openai client then retries, twice by default) must not
+    leave its generation running to max_tokens (by default the whole context)."""
+    url, server = served
+    body = dict(CHAT) if path.endswith("completions") else dict(RESPONSES)
+    body.pop("max_tokens", None), body.pop("max_output_tokens", None)  # the whole context
+    data = dumps(body)
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+        deadline = time.monotonic() + 20
+        while server.engine.load["running"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.engine.load["running"] == 1
+    deadline = time.monotonic() + 5  # a decode step of the tiny model is milliseconds
+    while server.engine.load["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.engine.load["running"] == 0, "the generation went on after its client left"
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
+def test_a_client_gone_before_its_body_arrived_is_no_server_error(served, errors_logged, path):
+    """Starlette raises ClientDisconnect from request.stream(): a client's doing, not a bug to log
+    with a traceback (nor a 500 in the request's log line)."""
+    url, _ = served
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: 500\r\n\r\n{{\"model\": ".encode())
+        time.sleep(0.3)
+    time.sleep(0.5)
+    assert not errors_logged, [r.getMessage() for r in errors_logged]
+    assert_healthy(url)
