@@ -292,9 +292,9 @@ def experts_grouped(c: Config, fl: FastLayer, t: np.ndarray, experts: np.ndarray
     y = np.empty((n * k, c.hidden_size), np.float32)
     kernels.f32_mf4w_moe_matmul(lw.mlp2_blocks, lw.mlp2_scales, lw.mlp2_bias, chosen, starts, a, y)
     y *= weights.reshape(-1)[order, None]  # router weights
-    out = np.zeros_like(t)
-    np.add.at(out, tok, y)
-    return out
+    by_token = np.empty_like(y)
+    by_token[order] = y  # back to [n*k] in (token, slot) order
+    return by_token.reshape(n, k, c.hidden_size).sum(axis=1)
 
 
 def expert_matvec(c: Config, lw: LayerWeights, experts: np.ndarray, x: np.ndarray) -> np.ndarray:
