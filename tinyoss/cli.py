@@ -699,6 +699,12 @@ def serve(
         per_slot = srv.kv_bytes_per_slot(loaded, ctx)
         free = available_memory() or 4 * per_slot
         parallel = max(1, min(4, int(free // 2 // per_slot)))
+    # every kernel compiled (or loaded from numba's disk cache) before the first request: the
+    # engine compiles in its thread holding the GIL, and the server would not answer meanwhile
+    from .fast import warm_up
+
+    with _stderr().status("compiling the kernels (once per machine; then loaded from the cache)"):
+        warm_up(dense.value, kv.value, expert_input.value)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     server = srv.Server(loaded, srv.model_id_for(str(loaded.checkpoint.path)), parallel=parallel,
                         ctx=ctx, max_queue=queue, api_key=api_key)
