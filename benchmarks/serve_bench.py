@@ -31,6 +31,8 @@ import httpx
 def start_server(args) -> tuple[subprocess.Popen, str]:
     command = [sys.executable, "-m", "tinyoss.cli", "serve", "-m", args.model, "--port", "0", "--parallel", "4", "--ctx", "4096",
                "--dense", args.dense, "--expert-input", args.expert_input]
+    if args.serve_threads:
+        command += ["--threads", str(args.serve_threads)]
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     while True:
         line = proc.stderr.readline()
@@ -107,6 +109,8 @@ def main() -> None:
     parser.add_argument("--expert-input", default="f32")
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--serve-threads", type=int, default=None,
+                        help="--threads of tinyoss serve (default: all cores)")
     args = parser.parse_args()
     cpu = open("/proc/cpuinfo").read()
     family = re.search(r"cpu family\s*:\s*(\d+)", cpu)
