@@ -44,3 +44,21 @@ def make_checkpoint(tmp_path_factory):
 def tiny_checkpoint(make_checkpoint):
     """The tiny preset (full vocabulary), HF root with original/ beside it."""
     return make_checkpoint("both", seed=0)
+
+
+@pytest.fixture(scope="session")
+def oh():
+    """openai-harmony, the oracle of the chat format (skips where it is not installed)."""
+    return pytest.importorskip("openai_harmony")
+
+
+@pytest.fixture(scope="session")
+def reference(oh, tmp_path_factory):
+    """openai-harmony's gpt-oss encoding, reading the verified o200k_base from a temp folder."""
+    from tinyoss.tokenizer import load_verified_ranks_file
+
+    folder = tmp_path_factory.mktemp("harmony_encodings")
+    (folder / "o200k_base.tiktoken").write_bytes(load_verified_ranks_file())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TIKTOKEN_ENCODINGS_BASE", str(folder))
+        return oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)

@@ -18,7 +18,7 @@ from tinyoss import harmony as h
 from tinyoss.apimap import (Conversation, Delta, OutputMapper, RequestError, ToolCall, chat_conversation,
                             function_tools, responses_conversation)
 from tinyoss.errors import TinyossError
-from tinyoss.tokenizer import CALL, END, MESSAGE, RETURN, START, get_tokenizer, load_verified_ranks_file
+from tinyoss.tokenizer import CALL, END, MESSAGE, RETURN, START, get_tokenizer
 
 DATE = "2025-08-05"
 CALL_ID = re.compile(r"call_[A-Za-z0-9]{24}")
@@ -30,21 +30,6 @@ CHAT_WEATHER = {"type": "function", "function": {"name": "get_weather", "descrip
                                                  "parameters": WEATHER_PARAMETERS, "strict": False}}
 RESPONSES_WEATHER = {"type": "function", "name": "get_weather", "description": "Get the weather.",
                      "parameters": WEATHER_PARAMETERS}
-
-
-@pytest.fixture(scope="session")
-def oh() -> Any:
-    return pytest.importorskip("openai_harmony")
-
-
-@pytest.fixture(scope="session")
-def reference(oh: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """openai-harmony's gpt-oss encoding, reading the verified o200k_base from a temp folder."""
-    folder = tmp_path_factory.mktemp("harmony_encodings")
-    (folder / "o200k_base.tiktoken").write_bytes(load_verified_ranks_file())
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TIKTOKEN_ENCODINGS_BASE", str(folder))
-        return oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
 
 
 # ---------------------------------------------------------------------------------------------------

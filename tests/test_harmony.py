@@ -18,8 +18,7 @@ from hypothesis import strategies as st
 
 from tinyoss import harmony as h
 from tinyoss.errors import TinyossError
-from tinyoss.tokenizer import (CALL, CHANNEL, CONSTRAIN, END, END_OF_TEXT, MESSAGE, RETURN, START, get_tokenizer,
-                               load_verified_ranks_file)
+from tinyoss.tokenizer import (CALL, CHANNEL, CONSTRAIN, END, END_OF_TEXT, MESSAGE, RETURN, START, get_tokenizer)
 
 DATA = Path(__file__).parent / "data"
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -28,21 +27,6 @@ SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[Healt
 # ---------------------------------------------------------------------------------------------------
 # The reference, and conversion of our messages to and from its types
 # ---------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def oh() -> Any:
-    return pytest.importorskip("openai_harmony")
-
-
-@pytest.fixture(scope="session")
-def reference(oh: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """openai-harmony's gpt-oss encoding, reading the verified o200k_base from a temp folder."""
-    folder = tmp_path_factory.mktemp("harmony_encodings")
-    (folder / "o200k_base.tiktoken").write_bytes(load_verified_ranks_file())
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TIKTOKEN_ENCODINGS_BASE", str(folder))
-        return oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
 
 
 def to_reference(oh: Any, message: h.Message) -> Any:

@@ -26,7 +26,6 @@ import json
 import logging
 import secrets
 import time
-import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
