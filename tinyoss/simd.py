@@ -498,6 +498,29 @@ def mxfp4_matvec_rows(typingctx, blocks, b_off, scales, s_off, scale_table, xl, 
 
 
 @intrinsic
+def mxfp4_matvec_rows_two(typingctx, blocks, b_off, scales, s_off, scale_table, xl, x_off, x_len,
+                          nb, out, o_off, o_stride):
+    """mxfp4_matvec_rows against two vectors at once (x_j = xl[x_off + j * x_len:], out[o_off +
+    j * o_stride + r]): each block decoded once for both, the prefetch kept (batched decode's
+    experts that two tokens chose; `mxfp4_row_dots` has no prefetch and takes one row)."""
+    sig = types.void(blocks, types.intp, scales, types.intp, scale_table, xl, types.intp,
+                     types.intp, types.intp, out, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        blocks_a, b_off, scales_a, s_off, table_a, xl_a, x_off, x_len, nb, out_a, o_off, o_stride = args
+        a = signature.args
+        bptr = _data(context, builder, a[0], blocks_a, b_off)
+        sptr = _data(context, builder, a[2], scales_a, s_off)
+        tptr = _data(context, builder, a[4], table_a)
+        xptr = _data(context, builder, a[5], xl_a, x_off)
+        optr = _data(context, builder, a[9], out_a, o_off)
+        _mxfp4_dots(builder, bptr, sptr, tptr, xptr, x_len, nb, optr, o_stride, MXFP4_ROWS, 2, True)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
 def mxfp4_block_decode_avx2(typingctx, blocks, b_off, scale, out, o_off):
     """Decode the 16-byte block at blocks[b_off] into out[o_off : o_off + 32] (float32, natural
     order: the low nibble of byte j is element 2j); `scale` is the block's 2**(s-127). The same
