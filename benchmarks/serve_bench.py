@@ -83,7 +83,10 @@ def ttft(url: str, prompt: str) -> float:
 def ttft_busy(url: str, tokens: int, prompt: str) -> float:
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         others = [pool.submit(request, url, tokens, 20 + i, f"Another story {i}.") for i in range(3)]
-        while httpx.get(f"{url}/health").json()["running"] < 3:
+        while True:  # the three are admitted and their prompts are in: they decode
+            load = httpx.get(f"{url}/health").json()
+            if load["running"] >= 3 and load["prefilling"] == 0:
+                break
             time.sleep(0.05)
         time.sleep(1.0)  # the three are decoding
         latency = ttft(url, prompt)

@@ -81,7 +81,7 @@ def test_a_slot_keeps_its_cache_for_the_next_turn(model):
         third = list(engine.submit(Job(follow_up + second_reply + ids(4, 6), 2, GREEDY)))
         assert next(e for e in third if isinstance(e, Started)).cached_tokens == \
             len(follow_up) + len(second_reply) - 1
-        assert engine.load == {"running": 0, "waiting": 0, "slots": 2}
+        assert engine.load == {"running": 0, "waiting": 0, "prefilling": 0, "slots": 2}
     finally:
         engine.close()
 

@@ -365,7 +365,7 @@ def test_a_bounded_load_with_cancellations(model):
         deadline = time.monotonic() + 5
         while server.engine.load["running"] and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert server.engine.load == {"running": 0, "waiting": 0, "slots": 4}
+        assert server.engine.load == {"running": 0, "waiting": 0, "prefilling": 0, "slots": 4}
         assert httpx.get(f"{url}/health").json()["status"] == "ok"
 
 

@@ -192,7 +192,7 @@ def test_stop_keeps_the_partial_reply_and_the_chat_goes_on(browser, model):
         deadline = time.monotonic() + WAIT
         while server.engine.load["running"] and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert server.engine.load == {"running": 0, "waiting": 0, "slots": 1}
+        assert server.engine.load == {"running": 0, "waiting": 0, "prefilling": 0, "slots": 1}
 
         # the chat goes on: a third message gets its reply; the stopped one stays as it was
         settings(browser, "max-tokens", "")

@@ -205,6 +205,7 @@ class Engine:
     def load(self) -> dict[str, int]:
         with self._lock:
             return {"running": len(self._busy), "waiting": len(self._pending),
+                    "prefilling": sum(s.logits is None for s in self._busy.values()),
                     "slots": len(self.slots)}
 
     def cancel_all(self) -> None:
