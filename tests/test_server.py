@@ -287,6 +287,10 @@ def test_an_api_key_is_required_and_checked(scripted):
         assert httpx.get(f"{url}/v1/models").status_code == 401
         assert [m.id for m in client(url, key="sekrit").models.list()] == [MODEL_ID]
         assert httpx.get(f"{url}/health").status_code == 200  # health needs no key
+    with serve(scripted, api_key="clé-🔑") as (url, _):  # a key beyond ASCII, sent as UTF-8
+        auth = {"authorization": "Bearer clé-🔑".encode()}
+        assert httpx.get(f"{url}/v1/models", headers=auth).status_code == 200
+        assert httpx.get(f"{url}/v1/models", headers={"authorization": b"Bearer cle-x"}).status_code == 401
 
 
 def test_overload_is_a_503_with_retry_after(model):

@@ -795,8 +795,10 @@ def create_app(server: Server, cors_origins: list[str] | None = None) -> Starlet
             return True
         given = request.headers.get("authorization", "")
         scheme, _, key = given.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(),
-                                                                  server.api_key.encode())
+        # Starlette decodes header bytes as latin-1: back to the bytes the client sent (UTF-8
+        # for a key with non-ASCII characters), compared with the key's UTF-8 bytes
+        sent = key.strip().encode("latin-1", errors="replace")
+        return scheme.lower() == "bearer" and hmac.compare_digest(sent, server.api_key.encode())
 
     def endpoint(handler, needs_body: bool = True, public: bool = False):
         async def route(request: Request) -> Response:
