@@ -269,8 +269,6 @@ class Generation:
         self.logprobs: list[dict] = []  # of the content tokens
         self.output: apimap.Output | None = None
         self.stream = server.engine.submit(job, asyncio.get_running_loop())
-        self.started_at = time.perf_counter()
-        self.first_token_s: float | None = None
         self.client_gone = False  # the client disconnected: the stream was cancelled for that
 
     async def deltas(self) -> AsyncIterator[tuple[apimap.Delta, list[dict]]]:
@@ -281,8 +279,6 @@ class Generation:
                     self.usage.prompt_tokens = event.prompt_tokens
                     self.usage.cached_tokens = event.cached_tokens
                 elif isinstance(event, Token):
-                    if self.first_token_s is None:
-                        self.first_token_s = time.perf_counter() - self.started_at
                     self.usage.completion_tokens += 1
                     for delta in self._map(event):
                         yield delta

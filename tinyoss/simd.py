@@ -435,6 +435,14 @@ def _mxfp4_dots(builder, bptr, sptr, tptr, xptr, x_len, nb, optr, o_stride, rows
                                                                 _const(r))]))
 
 
+def _row_pointers(context, builder, arg_types, args, first: int):
+    """The pointers of an MXFP4 row-dot intrinsic's (blocks, b_off, scales, s_off, scale_table,
+    xl, x_off) arguments, starting at args[first]: (blocks, scales, table, x)."""
+    t, v = arg_types[first:first + 7], args[first:first + 7]
+    return (_data(context, builder, t[0], v[0], v[1]), _data(context, builder, t[2], v[2], v[3]),
+            _data(context, builder, t[4], v[4]), _data(context, builder, t[5], v[5], v[6]))
+
+
 @intrinsic
 def mxfp4_row_dots(typingctx, g, blocks, b_off, scales, s_off, scale_table, xl, x_off, x_len, nb,
                    out, o_off, o_stride):
@@ -448,14 +456,9 @@ def mxfp4_row_dots(typingctx, g, blocks, b_off, scales, s_off, scale_table, xl, 
                      types.intp, types.intp, types.intp, out, types.intp, types.intp)
 
     def codegen(context, builder, signature, args):
-        g, blocks_a, b_off, scales_a, s_off, table_a, xl_a, x_off, x_len, nb, out_a, o_off, \
-            o_stride = args
-        a = signature.args
-        bptr = _data(context, builder, a[1], blocks_a, b_off)
-        sptr = _data(context, builder, a[3], scales_a, s_off)
-        tptr = _data(context, builder, a[5], table_a)
-        xptr = _data(context, builder, a[6], xl_a, x_off)
-        optr = _data(context, builder, a[10], out_a, o_off)
+        g, x_len, nb, out_a, o_off, o_stride = args[0], *args[8:]
+        bptr, sptr, tptr, xptr = _row_pointers(context, builder, signature.args, args, 1)
+        optr = _data(context, builder, signature.args[10], out_a, o_off)
         _for_group(builder, g, lambda group: _mxfp4_dots(
             builder, bptr, sptr, tptr, xptr, x_len, nb, optr, o_stride, 1, group, False))
         return context.get_dummy_value()
@@ -483,13 +486,9 @@ def mxfp4_matvec_rows(typingctx, blocks, b_off, scales, s_off, scale_table, xl, 
                      types.intp, out, types.intp)
 
     def codegen(context, builder, signature, args):
-        blocks_a, b_off, scales_a, s_off, table_a, xl_a, x_off, nb, out_a, o_off = args
-        a = signature.args
-        bptr = _data(context, builder, a[0], blocks_a, b_off)
-        sptr = _data(context, builder, a[2], scales_a, s_off)
-        tptr = _data(context, builder, a[4], table_a)
-        xptr = _data(context, builder, a[5], xl_a, x_off)
-        optr = _data(context, builder, a[8], out_a, o_off)
+        nb, out_a, o_off = args[7:]
+        bptr, sptr, tptr, xptr = _row_pointers(context, builder, signature.args, args, 0)
+        optr = _data(context, builder, signature.args[8], out_a, o_off)
         _mxfp4_dots(builder, bptr, sptr, tptr, xptr, _const(0), nb, optr, _const(0), MXFP4_ROWS,
                     1, True)
         return context.get_dummy_value()
@@ -507,13 +506,9 @@ def mxfp4_matvec_rows_two(typingctx, blocks, b_off, scales, s_off, scale_table, 
                      types.intp, types.intp, out, types.intp, types.intp)
 
     def codegen(context, builder, signature, args):
-        blocks_a, b_off, scales_a, s_off, table_a, xl_a, x_off, x_len, nb, out_a, o_off, o_stride = args
-        a = signature.args
-        bptr = _data(context, builder, a[0], blocks_a, b_off)
-        sptr = _data(context, builder, a[2], scales_a, s_off)
-        tptr = _data(context, builder, a[4], table_a)
-        xptr = _data(context, builder, a[5], xl_a, x_off)
-        optr = _data(context, builder, a[9], out_a, o_off)
+        x_len, nb, out_a, o_off, o_stride = args[7:]
+        bptr, sptr, tptr, xptr = _row_pointers(context, builder, signature.args, args, 0)
+        optr = _data(context, builder, signature.args[9], out_a, o_off)
         _mxfp4_dots(builder, bptr, sptr, tptr, xptr, x_len, nb, optr, o_stride, MXFP4_ROWS, 2, True)
         return context.get_dummy_value()
 
