@@ -322,7 +322,7 @@ def test_dense_and_kv_options_reach_the_loader(monkeypatch, tiny_checkpoint, com
     """`--dense`, `--kv` and `--expert-input` of run and chat are what the checkpoint is loaded
     with (so the KV caches of every reply are of that kind: Model.new_cache defaults to the
     model's)."""
-    from tinyoss import model as model_module
+    from tinyoss import runtime as model_module
 
     seen = {}
 

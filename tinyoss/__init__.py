@@ -3,7 +3,8 @@
 from .config import Config
 from .errors import TinyossError
 from .generate import chat  # tinyoss.generate stays the module; its generator is generate.generate
-from .model import KVCache, Model, load
+from .model import KVCache
+from .runtime import Model, load
 from .recorder import Recording, record
 from .sampling import Sampler
 

@@ -23,7 +23,8 @@ import numpy as np
 from .fast import warm_up
 from .errors import TinyossError
 from .kernels import f32_bf16w_matvec
-from .model import KV_DTYPES, Model
+from .model import KV_DTYPES
+from .runtime import Model
 from .store import proc_kib
 
 
@@ -177,7 +178,7 @@ def run(path, prompt_tokens: int = 512, depths=(0,), decode_tokens: int = 16, de
     """repeat: decode at every depth that many times, the depths taking turns token by token (a
     slow second of a noisy machine then hits every depth alike); each reports the median and
     every run. kv: the KV cache's kind ("f32" or "bf16", see model.KVCache); expert_input:
-    "f32" or "q8" (model.Model)."""
+    "f32" or "q8" (runtime.Model)."""
     from . import load
 
     depths = list(dict.fromkeys(depths))  # each once: a depth's cache takes one turn a token

@@ -318,7 +318,7 @@ def _open_model(name: str, dense: Dense, threads: Optional[int], kv: Kv = Kv.f32
                 expert_input: ExpertInput = ExpertInput.f32):
     """Find the checkpoint (hub.resolve_model), set the thread count, load it."""
     from .hub import resolve_model
-    from .model import load
+    from .runtime import load
 
     path = resolve_model(name, announce=lambda line: typer.echo(line, err=True))
     _set_threads(threads)

@@ -15,3 +15,13 @@ class ConfigError(TinyossError):
 
 class CheckpointError(TinyossError):
     """A checkpoint file is missing, truncated, corrupt, or does not match the config."""
+
+
+class NonFiniteError(TinyossError):
+    """A layer's output holds NaN or inf, so a weight (or an input) does. `layer` and `position`
+    (the first token whose output is not finite) say where it first showed (fast.py checks after
+    every layer); `tinyoss info MODEL --scan` names the tensors holding NaN or inf."""
+
+    def __init__(self, message: str, layer: int, position: int):
+        super().__init__(message)
+        self.layer, self.position = layer, position

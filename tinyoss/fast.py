@@ -22,6 +22,7 @@ import numpy as np
 
 from . import kernels
 from .config import Config
+from .errors import NonFiniteError
 from .model import SWIGLU_ALPHA, KVCache, LayerWeights, Weights, rope_cos_sin, swiglu
 from .quant import x8_round_trip
 from .store import bf16_to_f32
@@ -434,9 +435,20 @@ def _forward(fw: FastWeights, c: Config, tokens: np.ndarray, positions: np.ndarr
         v = v.reshape(n, c.num_key_value_heads, c.head_dim)
         x = x + fl.o(attend(layer, fl, q, k, v))
         x = x + moe(c, fl, rmsnorm(x, lw.mlp_norm, c.rms_norm_eps))
+        if not np.isfinite(x).all():  # ~2 us a layer a token: name where NaN/inf first appear
+            raise non_finite(layer, c, positions, x)
     if last_only:
         x = x[-1:]
     return fw.unembed(rmsnorm(x, fw.norm, c.rms_norm_eps))
+
+
+def non_finite(layer: int, c: Config, positions: np.ndarray, x: np.ndarray) -> NonFiniteError:
+    """The error for x [n, D], the output of `layer`, holding NaN or inf."""
+    position = int(positions[np.flatnonzero(~np.isfinite(x).all(axis=1))[0]])
+    return NonFiniteError(f"the output of layer {layer} (of 0..{c.num_hidden_layers - 1}) is not "
+                          f"finite (NaN or inf) at position {position}: a weight of the checkpoint "
+                          "(or an input) is; `tinyoss info MODEL --scan` names such weights",
+                          layer, position)
 
 
 def rmsnorm(x: np.ndarray, scale: np.ndarray, eps: float) -> np.ndarray:
@@ -456,12 +468,12 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 def warm_up(dense: str = "bf16", kv: str = "f32", expert_input: str = "f32") -> None:
     """Compile every kernel (or load it from numba's on-disk cache) by running a tiny synthetic
     checkpoint through prefill and decode, with `dense` weights, a `kv` cache and `expert_input`
-    (model.Model). Its arrays have the same types as a real checkpoint's (memory-mapped,
+    (runtime.Model). Its arrays have the same types as a real checkpoint's (memory-mapped,
     read-only), so the real one then starts without compiling anything."""
     import tempfile
 
     from . import synth
-    from .model import Model
+    from .runtime import Model
     from .store import Checkpoint
 
     # big enough for the parallel matvec (matrices under 256 rows run serial): the unembedding

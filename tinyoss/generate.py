@@ -25,6 +25,7 @@ the reasoning effort; analysis from turns that already ended with a final answer
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -35,7 +36,7 @@ from typing import Any, Callable, Generator, Iterator, Sequence
 import numpy as np
 
 from tinyoss import harmony
-from tinyoss.errors import TinyossError
+from tinyoss.errors import NonFiniteError, TinyossError
 from tinyoss.harmony import DeveloperContent, Message, ReasoningEffort, Role, SystemContent
 from tinyoss.sampling import Choice, Sampler
 from tinyoss.tokenizer import CALL, RETURN
@@ -424,10 +425,22 @@ def _sample(sampler: Sampler, logits: np.ndarray, logprobs: int | None) -> tuple
     return choice.token, choice
 
 
+@contextlib.contextmanager
+def _naming_the_step(step: str):
+    """A forward pass that turned NaN/inf (fast.NonFiniteError names the layer and position)
+    says at which step of the generation too."""
+    try:
+        yield
+    except NonFiniteError as err:
+        err.args = (f"{step}: {err}",)
+        raise
+
+
 def _prefill(context: Context, prompt: list[int], tally: _Tally) -> tuple[np.ndarray, int]:
     """`context.prefill`, timed. -> (logits [vocab] after the prompt, ids reused from the cache)"""
     start = time.perf_counter()
-    logits, reused = context.prefill(prompt)
+    with _naming_the_step("reading the prompt"):
+        logits, reused = context.prefill(prompt)
     tally.prefill_seconds += time.perf_counter() - start
     tally.prefill_tokens += len(prompt) - reused
     return logits, reused
@@ -469,7 +482,9 @@ def _sample_turn(
             reason = "context"
         else:
             start = time.perf_counter()
-            logits = context.append([token])
+            with _naming_the_step(f"decode step {len(sampled)} (after the reply's token "
+                                  f"{len(sampled) - 1})"):
+                logits = context.append([token])
             tally.decode_seconds += time.perf_counter() - start
             continue
         return reason, sampled, _finish(parser)

@@ -38,7 +38,8 @@ from typing import Callable
 import numpy as np
 
 from .errors import TinyossError
-from .model import KVCache, Model, check_tokens, linear, rmsnorm
+from .model import KVCache, linear, rmsnorm
+from .runtime import Model, check_tokens
 
 FORMAT = "tinyoss-recording-1"  # written into every .npz, checked on load
 LAYER_NAMES = ("resid_pre", "key_positions", "visible", "attn_weights", "sink_mass", "resid_mid",

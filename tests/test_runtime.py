@@ -1,0 +1,143 @@
+"""runtime.Model refuses what it cannot run: another model's KV cache, and weights whose outputs turn
+NaN or inf (named by layer, position and generation step rather than found later as NaN logits)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import tinyoss
+from tinyoss.errors import NonFiniteError, TinyossError
+from tinyoss.generate import generate
+from tinyoss.sampling import Sampler
+from tinyoss.store import SafetensorsFile
+
+BF16_NAN = np.array([0x7FC0], np.uint16).tobytes()
+
+
+@pytest.fixture(scope="module")
+def model(make_checkpoint):
+    return tinyoss.load(make_checkpoint("hf"))
+
+
+@pytest.mark.parametrize("override, field", [
+    ({"num_hidden_layers": 3}, "num_hidden_layers"),
+    ({"sliding_window": 8}, "sliding_window"),
+    ({"num_key_value_heads": 4}, "num_key_value_heads"),
+    ({"rope_theta": 10000.0}, "rope_theta"),
+])
+def test_a_cache_made_by_another_model_is_refused(model, make_checkpoint, override, field):
+    other = tinyoss.load(make_checkpoint("hf", **override))
+    cache = other.new_cache(64)
+    other.forward([1, 2, 3], cache)
+    with pytest.raises(TinyossError, match=f"made for another model: its {field} is"):
+        model.forward([4], cache)
+    with pytest.raises(TinyossError, match=f"its {field} is"):
+        model.forward_batch([4], [cache])
+    with pytest.raises(TinyossError, match=f"its {field} is"):
+        model.forward_reference([4], cache)
+    assert cache.n_tokens == 3  # untouched
+
+
+def test_a_cache_of_another_load_of_the_same_checkpoint_is_fine(model, make_checkpoint):
+    again = tinyoss.load(make_checkpoint("hf"))
+    cache = again.new_cache(64)
+    again.forward([1, 2, 3], cache)
+    np.testing.assert_allclose(model.forward([4], cache), model.forward([1, 2, 3, 4])[-1:],
+                               atol=1e-4)
+
+
+def test_a_cache_with_replaced_buffers_or_of_another_type_is_refused(model):
+    cache = model.new_cache(64)
+    cache.k[1] = np.zeros((3, 16, 5), np.float32)
+    with pytest.raises(TinyossError, match="buffers do not match"):
+        model.forward([1], cache)
+    with pytest.raises(TinyossError, match="cache must be a KVCache"):
+        model.forward([1], {"k": []})
+
+
+def _poison(folder, tensor: str) -> None:
+    """Write NaN into the first element of a bf16 tensor, in place."""
+    for shard in folder.glob("*.safetensors"):
+        info = SafetensorsFile(shard).tensors.get(tensor)
+        if info is not None:
+            assert info.dtype == "BF16"
+            with open(shard, "r+b") as f:
+                f.seek(info.begin)
+                f.write(BF16_NAN)
+            return
+    raise AssertionError(f"{tensor} not found")
+
+
+@pytest.fixture(scope="module")
+def nan_in_layer_2(make_checkpoint, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("nan") / "model"
+    shutil.copytree(make_checkpoint("hf"), folder)
+    _poison(folder, "model.layers.2.self_attn.o_proj.bias")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def nan_in_one_embedding(make_checkpoint, tmp_path_factory):
+    """The embedding row of token 1000 is NaN: only a step that runs that token goes wrong."""
+    folder = tmp_path_factory.mktemp("nan") / "model"
+    shutil.copytree(make_checkpoint("hf"), folder)
+    info = SafetensorsFile(folder / "model-00000-of-00001.safetensors").tensors[
+        "model.embed_tokens.weight"]
+    with open(folder / "model-00000-of-00001.safetensors", "r+b") as f:
+        f.seek(info.begin + 1000 * info.shape[1] * 2)
+        f.write(BF16_NAN)
+    return folder
+
+
+def test_nan_weights_are_named_by_layer_and_position(nan_in_layer_2):
+    model = tinyoss.load(nan_in_layer_2)
+    cache = model.new_cache(64)
+    with pytest.raises(NonFiniteError, match=r"output of layer 2 \(of 0\.\.3\) is not finite .* "
+                                             r"at position 0") as err:
+        model.forward([5, 6, 7], cache)
+    assert (err.value.layer, err.value.position) == (2, 0)
+
+
+def test_the_first_position_whose_output_is_not_finite_is_named(nan_in_one_embedding):
+    model = tinyoss.load(nan_in_one_embedding)
+    cache = model.new_cache(64)
+    model.forward([5, 6, 7], cache)
+    with pytest.raises(NonFiniteError, match="output of layer 0 .* at position 4") as err:
+        model.forward([8, 1000, 9], cache)
+    assert err.value.position == 4
+    with pytest.raises(NonFiniteError, match="at position 3"):  # batched decode too
+        fresh = model.new_cache(64)
+        model.forward([5, 6, 7], fresh)
+        model.forward_batch([1000], [fresh])
+
+
+class _Always:
+    """A sampler that always picks one token (the poisoned one)."""
+
+    def __init__(self, token: int):
+        self.token = token
+
+    def sample(self, logits):
+        return self.token
+
+
+def test_generate_names_the_step(nan_in_layer_2, nan_in_one_embedding):
+    with pytest.raises(NonFiniteError, match=r"^reading the prompt: the output of layer 2"):
+        list(generate(tinyoss.load(nan_in_layer_2), "hi", sampler=Sampler(temperature=0)))
+    with pytest.raises(NonFiniteError, match=r"^decode step 1 \(after the reply's token 0\): the "
+                                             r"output of layer 0"):
+        list(generate(tinyoss.load(nan_in_one_embedding), "hi", sampler=_Always(1000),
+                      max_tokens=5))
+
+
+def test_run_names_layer_and_step_without_a_traceback(nan_in_layer_2):
+    r = subprocess.run([sys.executable, "-m", "tinyoss.cli", "run", "-m", str(nan_in_layer_2),
+                        "hi", "-n", "4"], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    assert "reading the prompt: the output of layer 2 (of 0..3) is not finite" in r.stderr
