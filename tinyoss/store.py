@@ -172,8 +172,67 @@ def proc_kib(path: str, field: str) -> int | None:
 
 
 def available_memory() -> int | None:
-    """Bytes the OS could give this process without swapping (Linux MemAvailable), or None."""
-    return proc_kib("/proc/meminfo", "MemAvailable")
+    """Bytes this process could hold without swapping: Linux MemAvailable, or its memory cgroup's
+    room where that is smaller (a container's or `systemd-run -p MemoryMax=` limit). None where
+    neither is known."""
+    known = [m for m in (proc_kib("/proc/meminfo", "MemAvailable"), cgroup_room()) if m is not None]
+    return min(known) if known else None
+
+
+def _cgroup_dir() -> Path | None:
+    """This process's memory cgroup folder (v2 unified, or v1's memory controller)."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2
+            return Path("/sys/fs/cgroup") / path.lstrip("/")
+        if "memory" in controllers.split(","):
+            return Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+    return None
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return None if text == "max" else int(text) if text.isdigit() else None
+
+
+def cgroup_room() -> int | None:
+    """Bytes this process's memory cgroup may still fill with memory it cannot reclaim: its
+    limit minus what its processes hold (page cache excluded: it is reclaimed). None without a
+    limit."""
+    folder = _cgroup_dir()
+    if folder is None:
+        return None
+    for limit_file, usage_file, cache_key in (("memory.max", "memory.current", "file"),
+                                             ("memory.limit_in_bytes", "memory.usage_in_bytes",
+                                              "total_cache")):
+        limit = _read_int(folder / limit_file)
+        usage = _read_int(folder / usage_file)
+        if limit is None or usage is None:
+            continue
+        if limit >= 1 << 60:  # v1's "no limit"
+            return None
+        cache = _stat_value(folder / "memory.stat", cache_key) or 0
+        return max(0, limit - (usage - cache))
+    return None
+
+
+def _stat_value(path: Path, key: str) -> int | None:
+    """A `key N` line of a cgroup's memory.stat (bytes)."""
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 @functools.cache

@@ -1,0 +1,88 @@
+"""budget.py (`tinyoss info --memory`): the bytes it counts are the bytes the checkpoint holds and
+the runtime allocates; the machine's memory includes a cgroup's limit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import tinyoss
+from tinyoss.bench import fill_cache
+from tinyoss.budget import PROCESS_BYTES, Budget, budget
+from tinyoss.errors import TinyossError
+from tinyoss.store import Checkpoint, SafetensorsFile
+
+
+def test_dense_and_experts_are_every_tensor_but_the_embedding_table(make_checkpoint):
+    folder = make_checkpoint("hf")
+    ckpt = Checkpoint(folder)
+    sizes = {name: info.end - info.begin for f in folder.glob("*.safetensors")
+             for name, info in SafetensorsFile(f).tensors.items()}
+    experts = sum(n for name, n in sizes.items() if ".mlp.experts." in name)
+    embed = sizes["model.embed_tokens.weight"]
+    b = budget(ckpt, 64)
+    assert b.experts == experts
+    row = embed // ckpt.config.vocab_size
+    assert b.dense == sum(sizes.values()) - experts - embed + row
+    assert b.experts_read * ckpt.config.num_experts == experts * ckpt.config.experts_per_token
+    assert b.files == sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def test_q8_dense_bytes_are_those_of_the_int8_copies(make_checkpoint):
+    folder = make_checkpoint("hf")
+    model = tinyoss.load(folder, dense="q8", q8_cache=False)
+    copies = model.fast_weights.q8_bytes
+    replaced = sum(d.w.nbytes for d in model.fast_weights.dense())
+    bf16, q8 = budget(model.checkpoint, 64, "bf16"), budget(model.checkpoint, 64, "q8")
+    assert bf16.dense - q8.dense == replaced - copies
+
+
+@pytest.mark.parametrize("kv", ["f32", "bf16"])
+@pytest.mark.parametrize("ctx", [5, 16, 40])  # under, at and past the tiny model's window of 16
+def test_kv_bytes_are_what_a_full_cache_allocates(make_checkpoint, kv, ctx):
+    model = tinyoss.load(make_checkpoint("hf"))
+    cache = model.new_cache(ctx, kv)
+    fill_cache(model, cache, ctx)
+    allocated = sum(a.nbytes for a in cache.k + cache.v)
+    assert budget(model.checkpoint, ctx, kv=kv).kv == allocated
+
+
+def test_expected_rate_reads_the_missing_experts_from_disk():
+    b = Budget(dense=2_000, experts=10_000, experts_read=1_000, kv=500, kv_read=500, files=0)
+    memory_bw, disk_bw = 1_000.0, 100.0
+    everything = PROCESS_BYTES + 2_000 + 500 + 10_000
+    assert b.tokens_per_second(everything, memory_bw, disk_bw) == pytest.approx(1 / 3.5)
+    # 40 % of the experts held: 60 % of the 1000 expert bytes come from disk
+    assert b.experts_held(PROCESS_BYTES + 2_500 + 4_000) == pytest.approx(0.4)
+    assert b.tokens_per_second(PROCESS_BYTES + 2_500 + 4_000, memory_bw, disk_bw) == \
+        pytest.approx(1 / (2.9 + 6.0))
+    assert b.tokens_per_second(PROCESS_BYTES + 2_000, memory_bw, disk_bw) == 0.0
+
+
+def test_a_context_beyond_the_model_is_refused(make_checkpoint):
+    with pytest.raises(TinyossError, match="--ctx must be in 1..131072, got 200000"):
+        budget(Checkpoint(make_checkpoint("hf")), 200_000)
+
+
+CGROUP_V1 = Path("/sys/fs/cgroup/memory")
+
+
+@pytest.mark.skipif(not (CGROUP_V1 / "cgroup.procs").exists() or os.geteuid() != 0,
+                    reason="needs root and a cgroup v1 memory controller")
+def test_available_memory_is_the_cgroups_room(tmp_path):
+    group = CGROUP_V1 / f"tinyoss-test-{os.getpid()}"
+    group.mkdir()
+    try:
+        (group / "memory.limit_in_bytes").write_text(str(1 << 30))
+        code = ("from tinyoss.store import available_memory; print(available_memory())")
+        r = subprocess.run(["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$0" -c "$1"',
+                            sys.executable, code], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        room = int(r.stdout)
+        assert (1 << 30) - (200 << 20) < room <= 1 << 30  # the limit, less what python holds
+    finally:
+        group.rmdir()
