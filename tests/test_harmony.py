@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tinyoss import harmony as h
@@ -29,11 +29,20 @@ SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[Healt
 # ---------------------------------------------------------------------------------------------------
 
 
+def tools_to_reference(oh: Any, tools: list[h.ToolDescription]) -> list[Any]:
+    return [oh.ToolDescription(name=t.name, description=t.description, parameters=t.parameters) for t in tools]
+
+
+def namespace_to_reference(oh: Any, namespace: h.ToolNamespace) -> Any:
+    return oh.ToolNamespaceConfig(name=namespace.name, description=namespace.description,
+                                  tools=tools_to_reference(oh, namespace.tools))
+
+
 def to_reference(oh: Any, message: h.Message) -> Any:
     content = message.content
     if isinstance(content, h.SystemContent):
         effort = content.reasoning_effort
-        content = oh.SystemContent(
+        system = oh.SystemContent(
             model_identity=content.model_identity,
             knowledge_cutoff=content.knowledge_cutoff,
             conversation_start_date=content.conversation_start_date,
@@ -42,11 +51,16 @@ def to_reference(oh: Any, message: h.Message) -> Any:
                 valid_channels=list(content.valid_channels), channel_required=content.channel_required
             ),
         )
+        for namespace in content.namespaces:
+            system = system.with_tools(namespace_to_reference(oh, namespace))
+        content = system
     elif isinstance(content, h.DeveloperContent):
-        tools = [oh.ToolDescription(name=t.name, description=t.description, parameters=t.parameters)
-                 for t in content.tools]
-        content = oh.DeveloperContent(instructions=content.instructions).with_function_tools(tools) if tools \
-            else oh.DeveloperContent(instructions=content.instructions)
+        developer = oh.DeveloperContent(instructions=content.instructions)
+        for namespace in content.namespaces:
+            developer = developer.with_tools(namespace_to_reference(oh, namespace))
+        if content.tools:
+            developer = developer.with_function_tools(tools_to_reference(oh, content.tools))
+        content = developer
     else:
         content = oh.TextContent(text=content)
     return oh.Message(author=oh.Author(role=oh.Role(message.role.value), name=message.name), content=[content],
@@ -134,18 +148,42 @@ def compound_schemas(children: st.SearchStrategy) -> st.SearchStrategy:
 
 
 schemas = st.recursive(with_keywords(leaf_schemas), lambda c: with_keywords(compound_schemas(c)), max_leaves=8)
-tools = st.builds(h.ToolDescription, names, text,
+# Text made of line breaks of every kind: Rust's str::lines (which openai-harmony uses on descriptions)
+# splits on \n only, where Python's splitlines also splits on \r, \x0b, \x0c, \x1c-\x1e, \x85, \u2028, \u2029.
+LINE_PIECES = ["a", "b c", " ", "\r", "\n", "\r\n", "\n\r", "\r\r\n", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85",
+               "\u2028", "\u2029", "// x"]
+lined_text = st.lists(st.sampled_from(LINE_PIECES), max_size=8).map("".join)
+descriptions = st.one_of(text, lined_text)
+tools = st.builds(h.ToolDescription, names, descriptions,
                   st.one_of(st.none(), object_schemas(schemas), schemas))
+namespace_names = st.one_of(names, st.sampled_from(["functions", "browser", "python", "container", "Zeta", "é"]))
+namespaces = st.one_of(
+    st.builds(h.ToolNamespace, namespace_names, st.none() | descriptions, st.lists(tools, max_size=2)),
+    st.sampled_from([h.ToolNamespace.browser, h.ToolNamespace.python]).map(lambda builtin: builtin()),
+)
+namespace_lists = st.lists(namespaces, max_size=3, unique_by=lambda namespace: namespace.name)
 system_contents = st.builds(
     h.SystemContent,
     model_identity=st.none() | text, knowledge_cutoff=st.none() | text, conversation_start_date=st.none() | text,
     reasoning_effort=st.none() | st.sampled_from(list(h.ReasoningEffort)) | st.sampled_from(["low", "high"]),
     valid_channels=st.lists(st.sampled_from(h.CHANNELS + ("extra",)), unique=True, max_size=4).map(tuple),
     channel_required=st.booleans(),
+    namespaces=st.one_of(st.just([]), namespace_lists),
 )
-developer_contents = st.builds(h.DeveloperContent, st.none() | text, st.lists(tools, max_size=3))
+
+
+@st.composite
+def developer_contents(draw: st.DrawFn) -> h.DeveloperContent:
+    """Instructions, functions, and other namespaces (a `functions` one only when there are no functions)."""
+    functions = draw(st.lists(tools, max_size=3))
+    others = draw(st.one_of(st.just([]), namespace_lists))
+    others = [namespace for namespace in others if not (functions and namespace.name == "functions")]
+    return h.DeveloperContent(draw(st.none() | text), functions, others)
+
+
 channels = st.sampled_from(h.CHANNELS)
-function_names = names.map(lambda n: f"functions.{n}")
+function_names = st.one_of(names.map(lambda n: f"functions.{n}"),
+                           st.sampled_from(["browser.search", "browser.open", "python", "container.exec"]))
 
 
 @st.composite
@@ -171,7 +209,7 @@ def conversations(draw: st.DrawFn) -> list[h.Message]:
     if draw(st.booleans()):
         head.append(h.Message(h.Role.SYSTEM, draw(system_contents)))
     if draw(st.booleans()):
-        head.append(h.Message(h.Role.DEVELOPER, draw(developer_contents)))
+        head.append(h.Message(h.Role.DEVELOPER, draw(developer_contents())))
     body = draw(st.lists(st.one_of(user_messages, assistant_messages(), tool_messages), max_size=6))
     return head + body
 
@@ -198,7 +236,7 @@ def test_render_conversation_for_completion_matches(oh: Any, reference: Any, mes
 
 @SETTINGS
 @given(message=st.one_of(user_messages, assistant_messages(), tool_messages, system_contents.map(h.Message.system),
-                         developer_contents.map(lambda content: h.Message(h.Role.DEVELOPER, content))),
+                         developer_contents().map(lambda content: h.Message(h.Role.DEVELOPER, content))),
        has_tools=st.booleans())
 def test_render_message_matches(oh: Any, reference: Any, message: h.Message, has_tools: bool) -> None:
     options = oh.RenderOptions(conversation_has_function_tools=has_tools)
@@ -211,6 +249,82 @@ def test_render_message_matches(oh: Any, reference: Any, message: h.Message, has
 def test_any_schema_renders_like_openai_harmony(oh: Any, reference: Any, schema: dict) -> None:
     message = h.Message.developer(tools=[h.ToolDescription("f", "desc", schema)])
     assert h.render_message(message) == reference.render(to_reference(oh, message))
+
+
+@settings(max_examples=150, deadline=None)
+@given(description=descriptions, namespace_description=st.none() | descriptions, with_tools=st.booleans())
+@example(description="a\r", namespace_description="b\r", with_tools=True)  # a last \r without \n stays
+@example(description="a\r\n\nb\n\r", namespace_description="\n", with_tools=False)
+@example(description="a\x0bb\x0cc\x1cd\x85e\u2028f\u2029g", namespace_description="x\x1d\x1e", with_tools=True)
+def test_descriptions_split_into_lines_as_rust_does(oh: Any, reference: Any, description: str,
+                                                    namespace_description: str | None, with_tools: bool) -> None:
+    """One `// ` line per line of a tool's or a namespace's description, split as Rust's str::lines splits."""
+    tools = [h.ToolDescription("f", description)] if with_tools else []
+    namespace = h.ToolNamespace("ns", namespace_description, tools)
+    message = h.Message.developer(tools=[h.ToolDescription("g", description)], namespaces=[namespace])
+    assert h.render_message(message) == reference.render(to_reference(oh, message))
+
+
+@settings(max_examples=100, deadline=None)
+@given(system=system_contents, developer=developer_contents(), next_role=st.sampled_from(list(h.Role)))
+def test_system_and_developer_messages_match(oh: Any, reference: Any, system: h.SystemContent,
+                                             developer: h.DeveloperContent, next_role: h.Role) -> None:
+    """Identity, cutoff, date, effort, channels and every kind of tool namespace, token for token (the
+    system message names the functions channel rule only when the developer message has functions)."""
+    messages = [h.Message(h.Role.SYSTEM, system), h.Message(h.Role.DEVELOPER, developer), h.Message.user("Hi")]
+    expected = reference.render_conversation_for_completion(conversation(oh, messages), oh.Role(next_role.value))
+    assert h.render_conversation_for_completion(messages, next_role) == expected
+
+
+def test_builtin_tools_are_openai_harmonys(oh: Any, reference: Any) -> None:
+    assert namespace_to_reference(oh, h.ToolNamespace.browser()) == oh.ToolNamespaceConfig.browser()
+    assert namespace_to_reference(oh, h.ToolNamespace.python()) == oh.ToolNamespaceConfig.python()
+    h.ToolNamespace.browser().tools[0].parameters["required"].append("topn")  # each call gives a fresh copy
+    assert h.ToolNamespace.browser().tools[0].parameters["required"] == ["query"]
+
+    system = h.SystemContent(conversation_start_date="2025-08-05",
+                             namespaces=[h.ToolNamespace.python(), h.ToolNamespace.browser()])
+    messages = [h.Message.system(system), h.Message.developer("Be brief.", [h.ToolDescription("f", "Does f.")]),
+                h.Message.user("Look it up.")]
+    theirs = [oh.Message.from_role_and_content(oh.Role.SYSTEM, oh.SystemContent.new().with_conversation_start_date(
+                  "2025-08-05").with_python_tool().with_browser_tool()),
+              oh.Message.from_role_and_content(oh.Role.DEVELOPER, oh.DeveloperContent.new().with_instructions(
+                  "Be brief.").with_function_tools([oh.ToolDescription.new("f", "Does f.")])),
+              oh.Message.from_role_and_content(oh.Role.USER, "Look it up.")]
+    ids = h.render_conversation_for_completion(messages)
+    assert ids == reference.render_conversation_for_completion(oh.Conversation.from_messages(theirs), oh.Role.ASSISTANT)
+    rendered = get_tokenizer().decode(ids)
+    assert "Reasoning: medium\n\n# Tools\n\n## browser\n\n// Tool for browsing.\n" in rendered
+    assert "} // namespace browser\n\n## python\n\nUse this tool to execute Python code" in rendered  # no `//`
+    assert "Depends on the cluster.\n\n# Valid channels: analysis, commentary, final. Channel must be included " \
+           "for every message.\nCalls to these tools must go to the commentary channel: 'functions'.<|end|>" in rendered
+
+
+def test_empty_tool_list_renders_like_openai_harmony(oh: Any, reference: Any) -> None:
+    messages = [h.Message.system(), h.Message.developer("Hi.", namespaces=[h.ToolNamespace("functions")])]
+    theirs = [oh.Message.from_role_and_content(oh.Role.SYSTEM, oh.SystemContent.new()),
+              oh.Message.from_role_and_content(oh.Role.DEVELOPER, oh.DeveloperContent.new().with_instructions(
+                  "Hi.").with_function_tools([]))]
+    ids = h.render_conversation(messages)
+    assert ids == reference.render_conversation(oh.Conversation.from_messages(theirs))
+    rendered = get_tokenizer().decode(ids)
+    assert rendered.endswith("<|message|># Instructions\n\nHi.\n\n# Tools\n\n## functions\n<|end|>")
+    assert "Calls to these tools" not in rendered  # no functions, so no rule for calling them
+    assert h.tools_section([]) == "# Tools\n\n## functions\n"
+
+
+def test_namespace_with_description_renders_like_openai_harmony(oh: Any, reference: Any) -> None:
+    weather = h.ToolDescription("get", "Gets the weather.", {"type": "object", "properties": {}})
+    namespaces = [h.ToolNamespace("weather", "Weather tools.\nMetric units.", [weather]),
+                  h.ToolNamespace("functions", "Plain functions.", [h.ToolDescription("f", "Does f.")])]
+    message = h.Message.developer(namespaces=namespaces)
+    assert h.render_message(message) == reference.render(to_reference(oh, message))
+    assert get_tokenizer().decode(h.render_message(message)) == (
+        "<|start|>developer<|message|># Tools\n\n## functions\n\n// Plain functions.\nnamespace functions {\n\n"
+        "// Does f.\ntype f = () => any;\n\n} // namespace functions\n\n## weather\n\n// Weather tools.\n"
+        "// Metric units.\nnamespace weather {\n\n// Gets the weather.\ntype get = (_: {\n}) => any;\n\n"
+        "} // namespace weather<|end|>")
+    assert h.tools_section(namespaces) in get_tokenizer().decode(h.render_message(message))
 
 
 def test_known_conversation_renders_as_documented(oh: Any, reference: Any) -> None:
@@ -292,7 +406,48 @@ def test_render_errors_are_clear() -> None:
         h.render_message(h.Message(h.Role.USER, h.SystemContent()))
     with pytest.raises(h.HarmonyError, match="DeveloperContent"):
         h.render_message(h.Message(h.Role.ASSISTANT, h.DeveloperContent()))
+    with pytest.raises(h.HarmonyError, match="'browser' is given twice"):
+        h.render_message(h.Message.system(h.SystemContent(namespaces=[h.ToolNamespace.browser()] * 2)))
+    with pytest.raises(h.HarmonyError, match="'functions' is given twice"):
+        h.render_message(h.Message.developer(tools=[h.ToolDescription("f", "")],
+                                             namespaces=[h.ToolNamespace("functions", "Functions.")]))
     assert issubclass(h.HarmonyError, TinyossError)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rendering for training: a final answer ends with <|return|>
+# ---------------------------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(messages=conversations(), last=st.none() | text.map(h.Message.assistant) | assistant_messages(),
+       auto_drop=st.booleans())
+def test_render_conversation_for_training_matches(oh: Any, reference: Any, messages: list[h.Message],
+                                                  last: h.Message | None, auto_drop: bool) -> None:
+    messages = messages + ([last] if last is not None else [])
+    config = oh.RenderConversationConfig(auto_drop_analysis=auto_drop)
+    expected = reference.render_conversation_for_training(conversation(oh, messages), config)
+    assert h.render_conversation_for_training(messages, auto_drop_analysis=auto_drop) == expected
+
+
+def test_training_ends_a_final_answer_with_return(oh: Any, reference: Any) -> None:
+    messages = [h.Message.user("Hi"), h.Message.assistant("greet", "analysis"), h.Message.assistant("Hello!")]
+    ids = h.render_conversation_for_training(messages)
+    assert ids == reference.render_conversation_for_training(conversation(oh, messages))
+    assert get_tokenizer().decode(ids) == ("<|start|>user<|message|>Hi<|end|><|start|>assistant<|channel|>final"
+                                           "<|message|>Hello!<|return|>")  # analysis before the answer dropped
+    assert h.render_conversation_for_training(messages[:2]) == h.render_conversation(messages[:2])  # no answer yet
+    assert h.render_conversation_for_training([]) == []
+
+
+@SETTINGS
+@given(messages=completions, answer=text)
+def test_training_rendering_parses_back(oh: Any, reference: Any, messages: list[h.Message], answer: str) -> None:
+    messages = messages + [h.Message.assistant(answer)]
+    ids = h.render_conversation_for_training(messages, auto_drop_analysis=False)
+    assert ids[-1] == RETURN
+    assert h.parse_messages_from_completion_tokens(ids, None) == messages
+    assert [from_reference(m) for m in reference.parse_messages_from_completion_tokens(ids, None)] == messages
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -105,9 +105,40 @@ def test_specials_agree_with_tiktoken_o200k_harmony(reference: dict[str, tiktoke
         pytest.skip("this tiktoken has no o200k_harmony")
     theirs, ours = reference["o200k_harmony"], tk.get_tokenizer()
     assert theirs.n_vocab == ours.n_vocab
+    assert ours.special_tokens_set == theirs.special_tokens_set  # 200018 has two names in both
+    for text in sorted(theirs.special_tokens_set):
+        assert ours.encode(text, allowed_special="all") == theirs.encode(text, allowed_special="all"), text
+    assert ours.encode("<|reserved_200018|><|endofprompt|>", allowed_special="all") == [200018, 200018]
     for token_id in range(tk.N_BASE_TOKENS, tk.N_VOCAB):
         assert ours.decode_single_token_bytes(token_id) == theirs.decode_single_token_bytes(token_id)
     prompt = "<|start|>user<|message|>hi<|end|><|start|>assistant<|channel|>final<|message|>ok<|return|>"
+    assert ours.encode(prompt, allowed_special="all") == theirs.encode(prompt, allowed_special="all")
+
+
+@pytest.fixture(scope="module")
+def harmony_encoding(ranks_file: Path) -> object:
+    """openai-harmony's gpt-oss encoding (its own table of special tokens), reading the local ranks."""
+    oh = pytest.importorskip("openai_harmony")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TIKTOKEN_ENCODINGS_BASE", str(ranks_file.parent))
+        return oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
+
+
+def test_specials_agree_with_openai_harmony(harmony_encoding: object) -> None:
+    """Every special token both know encodes and decodes alike. openai-harmony does not know
+    `<|endofprompt|>` (it calls 200018 `<|reserved_200018|>` only), and it has one token more,
+    `<|reserved_201088|>`, past the last id of gpt-oss (its embedding has 201088 rows)."""
+    theirs, ours = harmony_encoding, tk.get_tokenizer()
+    assert theirs.special_tokens_set - ours.special_tokens_set == {"<|reserved_201088|>"}
+    assert ours.special_tokens_set - theirs.special_tokens_set == {"<|endofprompt|>"}
+    for text in sorted(ours.special_tokens_set & theirs.special_tokens_set):
+        assert ours.encode(text, allowed_special="all") == theirs.encode(text, allowed_special="all"), text
+    assert theirs.encode("<|reserved_200018|>", allowed_special="all") == [tk.END_OF_PROMPT]
+    for token_id in range(tk.N_BASE_TOKENS, tk.N_VOCAB):
+        expected = theirs.decode([token_id]) if token_id != tk.END_OF_PROMPT else "<|endofprompt|>"
+        assert ours.decode([token_id]) == expected
+        assert theirs.is_special_token(token_id)
+    prompt = "<|start|>user<|message|>hi<|end|><|reserved_200018|><|start|>assistant<|channel|>final<|message|>"
     assert ours.encode(prompt, allowed_special="all") == theirs.encode(prompt, allowed_special="all")
 
 

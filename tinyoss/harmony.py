@@ -12,18 +12,23 @@ against it. A conversation renders as
     <|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>{"temp": 20}<|end|>
     <|start|>assistant                                  <- the model continues from here
 
+Tools come in namespaces: the developer's functions (`functions.get_weather`), other namespaces with a
+description of their own (`ToolNamespace`), and the built-in `browser` and `python` tools, which go in
+the system message (`SystemContent(namespaces=[ToolNamespace.browser()])`). For training, a conversation
+that ends in a final answer ends with `<|return|>` (`render_conversation_for_training`).
+
 Every header piece (role, ` to=...`, channel, content type) and every content text is tokenized on
 its own with no special tokens allowed, exactly as openai-harmony does, so the ids match.
 
 What the model writes back (after `<|start|>assistant`) is parsed by `StreamParser`, one token at a
-time, into `Message`s. Non-features: content lists (a message holds one content), the built-in browser
-and python tool namespaces, and tools outside the `functions` namespace.
+time, into `Message`s. Non-features: content lists (a message holds one content).
 """
 
 from __future__ import annotations
 
 import codecs
 import collections.abc
+import copy
 import dataclasses
 import decimal
 import enum
@@ -81,9 +86,77 @@ class ToolDescription:
     parameters: dict[str, Any] | None = None
 
 
+# The built-in tools, copied from openai-harmony 0.0.8 (`ToolNamespaceConfig.browser()` and `.python()`).
+_BROWSER_DESCRIPTION = """Tool for browsing.
+The `cursor` appears in brackets before each browsing display: `[{cursor}]`.
+Cite information from the tool using the following format:
+`【{cursor}†L{line_start}(-L{line_end})?】`, for example: `【6†L9-L11】` or `【8†L3】`.
+Do not quote more than 10 words directly from the tool output.
+sources=web (default: web)"""
+_BROWSER_TOOLS = [
+    ToolDescription("search", "Searches for information related to `query` and displays `topn` results.", {
+        "type": "object",
+        "properties": {"query": {"type": "string"}, "topn": {"type": "number", "default": 10},
+                       "source": {"type": "string"}},
+        "required": ["query"],
+    }),
+    ToolDescription("open", (
+        "Opens the link `id` from the page indicated by `cursor` starting at line number `loc`, showing "
+        "`num_lines` lines.\n"
+        "Valid link ids are displayed with the formatting: `【{id}†.*】`.\n"
+        "If `cursor` is not provided, the most recent page is implied.\n"
+        "If `id` is a string, it is treated as a fully qualified URL associated with `source`.\n"
+        "If `loc` is not provided, the viewport will be positioned at the beginning of the document or centered "
+        "on the most relevant passage, if available.\n"
+        "Use this function without `id` to scroll to a new location of an opened page."), {
+        "type": "object",
+        "properties": {"id": {"type": ["number", "string"], "default": -1}, "cursor": {"type": "number", "default": -1},
+                       "loc": {"type": "number", "default": -1}, "num_lines": {"type": "number", "default": -1},
+                       "view_source": {"type": "boolean", "default": False}, "source": {"type": "string"}},
+    }),
+    ToolDescription("find", "Finds exact matches of `pattern` in the current page, or the page given by `cursor`.", {
+        "type": "object",
+        "properties": {"pattern": {"type": "string"}, "cursor": {"type": "number", "default": -1}},
+        "required": ["pattern"],
+    }),
+]
+_PYTHON_DESCRIPTION = (
+    "Use this tool to execute Python code in your chain of thought. The code will not be shown to the user. "
+    "This tool should be used for internal reasoning, but not for code that is intended to be visible to the "
+    "user (e.g. when creating plots, tables, or files).\n\n"
+    "When you send a message containing Python code to python, it will be executed in a stateful Jupyter "
+    "notebook environment. python will respond with the output of the execution or time out after 120.0 "
+    "seconds. The drive at '/mnt/data' can be used to save and persist user files. Internet access for this "
+    "session is UNKNOWN. Depends on the cluster."
+)
+
+
+@dataclass
+class ToolNamespace:
+    """Tools the model addresses as `<name>.<tool>` (`browser.search`), under a description of them all.
+
+    A namespace without tools (`python`) is its description alone: the model writes to `python` itself.
+    """
+
+    name: str
+    description: str | None = None
+    tools: list[ToolDescription] = field(default_factory=list)
+
+    @classmethod
+    def browser(cls) -> ToolNamespace:
+        """The built-in browser (search, open, find), as openai-harmony describes it."""
+        return cls("browser", _BROWSER_DESCRIPTION, copy.deepcopy(_BROWSER_TOOLS))
+
+    @classmethod
+    def python(cls) -> ToolNamespace:
+        """The built-in python tool (a stateful Jupyter kernel), as openai-harmony describes it."""
+        return cls("python", _PYTHON_DESCRIPTION)
+
+
 @dataclass
 class SystemContent:
-    """The system message: who the model is, when it is, how hard it thinks, which channels exist.
+    """The system message: who the model is, when it is, how hard it thinks, which channels exist, and
+    the built-in tools it has (`namespaces`, e.g. `[ToolNamespace.browser(), ToolNamespace.python()]`).
 
     A field set to None is left out of the rendered text (as in openai-harmony).
     """
@@ -94,14 +167,20 @@ class SystemContent:
     reasoning_effort: ReasoningEffort | str | None = ReasoningEffort.MEDIUM
     valid_channels: tuple[str, ...] = CHANNELS
     channel_required: bool = True
+    namespaces: list[ToolNamespace] = field(default_factory=list)
 
 
 @dataclass
 class DeveloperContent:
-    """The developer message: instructions (what other formats call the system prompt) and tools."""
+    """The developer message: instructions (what other formats call the system prompt) and tools.
+
+    `tools` are the functions (the `functions` namespace, rendered when not empty); `namespaces` are
+    any others, or `functions` itself when it has a description or is to be shown empty.
+    """
 
     instructions: str | None = None
     tools: list[ToolDescription] = field(default_factory=list)  # the `functions` namespace
+    namespaces: list[ToolNamespace] = field(default_factory=list)
 
 
 @dataclass
@@ -133,8 +212,9 @@ class Message:
         return cls(Role.SYSTEM, content if content is not None else SystemContent())
 
     @classmethod
-    def developer(cls, instructions: str | None = None, tools: Sequence[ToolDescription] = ()) -> Message:
-        return cls(Role.DEVELOPER, DeveloperContent(instructions, list(tools)))
+    def developer(cls, instructions: str | None = None, tools: Sequence[ToolDescription] = (),
+                  namespaces: Sequence[ToolNamespace] = ()) -> Message:
+        return cls(Role.DEVELOPER, DeveloperContent(instructions, list(tools), list(namespaces)))
 
     @classmethod
     def user(cls, text: str) -> Message:
@@ -350,26 +430,49 @@ def _one_of_property_to_typescript(marked_key: str, meta: dict, indent: str) -> 
 
 
 def _rust_lines(text: str) -> list[str]:
-    """Split like Rust's str::lines: on \\n, dropping one trailing \\r per line and a final empty line."""
+    """Split like Rust's str::lines: after each \\n, which goes with one \\r just before it; no line
+    after a final \\n. Only \\n ends a line (Python's splitlines also splits on \\r, \\x0b, \\x85,
+    \\u2028, ...), and a \\r at the very end, with no \\n after it, stays in the last line."""
     lines = text.split("\n")
-    if lines[-1] == "":
-        lines.pop()
-    return [line[:-1] if line.endswith("\r") else line for line in lines]
+    last = lines.pop()  # the text after the last \n: a line unless empty
+    return [line.removesuffix("\r") for line in lines] + ([last] if last else [])
 
 
-def tools_section(tools: Sequence[ToolDescription], namespace: str = "functions") -> str:
-    """The `# Tools` section: each tool as a commented TypeScript function type in a namespace."""
-    lines = [f"## {namespace}\n"]
-    if tools:
-        lines.append(f"namespace {namespace} {{\n")
-        for tool in tools:
+def namespace_section(namespace: ToolNamespace) -> str:
+    """One namespace of the `# Tools` section: `## name`, its description, its tools as commented
+    TypeScript function types. The description is commented out too when the namespace has tools."""
+    lines = [f"## {namespace.name}\n"]
+    comment = "// " if namespace.tools else ""
+    lines += [comment + line for line in _rust_lines(namespace.description or "")]
+    if namespace.tools:
+        lines.append(f"namespace {namespace.name} {{\n")
+        for tool in namespace.tools:
             lines += [f"// {line}" for line in _rust_lines(tool.description)]
             if tool.parameters is None:
                 lines.append(f"type {tool.name} = () => any;\n")
             else:
                 lines.append(f"type {tool.name} = (_: {schema_to_typescript(tool.parameters)}) => any;\n")
-        lines.append(f"}} // namespace {namespace}")
-    return "# Tools\n\n" + "\n".join(lines)
+        lines.append(f"}} // namespace {namespace.name}")
+    return "\n".join(lines)
+
+
+def _sorted_namespaces(namespaces: Sequence[ToolNamespace]) -> list[ToolNamespace]:
+    """Namespaces in the order openai-harmony renders them: by name (it keeps a map sorted by name,
+    which also cannot hold a name twice: that is an error here)."""
+    names = [namespace.name for namespace in namespaces]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise HarmonyError(f"tool namespace {twice[0]!r} is given twice")
+    return sorted(namespaces, key=lambda namespace: namespace.name)
+
+
+def tools_section(tools: Sequence[ToolDescription] | Sequence[ToolNamespace], namespace: str = "functions") -> str:
+    """The `# Tools` section: `ToolDescription`s in one namespace (`namespace`), or `ToolNamespace`s,
+    rendered in the order of their names."""
+    if all(isinstance(tool, ToolDescription) for tool in tools):
+        tools = [ToolNamespace(namespace, None, list(tools))]  # type: ignore[arg-type]
+    namespaces = _sorted_namespaces(tools)  # type: ignore[arg-type]
+    return "\n\n".join(["# Tools"] + [namespace_section(ns) for ns in namespaces])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -378,7 +481,8 @@ def tools_section(tools: Sequence[ToolDescription], namespace: str = "functions"
 
 
 def system_text(content: SystemContent, has_function_tools: bool = False) -> str:
-    """The system message's text; it names the `functions` channel rule only when tools exist."""
+    """The system message's text; it names the `functions` channel rule only when the developer
+    message has functions."""
     top = [content.model_identity] if content.model_identity is not None else []
     if content.knowledge_cutoff is not None:
         top.append(f"Knowledge cutoff: {content.knowledge_cutoff}")
@@ -387,6 +491,8 @@ def system_text(content: SystemContent, has_function_tools: bool = False) -> str
     sections = ["\n".join(top)] if top else []
     if content.reasoning_effort is not None:
         sections.append(f"Reasoning: {ReasoningEffort(content.reasoning_effort).value}")
+    if content.namespaces:
+        sections.append(tools_section(content.namespaces))
     if content.valid_channels:
         channels = f"# Valid channels: {', '.join(content.valid_channels)}."
         if content.channel_required:
@@ -397,11 +503,18 @@ def system_text(content: SystemContent, has_function_tools: bool = False) -> str
     return "\n\n".join(sections)
 
 
+def developer_namespaces(content: DeveloperContent) -> list[ToolNamespace]:
+    """The developer message's tool namespaces: `namespaces`, and `functions` when `tools` has any."""
+    functions = [ToolNamespace("functions", None, list(content.tools))] if content.tools else []
+    return list(content.namespaces) + functions
+
+
 def developer_text(content: DeveloperContent) -> str:
     """The developer message's text: `# Instructions` then `# Tools`."""
     sections = ["# Instructions", content.instructions] if content.instructions is not None else []
-    if content.tools:
-        sections.append(tools_section(content.tools))
+    namespaces = developer_namespaces(content)
+    if namespaces:
+        sections.append(tools_section(namespaces))
     return "\n\n".join(sections)
 
 
@@ -459,7 +572,11 @@ def render_message(
 
 
 def _has_function_tools(messages: Sequence[Message]) -> bool:
-    return any(isinstance(m.content, DeveloperContent) and m.content.tools for m in messages)
+    """Whether a developer message gives the model functions (the system message then says where
+    calls to them go). Built-in tools and other namespaces do not count, as in openai-harmony."""
+    return any(namespace.name == "functions" and namespace.tools
+               for m in messages if isinstance(m.content, DeveloperContent)
+               for namespace in developer_namespaces(m.content))
 
 
 def _kept_messages(messages: Sequence[Message], auto_drop_analysis: bool) -> list[Message]:
@@ -500,6 +617,19 @@ def render_conversation_for_completion(
     tokenizer = tokenizer or get_tokenizer()
     ids = render_conversation(messages, auto_drop_analysis=auto_drop_analysis, tokenizer=tokenizer)
     return ids + [START] + tokenizer.encode_ordinary(Role(next_role).value)
+
+
+def render_conversation_for_training(
+    messages: Sequence[Message], *, auto_drop_analysis: bool = True, tokenizer: tiktoken.Encoding | None = None
+) -> list[int]:
+    """A conversation to train on: as `render_conversation`, but when the last message is the
+    assistant's final answer it ends with `<|return|>` (what the model writes when it is done)
+    instead of `<|end|>`."""
+    ids = render_conversation(messages, auto_drop_analysis=auto_drop_analysis, tokenizer=tokenizer)
+    last = messages[-1] if messages else None
+    if last is not None and Role(last.role) is Role.ASSISTANT and last.channel == "final":
+        ids[-1] = RETURN  # openai-harmony replaces the last token, even a final call's <|call|>
+    return ids
 
 
 # ---------------------------------------------------------------------------------------------------

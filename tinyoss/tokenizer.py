@@ -79,10 +79,16 @@ class TokenizerError(TinyossError):
 
 
 def special_tokens() -> dict[str, int]:
-    """Every special token of o200k_harmony: the named ones, and `<|reserved_N|>` for each other id
-    from 199998 to 201087 (N is the id, as in tiktoken and the checkpoint's tokenizer_config.json)."""
-    named_ids = set(NAMED_SPECIAL_TOKENS.values())
-    reserved = {f"<|reserved_{i}|>": i for i in range(N_BASE_TOKENS, N_VOCAB) if i not in named_ids}
+    """Every special token of o200k_harmony, exactly tiktoken's table: the named ones, and
+    `<|reserved_N|>` for each id from 199998 to 201087 that harmony does not name (N is the id).
+
+    200018 has two names. `<|endofprompt|>` is o200k_base's own special token (and the checkpoint's
+    tokenizer_config.json calls 200018 that); harmony names it `<|reserved_200018|>`, which is all
+    openai-harmony knows. Both encode to 200018; it decodes to `<|endofprompt|>` (tiktoken's choice:
+    a test pins it).
+    """
+    harmony_ids = {i for name, i in NAMED_SPECIAL_TOKENS.items() if name != "<|endofprompt|>"}
+    reserved = {f"<|reserved_{i}|>": i for i in range(N_BASE_TOKENS, N_VOCAB) if i not in harmony_ids}
     return {**NAMED_SPECIAL_TOKENS, **reserved}
 
 
