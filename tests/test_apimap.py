@@ -10,7 +10,7 @@ import re
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tinyoss import generate
@@ -333,6 +333,7 @@ def test_finish_is_idempotent_and_feed_takes_numpy_ints() -> None:
                                  st.sampled_from(handwritten("assistant analysis final commentary to=functions.f "
                                                              "json { } 日本 🎉")),
                                  st.integers(0, 201087), st.integers(-3, 10**6)), max_size=40))
+@example(tokens=[200005, 173781, 200005, 200006])  # <|channel|> in a header cut off by <|start|>: no text
 def test_any_token_stream_never_raises(tokens: list[int]) -> None:
     run(tokens)  # consistent, no control text, no exception
 

@@ -57,6 +57,8 @@ CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 RESPONSES_ROLES = ("system", "developer", "user", "assistant")
 REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")  # vLLM/DeepSeek, OpenRouter, the HF template
 
+_CONTROL_TEXT = re.compile(r"<\|[a-z_0-9]+\|>")  # a special token's text, e.g. <|channel|>
+
 
 class RequestError(TinyossError):
     """A request the API cannot serve: HTTP status (400 default), message, the offending `param`
@@ -580,7 +582,8 @@ class OutputMapper:
         """A header ended by a stop token, read leniently: its extra words are its text (the model
         forgot <|message|>), except a recipient or content type, which are no text."""
         words = message.text.split(" ")
-        message.content = " ".join(w for w in words if not w.startswith(("to=", "<|constrain|>")))
+        message.content = " ".join(_CONTROL_TEXT.sub("", w) for w in words  # a control token is no text
+                                   if not w.startswith(("to=", "<|constrain|>")))
         self._kind = self._kind_of(message.role, message.channel, message.recipient)
         if self._kind == "reasoning":
             self.reasoning_tokens += self._header_tokens
