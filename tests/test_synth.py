@@ -38,8 +38,9 @@ def test_120b_file_names():
 
 def test_tiny_checkpoint_files(tiny_checkpoint):
     files = sorted(p.name for p in tiny_checkpoint.iterdir())
-    assert files == ["config.json", "generation_config.json", "model-00000-of-00001.safetensors",
-                     "model-00001-of-00001.safetensors", "model.safetensors.index.json", "original"]
+    assert files == [".tinyoss-synth", "config.json", "generation_config.json",
+                     "model-00000-of-00001.safetensors", "model-00001-of-00001.safetensors",
+                     "model.safetensors.index.json", "original"]
     gen = json.loads((tiny_checkpoint / "generation_config.json").read_text())
     assert gen["eos_token_id"] == [200002, 199999, 200012]
     index = json.loads((tiny_checkpoint / "model.safetensors.index.json").read_text())

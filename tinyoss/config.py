@@ -19,12 +19,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import reprlib
+import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from .errors import ConfigError
+from .errors import ConfigError, TinyossError, expect_type
 
 MAX_CONTEXT = 131072  # the published models' max_position_embeddings
+MAX_JSON_BYTES = 100_000_000  # a config.json or index is kilobytes; refuse to read gigabytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +122,15 @@ def _coerce(value: Any, kind: type, key: str, source: str) -> Any:
     elif kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
-    raise ConfigError(f"{source}: key '{key}' must be a {kind.__name__}, got {value!r}")
+    raise ConfigError(f"{source}: key '{key}' must be a {kind.__name__}, got {short_repr(value)}")
+
+
+def short_repr(value: Any) -> str:
+    """repr() cut to a few levels and characters: a value read from a file, for an error message
+    (a list nested 10000 deep or a megabyte string must not become the message)."""
+    r = reprlib.Repr()
+    r.maxlevel, r.maxstring, r.maxother, r.maxlist, r.maxdict = 3, 100, 60, 8, 4
+    return r.repr(value)
 
 
 def config_from_dict(raw: Any, source: str = "config.json") -> Config:
@@ -127,26 +139,30 @@ def config_from_dict(raw: Any, source: str = "config.json") -> Config:
         raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
     hf = is_hf_config(raw)
     values: dict[str, Any] = {}
+    keys: dict[str, str] = {}  # field -> the key this file spells it with (errors name that)
     for field, hf_path, orig_key, kind, default in _FIELDS:
         path = hf_path if hf else (orig_key,)
         if hf and field == "experts_per_token" and _lookup(raw, path) is REQUIRED:
             path = ("experts_per_token",)  # the published HF config carries both spellings
         value = _lookup(raw, path)
-        key = ".".join(path)
+        key = keys[field] = ".".join(path)
         if value is REQUIRED:
             if default is REQUIRED:
                 raise ConfigError(f"{source}: missing required key '{key}'")
             value = default
         values[field] = _coerce(value, kind, key, source)
     n_layers = values["num_hidden_layers"]
+    if n_layers <= 0:  # before layer_types, which would otherwise take the blame
+        raise ConfigError(f"{source}: key '{keys['num_hidden_layers']}' must be positive, "
+                          f"got {n_layers}")
     values["layer_sliding"] = _layer_sliding(raw, hf, n_layers, source)
     config = Config(**values)
-    _validate(config, source)
+    _validate(config, source, keys)
     return config
 
 
 def _layer_sliding(raw: dict, hf: bool, n_layers: int, source: str) -> tuple[bool, ...]:
-    even_rule = tuple(i % 2 == 0 for i in range(max(n_layers, 0)))
+    even_rule = tuple(i % 2 == 0 for i in range(n_layers))
     if not hf or "layer_types" not in raw:
         return even_rule  # the reference: sliding window on even layers
     types = raw["layer_types"]
@@ -155,14 +171,16 @@ def _layer_sliding(raw: dict, hf: bool, n_layers: int, source: str) -> tuple[boo
     allowed = {"sliding_attention": True, "full_attention": False}
     for t in types:
         if t not in allowed:
-            raise ConfigError(f"{source}: key 'layer_types' has unknown type {t!r}")
+            raise ConfigError(f"{source}: key 'layer_types' has unknown type {short_repr(t)}")
     return tuple(allowed[t] for t in types)
 
 
-def _validate(c: Config, source: str) -> None:
-    def need(ok: bool, key: str, why: str) -> None:
+def _validate(c: Config, source: str, keys: dict[str, str]) -> None:
+    """Check the values together; a failure names the key as the file spells it (`keys`: field ->
+    key, e.g. num_experts -> num_local_experts in an HF config)."""
+    def need(ok: bool, field: str, why: str) -> None:
         if not ok:
-            raise ConfigError(f"{source}: key '{key}' {why}")
+            raise ConfigError(f"{source}: key '{keys.get(field, field)}' {why}")
 
     for key in ("num_hidden_layers", "num_experts", "experts_per_token", "vocab_size",
                 "hidden_size", "intermediate_size", "head_dim", "num_attention_heads",
@@ -183,23 +201,64 @@ def _validate(c: Config, source: str) -> None:
          f"must be a multiple of 32 (MXFP4 blocks), got {c.intermediate_size}")
 
 
+_FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+               (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"))
+
+
+def _not_regular(mode: int) -> str | None:
+    """What a non-regular file is ("a FIFO (named pipe)", ...), None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((kind for test, kind in _FILE_KINDS if test(mode)), "not a regular file")
+
+
+def open_regular_file(path: str | os.PathLike, what: str,
+                      error: type[TinyossError] = ConfigError) -> BinaryIO:
+    """`path` opened for binary reading, if it is a regular file (symlinks followed); anything
+    else is refused at once with `error` naming it: open() of a FIFO blocks until some writer
+    comes (forever), a device may never end, a socket can't be opened."""
+    try:
+        kind = _not_regular(os.stat(path).st_mode)
+        if kind is None:
+            # O_NONBLOCK: a FIFO swapped in since the stat can't block the open either
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise error(f"{path}: {what} not found") from None
+    except OSError as e:
+        raise error(f"{path}: cannot open {what}: {e.strerror or e}") from None
+    if kind is None:
+        kind = _not_regular(os.fstat(fd).st_mode)
+        if kind is None:
+            if hasattr(os, "O_NONBLOCK"):
+                os.set_blocking(fd, True)
+            return os.fdopen(fd, "rb")
+        os.close(fd)
+    raise error(f"{path}: {what} is {kind}, not a regular file")
+
+
 def read_json(path: Path, what: str = "file") -> Any:
     """Parse a JSON file, turning every failure into a ConfigError naming the file."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: {what} not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read {what}: {e}") from None
+    with open_regular_file(path, what) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_JSON_BYTES:
+            raise ConfigError(f"{path}: {size:,} bytes is too large for a {what} "
+                              f"(at most {MAX_JSON_BYTES:,})")
+        try:
+            text = f.read().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read {what}: {e}") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:  # e.g. [[[[...]]]] 100000 deep: json recurses once per level
+        raise ConfigError(f"{path}: {what} nests JSON too deeply to parse") from None
 
 
 def load_config(path: str | Path) -> Config:
     """Read a config.json of either layout."""
-    path = Path(path)
+    path = Path(expect_type(path, (str, os.PathLike), "path"))
     return config_from_dict(read_json(path, "config.json"), str(path))
 
 

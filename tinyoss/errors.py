@@ -2,11 +2,21 @@
 
 The CLI catches TinyossError and prints its one-line message (no traceback), so each message names
 the file, tensor, field or argument that is wrong.
+
+TinyossError is a ValueError, so `except ValueError` catches bad input as Python users expect; a
+wrong *type* passed to the API (`tinyoss.load(123)`) raises TinyossTypeError, which is also a
+TypeError.
 """
 
+from __future__ import annotations
 
-class TinyossError(Exception):
+
+class TinyossError(ValueError):
     """Base class of all errors tinyoss raises for bad input."""
+
+
+class TinyossTypeError(TinyossError, TypeError):
+    """An argument of the wrong type (both a TinyossError and a TypeError)."""
 
 
 class ConfigError(TinyossError):
@@ -25,3 +35,13 @@ class NonFiniteError(TinyossError):
     def __init__(self, message: str, layer: int, position: int):
         super().__init__(message)
         self.layer, self.position = layer, position
+
+
+def expect_type(value, types: type | tuple[type, ...], what: str):
+    """`value` if it is one of `types` (bool is not an int here), else TinyossTypeError naming
+    `what`: e.g. expect_type(path, (str, os.PathLike), "path")."""
+    types = types if isinstance(types, tuple) else (types,)
+    if isinstance(value, types) and not (isinstance(value, bool) and bool not in types):
+        return value
+    names = " or ".join(t.__name__ for t in types)
+    raise TinyossTypeError(f"{what} must be a {names}, got {type(value).__name__}")

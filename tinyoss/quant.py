@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CheckpointError, TinyossError
+from .errors import CheckpointError, TinyossError, expect_type
 from .store import Checkpoint, SafetensorsFile, bf16_to_f32, safetensors_header
 
 CACHE_FORMAT = "tinyoss-q8-1"  # bump when the int8 format or its tensor names change
@@ -54,6 +54,10 @@ def _q8_blocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def q8_quantize(w_bf16: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """bf16 [R, C] -> (int8 [R, C], float32 [R, C/32])."""
+    expect_type(w_bf16, np.ndarray, "w_bf16")
+    if w_bf16.dtype != np.uint16 or w_bf16.ndim != 2 or w_bf16.shape[1] % 32:
+        raise TinyossError(f"w_bf16 must be bf16 bits (uint16) [R, C] with C a multiple of 32, "
+                           f"got {w_bf16.dtype} {list(w_bf16.shape)}")
     return _q8_blocks(bf16_to_f32(w_bf16))
 
 
@@ -171,6 +175,7 @@ def _write_cache(path: Path, key: str, mats: dict[str, np.ndarray]) -> None:
 def cache_files(folder: Path | None) -> list[tuple[Path, int, list[str]]]:
     """The q8 cache files in `folder`: (path, bytes, the shard files they were made from; empty
     if unreadable), largest first."""
+    folder = _folder(folder)
     if folder is None or not folder.is_dir():
         return []
     found = []
@@ -187,12 +192,17 @@ def cache_files(folder: Path | None) -> list[tuple[Path, int, list[str]]]:
 def clear_cache(folder: Path | None) -> int:
     """Delete every q8 cache file (and writers' leftovers) in `folder`; returns the bytes freed.
     A running process that maps one keeps its copy until it exits."""
+    folder = _folder(folder)
     if folder is None or not folder.is_dir():
         return 0
     paths = [*folder.glob("q8-*.safetensors"), *folder.glob(".q8-*.tmp")]
     freed = sum(p.stat().st_size for p in paths)
     _remove(paths)
     return freed
+
+
+def _folder(folder) -> Path | None:
+    return None if folder is None else Path(expect_type(folder, (str, os.PathLike), "folder"))
 
 
 def _source(path: Path) -> str:

@@ -37,7 +37,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import TinyossError
+from .errors import TinyossError, expect_type
 from .model import KVCache, linear, rmsnorm
 from .runtime import Model, check_tokens
 
@@ -183,6 +183,21 @@ class Recording:
                  "lens_top": int(self.lens_ids[L, -1, 0]) if self.lens_ids.shape[-1] else None}
                 for L in range(self.n_layers)]
 
+    # NaN and inf -------------------------------------------------------------------------------
+
+    def first_non_finite(self) -> tuple[int, str, int] | None:
+        """Where the recording first holds NaN or inf: (layer, value name, position), layer -1
+        for the logits; None when every value is finite. Layers in order, and in a layer the
+        values in the order they are computed (LAYER_NAMES)."""
+        values = [(L, name, layer[name]) for L, layer in enumerate(self.layers)
+                  for name in LAYER_NAMES] + [(-1, "logits", self.logits)]
+        for L, name, value in values:
+            if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+                token_axis = 1 if name in ("attn_weights", "sink_mass") else 0  # [Hq, n, ...]
+                rows = np.moveaxis(~np.isfinite(value), token_axis, 0).reshape(len(self.tokens), -1)
+                return L, name, int(self.positions[np.flatnonzero(rows.any(axis=1))[0]])
+        return None
+
     # files -------------------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> None:
@@ -197,9 +212,10 @@ class Recording:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Recording":
-        path = Path(path)
-        if not path.is_file():
-            raise TinyossError(f"{path}: no such recording file")
+        path = Path(expect_type(path, (str, os.PathLike), "path"))
+        if not path.is_file():  # missing, or a folder, FIFO or device (np.load would block)
+            raise TinyossError(f"{path}: no such recording file" if not path.exists() else
+                               f"{path}: a recording is a regular file, this is not one")
         try:
             with np.load(path, allow_pickle=False) as f:
                 data = {key: f[key] for key in f.files}
@@ -221,6 +237,8 @@ def record(model: Model, tokens, cache: KVCache | None = None, lens_top: int = 5
     cached tokens (and extend the cache), so keys include the cached positions.
     lens_top: how many of the logit lens' best tokens to keep per layer and position (0: no lens).
     """
+    expect_type(model, Model, "model")
+    expect_type(lens_top, int, "lens_top")
     c = model.config
     tokens = check_tokens(tokens, c.vocab_size)
     first = 0 if cache is None else cache.n_tokens

@@ -23,11 +23,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tinyoss.errors import TinyossError
+from tinyoss.errors import TinyossError, TinyossTypeError
 
 
 class SamplingError(TinyossError):
     """Invalid sampling settings, or logits that cannot be sampled (NaN, all -inf)."""
+
+
+class SamplingTypeError(SamplingError, TinyossTypeError):
+    """A sampling setting or logits of the wrong type (also a TypeError)."""
+
+
+_REAL = (int, float, np.integer, np.floating)
+_SEEDS = (int, np.integer, np.random.Generator, np.random.BitGenerator, np.random.SeedSequence)
+
+
+def _expect(value, types: tuple, what: str, kind: str) -> None:
+    if not isinstance(value, types) or isinstance(value, (bool, np.bool_)):
+        raise SamplingTypeError(f"{what} must be {kind}, got {type(value).__name__}")
 
 
 @dataclass(frozen=True)
@@ -106,7 +119,11 @@ def top_logprobs(logprobs: np.ndarray, n: int) -> tuple[tuple[int, float], ...]:
 
 
 def _check_logits(logits: np.ndarray) -> np.ndarray:
-    scores = np.asarray(logits, dtype=np.float64)
+    try:
+        scores = np.asarray(logits, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise SamplingTypeError(f"logits must be a vector of numbers, got "
+                                f"{type(logits).__name__}") from None
     if scores.ndim != 1 or scores.size == 0:
         raise SamplingError(f"logits must be a non-empty vector, got shape {scores.shape}")
     if np.isnan(scores).any():
@@ -131,9 +148,16 @@ class Sampler:
         min_p: float = 0.0,
         seed: int | np.random.Generator | None = None,
     ):
+        for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p)):
+            _expect(value, _REAL, name, "a number")
+        _expect(top_k, (int, np.integer), "top_k", "an integer >= 0 (0 = off)")
+        if seed is not None:
+            _expect(seed, _SEEDS, "seed", "an integer, a numpy Generator or None")
+            if isinstance(seed, (int, np.integer)) and seed < 0:
+                raise SamplingError(f"seed must be at least 0, got {seed}")
         if not temperature >= 0.0:
             raise SamplingError(f"temperature must be >= 0, got {temperature}")
-        if not (isinstance(top_k, (int, np.integer)) and top_k >= 0):
+        if not top_k >= 0:
             raise SamplingError(f"top_k must be an integer >= 0 (0 = off), got {top_k}")
         if not 0.0 < top_p <= 1.0:
             raise SamplingError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
@@ -161,6 +185,8 @@ class Sampler:
         """The next token. [n_vocab] logits -> token id"""
         if self.greedy:
             return int(np.argmax(_check_logits(logits)))  # ties: the lowest id
+        if not isinstance(logits, np.ndarray):
+            logits = _check_logits(logits)  # a list: float64 (the float32 fast path below needs arrays)
         if self.top_k == 0 and self.top_p == 1.0 and self.min_p == 0.0 and logits.dtype == np.float32:
             return self._draw_plain(logits)
         return draw(self.probabilities(logits), self.rng)

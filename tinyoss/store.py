@@ -38,15 +38,19 @@ import ctypes
 import dataclasses
 import functools
 import json
+import math
 import mmap
 import os
 import struct
+import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from .config import Config, is_hf_config, load_config, read_json
-from .errors import CheckpointError, ConfigError
+from . import mxfp4
+from .config import Config, is_hf_config, load_config, open_regular_file, read_json, short_repr
+from .errors import CheckpointError, ConfigError, TinyossTypeError, expect_type
 
 # safetensors dtype string -> the numpy dtype we view it as
 DTYPES: dict[str, np.dtype] = {
@@ -95,11 +99,7 @@ class SafetensorsFile:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        try:
-            f = open(self.path, "rb")
-        except OSError as e:
-            raise CheckpointError(f"{self.path}: cannot open: {e.strerror}") from None
-        with f:
+        with open_regular_file(self.path, "safetensors file", CheckpointError) as f:
             size = os.fstat(f.fileno()).st_size
             self.tensors, self.metadata = parse_header(f, size, self.path)
             self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
@@ -273,9 +273,13 @@ def parse_header(f, size: int, path: Path) -> tuple[dict[str, TensorInfo], dict]
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
+    except RecursionError:  # [[[[...]]]] thousands deep: json recurses once per level
+        raise CheckpointError(f"{path}: header nests JSON too deeply to parse") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object")
     metadata = header.pop("__metadata__", {}) or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: header's __metadata__ is not a JSON object")
     data_start, data_len = 8 + n, size - 8 - n
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
@@ -285,24 +289,29 @@ def parse_header(f, size: int, path: Path) -> tuple[dict[str, TensorInfo], dict]
 
 
 def _check_entry(path: Path, name: str, entry, data_start: int, data_len: int) -> TensorInfo:
-    where = f"{path}: tensor '{name}'"
+    where = f"{path}: tensor {short_repr(name)}"  # (a name from the file: cut, escaped)
     if not isinstance(entry, dict):
         raise CheckpointError(f"{where}: header entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in _KNOWN_DTYPES:
-        raise CheckpointError(f"{where}: unknown dtype {dtype!r}")
+    if not (isinstance(dtype, str) and dtype in _KNOWN_DTYPES):
+        raise CheckpointError(f"{where}: unknown dtype {short_repr(dtype)}")
     if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-        raise CheckpointError(f"{where}: bad shape {shape!r}")
+        raise CheckpointError(f"{where}: bad shape {short_repr(shape)}")
+    # exact (Python ints): numpy's int64 product wraps around or overflows; numpy refuses arrays
+    # whose non-zero dimensions multiply past 2**63 bytes, even empty ones
+    if math.prod(d for d in shape if d) * _ITEMSIZE[dtype] >= 2**63:
+        raise CheckpointError(f"{where}: shape {short_repr(shape)} is too large (a dimension "
+                              f"or the byte count reaches 2**63)")
     if not (isinstance(offsets, list) and len(offsets) == 2
             and all(type(o) is int for o in offsets)):
-        raise CheckpointError(f"{where}: bad data_offsets {offsets!r}")
+        raise CheckpointError(f"{where}: bad data_offsets {short_repr(offsets)}")
     begin, end = offsets
     if not 0 <= begin <= end:
         raise CheckpointError(f"{where}: data_offsets {offsets} are reversed or negative")
     if end > data_len:
         raise CheckpointError(f"{where}: data_offsets {offsets} run past the end of the file "
                               f"({data_len} data bytes): truncated file?")
-    n_bytes = int(np.prod(shape, dtype=np.int64)) * _ITEMSIZE[dtype]
+    n_bytes = math.prod(shape) * _ITEMSIZE[dtype]
     if end - begin != n_bytes:
         raise CheckpointError(f"{where}: {end - begin} bytes stored but shape {shape} of {dtype} "
                               f"needs {n_bytes}")
@@ -383,7 +392,10 @@ def resolve_checkpoint_dir(path: str | Path, layout: str | None = None) -> tuple
 
     Accepts an HF repo root, an `original/` folder, or a repo root with layout='original'.
     """
-    root = Path(path)
+    root = Path(expect_type(path, (str, os.PathLike), "path"))
+    if layout is not None and not isinstance(layout, str):
+        raise TinyossTypeError(f"layout must be 'hf', 'original' or None, got "
+                               f"{type(layout).__name__}")
     if layout not in (None, "hf", "original"):
         raise CheckpointError(f"layout must be 'hf' or 'original', got {layout!r}")
     if not root.exists():
@@ -429,10 +441,11 @@ class Checkpoint:
             weight_map = index.get("weight_map") if isinstance(index, dict) else None
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index_path}: no 'weight_map' object")
+            for tensor, name in weight_map.items():
+                if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+                    raise CheckpointError(f"{index_path}: bad shard file name "
+                                          f"{short_repr(name)} for tensor {short_repr(tensor)}")
             names = sorted(set(weight_map.values()))
-            for name in names:
-                if not isinstance(name, str) or "/" in name or name.startswith("."):
-                    raise CheckpointError(f"{index_path}: bad shard file name {name!r}")
         else:
             weight_map = None
             names = sorted(p.name for p in self.path.glob("*.safetensors"))
@@ -466,7 +479,16 @@ class Checkpoint:
     def _check_and_view(self) -> dict[str, np.ndarray]:
         where = self._locate()
         views: dict[str, np.ndarray] = {}
-        for spec in layout_table(self.config, self.layout):
+        specs = layout_table(self.config, self.layout)
+        known = {spec.name for spec in specs}
+        unknown = [name for name in where if name not in known]
+        if unknown:  # harmless (never read), but a sign of another model or a damaged file
+            listed = ", ".join(f"{short_repr(n)} in {where[n].path.name}" for n in unknown[:5])
+            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+            warnings.warn(f"tinyoss: {self.path}: ignoring {len(unknown)} tensor(s) that a "
+                          f"gpt-oss {self.layout}-layout checkpoint does not have: {listed}{more}",
+                          stacklevel=3)
+        for spec in specs:
             f = where.get(spec.name)
             if f is None:
                 shard = (self._weight_map or {}).get(spec.name)
@@ -492,3 +514,84 @@ class Checkpoint:
         for f in self.files.values():
             if f.release(arr):
                 return
+
+    def scan(self, progress: Callable[[int], None] = lambda n: None) -> list[NonFinite]:
+        """Every tensor holding NaN or inf values, in checkpoint order (empty: all finite).
+
+        Reads the bf16 tensors and the MXFP4 scales, not the MXFP4 blocks (E2M1 has no NaN or
+        inf: a block is NaN only through its E8M0 scale, 255; scales 253 and 254 overflow to inf
+        with large enough elements, so those blocks are decoded). About a third of the bytes.
+        progress(n): n more bytes scanned."""
+        where, found = self._locate(), []
+        scratch = np.empty(SCAN_CHUNK, np.uint16)
+        for spec in layout_table(self.config, self.layout):
+            if spec.name.endswith("blocks"):
+                continue
+            f = where[spec.name]
+            arr = f.array(spec.name)
+            flat = arr.reshape(-1)
+            if spec.dtype == "BF16":
+                count, first = _scan_bf16(flat, scratch, progress)
+                what = "NaN/inf value(s)"
+            else:  # E8M0 scales: their blocks, as the internal name says
+                internal = spec.views[0][0]
+                blocks = self.tensors[internal.replace("_scales", "_blocks")].reshape(-1, 16)
+                count, first = _scan_scales(flat, blocks, progress)
+                what = "MXFP4 block(s) whose E8M0 scale makes them NaN/inf"
+            if count:
+                found.append(NonFinite(f.path, spec.name, count,
+                                       tuple(int(i) for i in np.unravel_index(first, arr.shape)),
+                                       what))
+            f.release(arr)  # read once: keep the process small (the page cache keeps them)
+        return found
+
+
+SCAN_CHUNK = 1 << 19  # elements a step of Checkpoint.scan (1 MiB of bf16: the scratch stays in L2)
+
+
+@dataclasses.dataclass(frozen=True)
+class NonFinite:
+    """A tensor holding NaN or inf (Checkpoint.scan)."""
+    file: Path
+    tensor: str  # its name in the checkpoint
+    count: int  # how many values (bf16) or blocks (MXFP4 scales) are NaN/inf
+    first: tuple[int, ...]  # the index of the first one ([expert, row, block] for scales)
+    what: str
+
+    def __str__(self) -> str:
+        return (f"{self.file}: tensor '{self.tensor}' holds {self.count} {self.what}, the first "
+                f"at {list(self.first)}")
+
+
+def _scan_bf16(flat: np.ndarray, scratch: np.ndarray,
+               progress: Callable[[int], None]) -> tuple[int, int]:
+    """(how many, first flat index) of the NaN/inf values of bf16 bits (exponent all ones)."""
+    count, first = 0, -1
+    for start in range(0, flat.size, SCAN_CHUNK):
+        chunk = flat[start:start + SCAN_CHUNK]
+        magnitude = np.bitwise_and(chunk, 0x7FFF, out=scratch[:chunk.size])  # sign dropped
+        if magnitude.max() >= 0x7F80:
+            bad = np.flatnonzero(magnitude >= 0x7F80)
+            first = start + int(bad[0]) if first < 0 else first
+            count += bad.size
+        progress(chunk.nbytes)
+    return count, first
+
+
+def _scan_scales(flat: np.ndarray, blocks: np.ndarray,
+                 progress: Callable[[int], None]) -> tuple[int, int]:
+    """(how many, first flat index) of the MXFP4 blocks [n, 16] that decode to NaN/inf through
+    their E8M0 scale (flat [n]): 255 always (E8M0's NaN), 253/254 with large elements."""
+    count, first = 0, -1
+    for start in range(0, flat.size, SCAN_CHUNK):
+        chunk = flat[start:start + SCAN_CHUNK]
+        if chunk.max() >= 253:
+            suspects = start + np.flatnonzero(chunk >= 253)
+            with np.errstate(over="ignore", invalid="ignore"):
+                values = mxfp4.decode(blocks[suspects][:, None, :], flat[suspects][:, None])
+            bad = suspects[~np.isfinite(values).all(axis=-1)]
+            if bad.size:
+                first = int(bad[0]) if first < 0 else first
+                count += bad.size
+        progress(chunk.nbytes)
+    return count, first

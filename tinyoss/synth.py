@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .config import Config, config_from_dict, to_hf_dict, to_original_dict
-from .errors import TinyossError
+from .errors import TinyossError, TinyossTypeError, expect_type
 from .store import (_ITEMSIZE, HF_INDEX, Spec, f32_to_bf16, layout_table,
                     safetensors_header)
 
@@ -52,7 +52,16 @@ def preset_config(preset: str, **overrides) -> Config:
                                    intermediate_size=64, head_dim=16, num_attention_heads=8,
                                    num_key_value_heads=2, sliding_window=16)
     elif preset != "20b":
+        expect_type(preset, str, "preset")
         raise TinyossError(f"unknown preset {preset!r} (choose tiny, 20b or 120b)")
+    kinds = {f.name: {"int": int, "float": (int, float), "bool": bool}.get(
+        f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""))
+        for f in dataclasses.fields(Config)}  # (layer_sliding: None, set from num_hidden_layers)
+    for key, value in overrides.items():
+        if kinds.get(key) is None:
+            raise TinyossTypeError(f"preset_config() has no config field {key!r} to override")
+        if value is not None:
+            expect_type(value, kinds[key], key)
     changes = {k: v for k, v in overrides.items() if v is not None}
     n_layers = changes.get("num_hidden_layers", base.num_hidden_layers)
     changes["layer_sliding"] = tuple(i % 2 == 0 for i in range(n_layers))
@@ -228,19 +237,88 @@ def total_bytes(c: Config, layout: str) -> int:
     return sum(spec_bytes(s) for lay in layouts for s in layout_table(c, lay))
 
 
+# written into every checkpoint synth makes: `--force` replaces only a folder holding it (and
+# nothing but checkpoint files), never a folder of anything else
+MARKER = ".tinyoss-synth"
+_CHECKPOINT_FILES = ("config.json", "generation_config.json", "dtypes.json", HF_INDEX)
+
+
+def in_the_way(out: Path) -> str | None:
+    """Why `--force` must not replace `out` (None: it may): anything but an empty folder or
+    one synth wrote (its MARKER file, and nothing but checkpoint files and original/)."""
+    if out.is_symlink():
+        return f"{out}: already exists, a symbolic link, not a checkpoint tinyoss synth wrote"
+    if not out.is_dir():
+        return f"{out}: already exists, a file, not a checkpoint folder tinyoss synth wrote"
+    entries = list(out.iterdir())
+    if not entries:
+        return None
+    if not (out / MARKER).is_file() or (out / MARKER).is_symlink():
+        return (f"{out}: already exists, and is not a checkpoint tinyoss synth wrote (no "
+                f"{MARKER} file in it): delete it yourself, or choose another folder")
+    strangers = _strangers(out, entries, top=True)
+    if strangers:
+        listed = ", ".join(strangers[:5]) + (f" and {len(strangers) - 5} more"
+                                             if len(strangers) > 5 else "")
+        return (f"{out}: already exists, and holds {listed} besides a checkpoint tinyoss synth "
+                f"wrote: move {'it' if len(strangers) == 1 else 'them'} away, or choose another "
+                f"folder")
+    return None
+
+
+def _strangers(folder: Path, entries: list[Path], top: bool) -> list[str]:
+    """The entries of a folder synth did not write (names relative to the checkpoint)."""
+    strangers = []
+    for e in entries:
+        name = e.name if top else f"original/{e.name}"
+        if top and e.name == "original" and e.is_dir() and not e.is_symlink():
+            strangers += _strangers(e, list(e.iterdir()), top=False)
+        elif e.is_symlink() or not e.is_file():
+            strangers.append(name + ("/" if e.is_dir() else ""))
+        elif not (e.name in _CHECKPOINT_FILES or (top and e.name == MARKER)
+                  or (e.name.startswith("model") and e.name.endswith(".safetensors"))):
+            strangers.append(name)
+    return sorted(strangers)
+
+
+def free_bytes(folder: Path) -> int:
+    """Bytes free for this user on the filesystem of `folder` (or of its nearest existing
+    parent)."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
 def write_checkpoint(out: str | Path, c: Config, layout: str = "hf", preset: str = "tiny",
                      seed: int = 0, force: bool = False,
                      progress: Callable[[int], None] = lambda n: None) -> Path:
     """Write a random checkpoint to `out` ('hf' root, 'original' folder, or 'both': a root with
     an original/ subfolder, as published). Written to a temporary sibling folder and renamed at
-    the end, so a failure never leaves a half-written checkpoint."""
+    the end, so a failure never leaves a half-written checkpoint. force: replace `out` if it is
+    a checkpoint synth wrote (nothing else: see `in_the_way`). The free space is checked first."""
+    expect_type(out, (str, os.PathLike), "out")
+    expect_type(c, Config, "config")
+    expect_type(layout, str, "layout")
+    expect_type(seed, int, "seed")
     if layout not in ("hf", "original", "both"):
         raise TinyossError(f"layout must be hf, original or both, got {layout!r}")
+    if seed < 0:
+        raise TinyossError(f"seed must be at least 0, got {seed}")
     out = Path(out)
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not force:
-        raise TinyossError(f"{out}: already exists (use --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    target = Path(os.path.abspath(out))  # "x/.." and "." have a name and a parent to write beside
+    if target.exists() or target.is_symlink():
+        reason = in_the_way(target)  # (even without --force: say why --force would not do)
+        if reason is not None:
+            raise TinyossError(reason)
+        if not force and any(target.iterdir()):
+            raise TinyossError(f"{out}: already exists (use --force to replace it)")
+    needed = total_bytes(c, layout) + (1 << 20)  # + headers and configs: kilobytes
+    free = free_bytes(target.parent)
+    if needed > free:
+        raise TinyossError(f"{out}: the checkpoint needs {needed / 1e9:.2f} GB and its disk has "
+                           f"{free / 1e9:.2f} GB free")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
@@ -251,13 +329,33 @@ def write_checkpoint(out: str | Path, c: Config, layout: str = "hf", preset: str
             _write_layout(tmp, c, "original", preset, seed, progress)
         if layout == "both":
             _write_layout(tmp / "original", c, "original", preset, seed, progress)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
+        (tmp / MARKER).write_text(json.dumps({"written_by": "tinyoss synth", "preset": preset,
+                                              "layout": layout, "seed": seed}) + "\n")
+        _replace(target, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _replace(target: Path, new: Path) -> None:
+    """Rename `new` to `target`; what `target` held (checked again now: it may have changed
+    while the checkpoint was written) is moved aside first, and deleted only once `new` is in
+    its place."""
+    if not (target.exists() or target.is_symlink()):
+        os.replace(new, target)
+        return
+    reason = in_the_way(target)
+    if reason is not None:
+        raise TinyossError(reason)
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.replace(target, old)  # onto the empty folder mkdtemp made
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old)
 
 
 @contextlib.contextmanager

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import tiktoken
 
+from tinyoss.config import open_regular_file
 from tinyoss.errors import TinyossError
 
 # sha256 of the *unzipped* o200k_base.tiktoken, as published by OpenAI and checked by tiktoken.
@@ -94,7 +95,8 @@ def special_tokens() -> dict[str, int]:
 
 def _read_ranks_file(path: Path) -> bytes:
     """The raw bytes of a tiktoken ranks file, gunzipped in memory if its name ends in .gz."""
-    data = path.read_bytes()
+    with open_regular_file(path, "tiktoken ranks file", TokenizerError) as f:  # never a FIFO's hang
+        data = f.read()
     return gzip.decompress(data) if path.name.endswith(".gz") else data
 
 
