@@ -86,3 +86,28 @@ def test_available_memory_is_the_cgroups_room(tmp_path):
         assert (1 << 30) - (200 << 20) < room <= 1 << 30  # the limit, less what python holds
     finally:
         group.rmdir()
+
+
+def test_info_memory_plans_for_the_memory_and_speeds_given(make_checkpoint):
+    """`tinyoss info --memory` with everything given measures nothing: the tiny model (dense
+    bytes D, experts E) in just enough memory for the resident part and half the experts."""
+    folder = make_checkpoint("hf")
+    b = budget(Checkpoint(folder), 32, "bf16", "f32")
+    memory = (b.resident + b.experts // 2) / 1e9
+    r = subprocess.run([sys.executable, "-m", "tinyoss.cli", "info", "-m", str(folder), "--memory",
+                        "--ctx", "32", "--available", str(memory), "--memory-bw", "10",
+                        "--disk-bw", "1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert f"a decoded token reads   {b.token / 1e9:.2f} GB" in out
+    assert "50% of the experts fit" in out
+    assert "memory available        " in out and "(given)" in out and "(measured)" not in out
+    seconds = (b.dense + b.kv_read + 0.5 * b.experts_read) / 10e9 + 0.5 * b.experts_read / 1e9
+    assert f"at most {1 / seconds:.2f} tok/s" in out
+    r = subprocess.run([sys.executable, "-m", "tinyoss.cli", "info", "-m", str(folder), "--memory",
+                        "--available", "0.1", "--memory-bw", "10"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and "too little memory" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "tinyoss.cli", "info", "-m", str(folder), "--memory",
+                        "--disk-bw", "-1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip() == "error: --disk-bw must be a positive number, got -1.0"

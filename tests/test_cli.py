@@ -1,6 +1,7 @@
 """The command line: synth and info end to end, and one clear line for every user error."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -155,7 +156,8 @@ def test_bench_bad_arguments(make_checkpoint, args, message, code):
 def test_bench_repeat_must_be_positive(make_checkpoint):
     r = runner.invoke(app, ["bench", str(make_checkpoint("both", seed=3, vocab_size=300)),
                             "--repeat", "0"])
-    assert r.exit_code == 2 and "--repeat" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 1 and "--repeat must be at least 1, got 0" in r.output
+    assert "Traceback" not in r.output
 
 
 def test_cache_lists_and_clears_the_q8_copies(make_checkpoint, tmp_path, monkeypatch):
@@ -206,3 +208,114 @@ def test_bench_lengths_may_fill_the_context_exactly():
         check_lengths(100, prompt_tokens=85, depths=[0], decode_tokens=16)
     with pytest.raises(TinyossError, match="--depths 84"):
         check_lengths(100, prompt_tokens=4, depths=[0, 84], decode_tokens=16)
+
+
+# ---------------------------------------------------------------------------------------------------
+# one vocabulary of flags: -m everywhere, --threads, --version, --seed -1, numbers checked by name
+# ---------------------------------------------------------------------------------------------------
+
+COMMANDS_WITH_A_MODEL = {"run": ["x"], "chat": [], "serve": [], "bench": [], "info": [], "inspect": ["x"]}
+
+
+@pytest.mark.parametrize("command", COMMANDS_WITH_A_MODEL)
+def test_every_command_that_reads_a_model_takes_dash_m(tmp_path, command):
+    r = runner.invoke(app, [command, "-m", str(tmp_path / "nothing"), *COMMANDS_WITH_A_MODEL[command]],
+                      input="")
+    assert r.exit_code == 1 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+    assert f"{tmp_path / 'nothing'}: no such checkpoint folder" in r.stderr
+
+
+def test_pull_takes_dash_m_too(tmp_path):
+    r = runner.invoke(app, ["pull", "-m", str(tmp_path)])
+    assert r.exit_code == 1 and "is not a Hugging Face id" in r.stderr and r.stderr.count("\n") == 1
+    r = runner.invoke(app, ["pull", "a/b", "-m", "c/d"])
+    assert r.exit_code == 1 and "two models given" in r.stderr
+
+
+def test_bench_info_and_inspect_take_the_model_as_m_or_as_their_first_argument(make_checkpoint,
+                                                                               tiny_checkpoint):
+    root = str(tiny_checkpoint)
+    for args in (["info"], ["inspect", "hi", "--raw"]):
+        by_option = runner.invoke(app, [args[0], "-m", root, *args[1:]])
+        by_argument = runner.invoke(app, [args[0], root, *args[1:]])
+        assert by_option.exit_code == by_argument.exit_code == 0, by_option.output
+        assert by_option.stdout == by_argument.stdout
+    small = str(make_checkpoint("both", seed=3, vocab_size=300))
+    r = runner.invoke(app, ["bench", "--model", small, "--prompt", "4", "--decode-tokens", "1",
+                            "--threads", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["info", root, "-m", root])
+    assert r.exit_code == 1 and "two models given" in r.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "chat", "serve", "bench"])
+def test_threads_has_one_name(command):
+    help_text = runner.invoke(app, [command, "--help"]).stdout
+    assert "--threads N" in help_text and "-t, --threads" not in help_text
+    assert "-t, --temperature" in help_text or command in ("serve", "bench")
+
+
+def test_bench_has_no_short_threads_flag(make_checkpoint):
+    r = runner.invoke(app, ["bench", str(make_checkpoint("both", seed=3, vocab_size=300)), "-t", "1"])
+    assert r.exit_code == 2 and "No such option: -t" in r.output
+
+
+def test_version():
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.stdout == f"tinyoss {tinyoss.__version__}\n"
+
+
+def test_seed_minus_one_draws_a_random_seed(tiny_checkpoint):
+    """As llama.cpp: --seed -1 is a random seed (--stats prints it); run twice, it runs twice."""
+    seeds = []
+    for _ in range(2):
+        r = runner.invoke(app, ["run", "Hello", "-m", str(tiny_checkpoint), "-n", "2", "--raw", "--seed", "-1",
+                                "--stats"])
+        assert r.exit_code == 0, r.output
+        (seed,) = [int(s) for s in re.findall(r"^\[seed (\d+)\]$", r.stderr, flags=re.M)]
+        seeds.append(seed)
+    again = runner.invoke(app, ["run", "Hello", "-m", str(tiny_checkpoint), "-n", "2", "--raw",
+                                "--seed", str(seeds[-1])])
+    assert again.exit_code == 0 and again.stdout == r.stdout  # the seed printed gives the same reply
+
+
+@pytest.mark.parametrize("args,message", [
+    (["run", "x", "--top-p", "2"], "--top-p must be in (0, 1] (1 = off), got 2.0"),
+    (["run", "x", "--temperature", "-1"], "--temperature must be at least 0 (0 = greedy), got -1.0"),
+    (["run", "x", "-t", "nan"], "--temperature must be at least 0"),
+    (["run", "x", "--top-k", "-1"], "--top-k must be at least 0 (0 = off), got -1"),
+    (["run", "x", "--min-p", "1.5"], "--min-p must be in [0, 1] (0 = off), got 1.5"),
+    (["run", "x", "--max-tokens", "0"], "--max-tokens must be at least 1, got 0"),
+    (["run", "x", "--seed", "-2"], "--seed must be -1 (a random seed) or at least 0, got -2"),
+    (["run", "x", "--threads", "0"], "--threads must be at least 1, got 0"),
+    (["chat", "--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["serve", "--ctx", "0"], "--ctx must be at least 16, got 0"),
+    (["serve", "--port", "65536"], "--port must be from 0 to 65535, got 65536"),
+    (["serve", "--parallel", "0"], "--parallel must be from 1 to 64, got 0"),
+    (["serve", "--queue", "-1"], "--queue must be at least 0, got -1"),
+    (["serve", "--threads", "0"], "--threads must be at least 1, got 0"),
+    (["bench", "--prompt", "0"], "--prompt must be at least 1, got 0"),
+    (["bench", "--decode-tokens", "0"], "--decode-tokens must be at least 1, got 0"),
+    (["bench", "--threads", "0"], "--threads must be at least 1, got 0"),
+    (["synth", "{tmp}/out", "--seed", "-3"], "--seed must be -1 (a random seed) or at least 0, got -3"),
+])
+def test_bad_numbers_are_one_line_naming_the_flag(tiny_checkpoint, tmp_path, args, message):
+    model = [] if args[0] == "synth" else ["-m", str(tiny_checkpoint)]
+    r = runner.invoke(app, [a.format(tmp=tmp_path) for a in args] + model, input="")
+    assert r.exit_code == 1, r.output
+    assert r.stderr.startswith(f"error: {message}") and r.stderr.count("\n") == 1
+    assert r.stdout == "" and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["", "run", "chat", "serve", "bench", "info", "inspect", "synth", "cache",
+                                     "pull", "list"])
+@pytest.mark.parametrize("columns", ["80", "200"])
+def test_help_has_no_type_placeholders_or_broken_lines(command, columns):
+    """Flags read `--raw`, not `--raw <bool>`; no box drawn; no line broken inside a word or a
+    `[default: ...]` at the usual 80 columns (click's help is at most 80 wide)."""
+    r = runner.invoke(app, [command, "--help"] if command else ["--help"], env={"COLUMNS": columns})
+    assert r.exit_code == 0, r.output
+    assert "<bool>" not in r.stdout and "╭" not in r.stdout
+    for line in r.stdout.splitlines():
+        assert not line.rstrip().endswith(("[default:", "(default:")), line
+        assert not re.search(r"[a-z]-$", line.rstrip()), f"broken at a hyphen: {line!r}"

@@ -1,5 +1,6 @@
 """`tinyoss run` and `tinyoss chat` end to end (typer's runner and one real subprocess), and model
-resolution through a fake Hugging Face cache. No network: every hub test sets HF_HUB_OFFLINE=1."""
+resolution through a fake Hugging Face cache. No network: every hub test sets HF_HUB_OFFLINE=1 (the
+download path, against a local imitation of the Hub: test_hub.py)."""
 
 from __future__ import annotations
 
@@ -182,14 +183,47 @@ def test_chat_on_the_tiny_checkpoint(tiny_checkpoint, api_greedy):
 
 
 # ---------------------------------------------------------------------------------------------------
+# a reply with no final message
+# ---------------------------------------------------------------------------------------------------
+
+NOT_HARMONY = "[no final message: the model's {n} tokens are not harmony; their text follows"
+
+
+@pytest.mark.parametrize("command", ["run", "chat"])
+def test_random_weights_show_what_they_wrote(tiny_checkpoint, api_greedy, command):
+    """The noise of random weights opens no harmony channel: without --raw it is shown anyway, as
+    text on stdout (what --raw would print), after a note on stderr."""
+    args = [command, "-m", str(tiny_checkpoint), "-t", "0", "-n", str(N), "--date", DATE]
+    r = runner.invoke(app, args + ["Hello"]) if command == "run" else runner.invoke(app, args, input="Hello\n")
+    assert r.exit_code == 0, r.output
+    assert not api_greedy.has_final and api_greedy.text == decode(api_greedy.tokens)
+    assert decode(api_greedy.tokens) + "\n" in r.stdout
+    assert NOT_HARMONY.format(n=N) in r.stderr and "[stopped at --max-tokens]" in r.stderr
+
+
+def test_a_reply_cut_off_while_reasoning_shows_the_reasoning_only(monkeypatch):
+    """A real model's output is unchanged: reasoning dimmed on stderr, no raw text; with the
+    reasoning hidden, a note says why nothing shows."""
+    reply = "<|channel|>analysis<|message|>Let me think about the weather in Paris.<|end|>"
+    monkeypatch.setattr(cli, "_open_model", lambda *args, **kwargs: ScriptedModel(reply))
+    r = runner.invoke(app, ["run", "Hi", "-n", "8"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout == "" and r.stderr.startswith("Let me think") and "no final message" not in r.stderr
+    monkeypatch.setattr(cli, "_open_model", lambda *args, **kwargs: ScriptedModel(reply))
+    r = runner.invoke(app, ["run", "Hi", "-n", "8", "--hide-reasoning"])
+    assert r.stdout == "" and "Let me" not in r.stderr
+    assert "[no final message in 8 tokens; the reasoning is hidden (--hide-reasoning)]" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
 # user errors: one line, exit 1, no traceback
 # ---------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("args,message", [
     (["run", "x", "-r", "extreme"], "--reasoning must be low, medium or high, got 'extreme'"),
-    (["run", "x", "-t", "-1"], "temperature must be >= 0"),
-    (["run", "x", "--top-p", "0"], "top_p must be in (0, 1]"),
+    (["run", "x", "-t", "-1"], "--temperature must be at least 0"),
+    (["run", "x", "--top-p", "0"], "--top-p must be in (0, 1]"),
     (["run", "x", "-n", "0"], "--max-tokens must be at least 1"),
     (["run", "x", "--date", "May 5"], "--date must be YYYY-MM-DD"),
     (["run", "x", "-m", "{tmp}/nothing"], "no such checkpoint folder"),
@@ -197,7 +231,7 @@ def test_chat_on_the_tiny_checkpoint(tiny_checkpoint, api_greedy):
     (["chat", "-m", "{tmp}/nothing"], "no such checkpoint folder"),
     (["run", "-m", "{tmp}"], "the prompt is empty"),
     (["run", "x"], "not in the Hugging Face cache"),  # the default model, offline
-    (["chat", "-m", "someone/some-model"], "hf download someone/some-model"),
+    (["chat", "-m", "someone/some-model"], "tinyoss pull someone/some-model"),
 ])
 def test_user_errors_are_one_line(tmp_path, monkeypatch, args, message):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
@@ -260,46 +294,6 @@ def test_model_names(tmp_path, monkeypatch):
     assert hub.cache_dir() == tmp_path / "hub"
     assert hub._is_needed("model-00001-of-00002.safetensors") and hub._is_needed("config.json")
     assert not hub._is_needed("original/model.safetensors") and not hub._is_needed("metal/model.bin")
-
-
-def test_a_missing_model_is_downloaded_after_listing_the_files_and_sizes(tmp_path, monkeypatch,
-                                                                        tiny_checkpoint):
-    """The online path, with huggingface_hub's network calls replaced by fakes."""
-    huggingface_hub = pytest.importorskip("huggingface_hub")
-    from huggingface_hub.hf_api import RepoFile, RepoFolder
-
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    listing = [RepoFile(path="config.json", size=1_000, oid="a"), RepoFile(path="README.md", size=9, oid="b"),
-               RepoFile(path="model-00000-of-00001.safetensors", size=2_500_000_000, oid="c"),
-               RepoFolder(path="original", oid="d")]
-    downloads = []
-
-    class FakeApi:
-        def list_repo_tree(self, repo_id, recursive=True):
-            assert repo_id == "someone/model" and not recursive
-            return listing
-
-    def fake_snapshot_download(repo_id, *, allow_patterns, cache_dir):
-        downloads.append(allow_patterns)
-        return str(fake_hf_cache(cache_dir, repo_id, tiny_checkpoint))
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    said = []
-    snapshot = hub.resolve_model("someone/model", announce=said.append)
-    assert downloads == [["config.json", "model-00000-of-00001.safetensors"]]
-    assert said[0] == f"downloading someone/model (2.5 GB) into {tmp_path / 'hf'}:" and len(said) == 3
-    assert hub.resolve_model("someone/model") == snapshot  # now cached: no second download
-    assert len(downloads) == 1
-
-    class OfflineApi:
-        def list_repo_tree(self, repo_id, recursive=True):
-            raise ConnectionError("no route to host")
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", OfflineApi)
-    with pytest.raises(hub.ModelNotFoundError, match="the Hub cannot list it .no route to host.*hf download"):
-        hub.resolve_model("someone/other")
 
 
 def test_a_q8_cache_that_cannot_be_written_is_one_warning_line(tiny_checkpoint, tmp_path):

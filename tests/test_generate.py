@@ -198,6 +198,21 @@ def test_a_full_context_stops_cleanly():
         g.chat(model, "Hi", context=g.Context(model, n_prompt - 1))
 
 
+def test_a_reply_with_no_final_message_reads_as_what_the_model_wrote():
+    """`text` is the final answer; with none (random weights write no harmony; a reply cut off while
+    reasoning) it is what was sampled, special tokens written out, and `has_final` says so."""
+    noise = "Komponenten aggiorn hierarchy laboratoire"
+    n = len(get_tokenizer().encode(noise))
+    reply = g.chat(ScriptedModel(noise), "Hi", sampler=GREEDY, max_tokens=n)
+    assert not reply.has_final and reply.text == noise and reply.stats.stop_reason == "max_tokens"
+    thinking = "<|channel|>analysis<|message|>Let me think about it."
+    reply = g.chat(ScriptedModel(thinking + "<|end|>"), "Hi", sampler=GREEDY, max_tokens=6)
+    assert not reply.has_final and reply.analysis and reply.text == decode(reply.tokens)
+    assert thinking.startswith(reply.text)
+    reply = g.chat(ScriptedModel(FINAL), "Hi", sampler=GREEDY)
+    assert reply.has_final and reply.text == "It is 20°C in Paris."
+
+
 def test_output_that_is_not_harmony_stops_cleanly():
     reply = g.chat(ScriptedModel("<|channel|>final<|message|>Hi<|end|>oops"), "Hi", sampler=GREEDY)
     assert reply.stats.stop_reason == "malformed" and reply.text == "Hi"

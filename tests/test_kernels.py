@@ -194,16 +194,29 @@ def test_attention_reads_a_ring_buffer(case, ring):
 
 
 @pytest.mark.parametrize("dense,kv", [("bf16", "f32"), ("q8", "f32"), ("bf16", "bf16")])
-def test_kernels_do_not_recompile(make_checkpoint, dense, kv, tmp_path):
-    """After fast.warm_up (what `tinyoss bench` runs before timing), a checkpoint's short and
-    long prefills and its decode steps add no compiled signature: every kernel was ready."""
+def test_kernels_do_not_recompile(make_checkpoint, dense, kv, tmp_path, monkeypatch):
+    """After fast.warm_up (what `tinyoss bench`, `serve` and `chat` run first), a checkpoint's
+    short and long prefills and its decode steps add no compiled signature: every kernel was
+    ready. The prefills send some experts a few tokens, others many (fast.moe's two paths)."""
     import tinyoss
-    from tinyoss.fast import warm_up
+    from tinyoss import fast
 
-    warm_up(dense, kv)
+    fast.warm_up(dense, kv)
     jitted = [getattr(kernels, n) for n in dir(kernels)
               if hasattr(getattr(kernels, n), "signatures")]
     before = {k.__name__: len(k.signatures) for k in jitted}
+    taken = set()  # which of an expert's prefill paths ran (the router chooses)
+
+    def noting(name):
+        run = getattr(fast, name)
+
+        def noted(*args):
+            taken.add(name)
+            return run(*args)
+        return noted
+
+    for name in ("expert_few", "expert_tiles"):
+        monkeypatch.setattr(fast, name, noting(name))
     # sizes of the real models' kinds: parallel matvecs with read-only biases (o: 256 rows);
     # q8: int8 copies in memory (no cache), written to a cache file and mapped, mapped again
     path = make_checkpoint("both", seed=2, vocab_size=300, hidden_size=256)
@@ -214,6 +227,8 @@ def test_kernels_do_not_recompile(make_checkpoint, dense, kv, tmp_path):
         model.forward(np.arange(40), cache)
         for t in range(5):
             model.forward([t], cache)
+        model.forward(np.arange(12))  # a prompt whose experts take either path
+    assert taken == {"expert_few", "expert_tiles"}
     assert {k.__name__: len(k.signatures) for k in jitted} == before
     assert len(list(tmp_path.glob("q8-*.safetensors"))) == (dense == "q8")
 

@@ -141,3 +141,38 @@ def test_run_names_layer_and_step_without_a_traceback(nan_in_layer_2):
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
     assert "reading the prompt: the output of layer 2 (of 0..3) is not finite" in r.stderr
+
+
+@pytest.mark.parametrize("call", [
+    lambda m, path: tinyoss.load(123),
+    lambda m, path: tinyoss.load(path, dense=3),
+    lambda m, path: tinyoss.load(path, kv=None),
+    lambda m, path: tinyoss.load(path, q8_cache=1.5),
+    lambda m, path: m.forward("abc"),
+    lambda m, path: m.forward([1.5, 2.0]),
+    lambda m, path: m.forward([True]),
+    lambda m, path: m.new_cache("10"),
+    lambda m, path: m.new_cache(10, kv=16),
+    lambda m, path: tinyoss.chat(m, [{"role": "user", "content": "hi"}]),
+    lambda m, path: tinyoss.chat(m, "hi", max_tokens="5"),
+    lambda m, path: tinyoss.chat(m, "hi", reasoning=2),
+    lambda m, path: tinyoss.chat(m, "hi", sampler=0.5),
+])
+def test_a_wrong_type_is_a_type_error_and_a_tinyoss_error(model, make_checkpoint, call):
+    with pytest.raises(TypeError) as err:
+        call(model, make_checkpoint("hf"))
+    assert isinstance(err.value, TinyossError) and isinstance(err.value, ValueError)
+
+
+@pytest.mark.parametrize("call", [
+    lambda m: m.forward([]),
+    lambda m: m.forward([[1, 2], [3]]),
+    lambda m: m.forward([m.config.vocab_size]),
+    lambda m: m.new_cache(0),
+    lambda m: tinyoss.load(m.checkpoint.path, dense="q4"),
+    lambda m: tinyoss.chat(m, "hi", max_tokens=0),
+])
+def test_a_bad_value_is_a_value_error(model, call):
+    with pytest.raises(ValueError) as err:
+        call(model)
+    assert isinstance(err.value, TinyossError) and not isinstance(err.value, TypeError)

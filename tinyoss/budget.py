@@ -173,6 +173,6 @@ def report(b: Budget, ctx: int, dense: str, kv: str, experts_per_token: int, n_e
     speeds = f"memory {memory_bw / 1e9:.1f} GB/s ({how('memory_bw')})"
     if held < 1:
         speeds += f", disk {disk_bw / 1e9:.2f} GB/s ({how('disk_bw')})"
-    lines.append(f"  expected decode         at most {rate:.2f} tok/s ({speeds}); tinyoss "
-                 "reaches 80-95 % of it in memory")
+    lines.append(f"  expected decode         at most {rate:.2f} tok/s ({speeds}): a ceiling; "
+                 "`tinyoss bench` measures the rate")
     return lines

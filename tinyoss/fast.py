@@ -13,6 +13,7 @@ Same math, same order of steps as `model.forward_reference` (read that first); w
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,8 @@ FUSED_MAX_TOKENS = 8  # up to this many tokens, fused kernels (each weight decod
 # tokens' sums in registers) beat widening tiles for BLAS: dense bf16 weights and each expert
 TILE_ROWS = 512  # rows widened/decoded at once for BLAS: a few MB, stays in cache
 _NO_BIAS = np.zeros(0, np.uint16)
+_NO_BIAS.flags.writeable = False  # read-only, as a checkpoint's biases: one compiled kernel
+# serves the matrices with and without a bias (numba compiles each array type apart)
 
 
 class TileMatmul:
@@ -465,30 +468,75 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return out
 
 
-def warm_up(dense: str = "bf16", kv: str = "f32", expert_input: str = "f32") -> None:
-    """Compile every kernel (or load it from numba's on-disk cache) by running a tiny synthetic
-    checkpoint through prefill and decode, with `dense` weights, a `kv` cache and `expert_input`
+def warm_up(dense: str = "bf16", kv: str = "f32", expert_input: str = "f32", scope: str = "all",
+            on_compile=None) -> None:
+    """Compile the kernels of a path (or load them from numba's on-disk cache) by running a tiny
+    synthetic checkpoint through it, with `dense` weights, a `kv` cache and `expert_input`
     (runtime.Model). Its arrays have the same types as a real checkpoint's (memory-mapped,
-    read-only), so the real one then starts without compiling anything."""
+    read-only), so the real one then starts without compiling anything.
+
+    scope "run": a prompt of more than FUSED_MAX_TOKENS tokens, then one token at a time
+    (`tinyoss run`); "all" adds the few-token kernels (a decode batch, a short prompt or chat
+    turn) and, with dense="q8", int8 copies made in memory (where the cache file can't be
+    written): `serve`, `chat`, `bench`.
+    on_compile(): called once, from this thread, when numba first has to compile a kernel (its
+    disk cache has none for this CPU and code yet); never when every kernel is in the cache."""
     import tempfile
 
     from . import synth
     from .runtime import Model
     from .store import Checkpoint
 
+    if scope not in ("run", "all"):
+        raise ValueError(f"warm_up: scope must be 'run' or 'all', got {scope!r}")
     # big enough for the parallel matvec (matrices under 256 rows run serial): the unembedding
     # (no bias) and the o projection (a read-only bias, like a real checkpoint's)
     config = synth.preset_config("tiny", vocab_size=300, hidden_size=256, num_hidden_layers=2,
                                  sliding_window=2)
-    with tempfile.TemporaryDirectory(prefix="tinyoss-warmup-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="tinyoss-warmup-") as tmp, \
+            _first_compile(on_compile):
         synth.write_checkpoint(f"{tmp}/m", config, "hf", "tiny", seed=0)
-        # q8: int8 copies made in memory (writable arrays: no cache folder), then mapped from a
-        # cache file (read-only views): numba compiles each kind separately
-        for q8_cache in ([False, f"{tmp}/q8"] if dense == "q8" else [False]):
+        # q8: int8 copies mapped from a cache file (read-only views, as `run` maps them) and,
+        # for "all", made in memory (writable arrays): numba compiles each kind separately
+        q8_caches = [False]  # (bf16: no int8 copies)
+        if dense == "q8":
+            q8_caches = [False, f"{tmp}/q8"] if scope == "all" else [f"{tmp}/q8"]
+        for q8_cache in q8_caches:
             model = Model(Checkpoint(f"{tmp}/m"), dense, q8_cache=q8_cache,
                           expert_input=expert_input)
             cache = model.new_cache(64, kv)
-            model.forward([1, 2, 3], cache)  # short prefill: fused kernels (all logits: no bias)
+            if scope == "all":  # short prefill: fused kernels
+                model.forward([1, 2, 3], cache)
             model.forward(np.arange(4, 44), cache, last_only=True)  # long: tiles + BLAS
+            # in a prefill, each expert takes the few-token kernel or tiles by how many tokens
+            # the router sent it: run both, whatever this model's router chose
+            fl, D = model.fast_weights.layers[0], config.hidden_size
+            expert_few(config, fl.lw, 0, np.ones((2, D), np.float32), fl.x8)
+            expert_tiles(config, fl.lw, 0, np.ones((FUSED_MAX_TOKENS + 1, D), np.float32), fl.x8)
             model.forward([4], cache, last_only=True)  # decode: matvec and attention kernels
             del model, cache
+
+
+@contextlib.contextmanager
+def _first_compile(callback):
+    """Within the block, callback() runs once when numba starts compiling (a disk cache miss:
+    numba's "numba:compile" event fires only then, not when it loads a kernel from the cache)."""
+    from numba.core import event
+
+    if callback is None:
+        yield
+        return
+
+    class First(event.Listener):
+        seen = False
+
+        def on_start(self, ev) -> None:
+            if not self.seen:
+                self.seen = True
+                callback()
+
+        def on_end(self, ev) -> None:
+            pass
+
+    with event.install_listener("numba:compile", First()):
+        yield

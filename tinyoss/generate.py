@@ -25,6 +25,7 @@ the reasoning effort; analysis from turns that already ended with a final answer
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import dataclasses
 import datetime
@@ -36,10 +37,10 @@ from typing import Any, Callable, Generator, Iterator, Sequence
 import numpy as np
 
 from tinyoss import harmony
-from tinyoss.errors import NonFiniteError, TinyossError
+from tinyoss.errors import NonFiniteError, TinyossError, TinyossTypeError, expect_type
 from tinyoss.harmony import DeveloperContent, Message, ReasoningEffort, Role, SystemContent
 from tinyoss.sampling import Choice, Sampler
-from tinyoss.tokenizer import CALL, RETURN
+from tinyoss.tokenizer import CALL, RETURN, get_tokenizer
 
 DEFAULT_MAX_TOKENS = 2048  # sampled tokens per reply, all tool rounds together
 DEFAULT_MAX_TOOL_ROUNDS = 8  # function calls run per reply
@@ -120,9 +121,18 @@ class Reply:
     stats: Stats
 
     @property
+    def has_final(self) -> bool:
+        """Whether the model wrote a final answer (a message on the final channel)."""
+        return any(m.role == Role.ASSISTANT and m.channel == "final" for m in self.messages)
+
+    @property
     def text(self) -> str:
-        """The final answer ("" when the model gave none)."""
-        return "".join(m.text for m in self.messages if m.role == Role.ASSISTANT and m.channel == "final")
+        """The final answer. When the model wrote none (`has_final` is False: it was cut off while
+        reasoning, left a tool call to the caller, or wrote no harmony at all, as random weights
+        do), what it wrote instead: the text of every sampled token, special tokens written out."""
+        if self.has_final:
+            return "".join(m.text for m in self.messages if m.role == Role.ASSISTANT and m.channel == "final")
+        return get_tokenizer().decode(self.tokens)
 
     @property
     def analysis(self) -> str:
@@ -298,9 +308,9 @@ def developer_message(existing: Message | None, instructions: str | None,
     if isinstance(content, str):  # a hand-written developer message: its text is the instructions
         content = DeveloperContent(content)
     assert isinstance(content, DeveloperContent)
-    content = DeveloperContent(instructions if instructions is not None else content.instructions,
-                               [*content.tools, *tools])
-    if content.instructions is None and not content.tools:
+    content = dataclasses.replace(content, tools=[*content.tools, *tools],
+                                  instructions=instructions if instructions is not None else content.instructions)
+    if content.instructions is None and not content.tools and not content.namespaces:
         return None
     return Message(Role.DEVELOPER, content)
 
@@ -316,6 +326,10 @@ def prepare_conversation(
     """The messages as the model must see them: a system message first (date, reasoning effort), a
     developer message next when there are instructions or tools, then the conversation without the
     analysis of finished turns. A str is one user message."""
+    if not isinstance(messages, (str, collections.abc.Sequence)) or not all(
+            isinstance(m, Message) for m in ([] if isinstance(messages, str) else messages)):
+        raise TinyossTypeError("messages must be a str or a list of tinyoss.harmony.Message, got "
+                               f"{type(messages).__name__}")
     rest = [Message.user(messages)] if isinstance(messages, str) else list(messages)
     system, rest = _leading(rest, Role.SYSTEM)
     developer, rest = _leading(rest, Role.DEVELOPER)
@@ -524,8 +538,16 @@ def generate(
     Yields TokenEvent per token, ToolEvent per function run, and last a Reply. (Being a generator,
     it checks its arguments and renders the prompt when first asked for an event.)
     """
+    expect_type(max_tokens, int, "max_tokens")
     if max_tokens < 1:
         raise GenerationError(f"max_tokens must be >= 1, got {max_tokens}")
+    for name, value in (("reasoning", reasoning), ("date", date), ("instructions", instructions)):
+        if value is not None:
+            expect_type(value, str, name)
+    if context is not None:
+        expect_type(context, Context, "context")
+    if sampler is not None and not callable(getattr(sampler, "sample", None)):
+        raise TinyossTypeError(f"sampler must be a tinyoss.Sampler, got {type(sampler).__name__}")
     functions = functions_by_name(tools) if tools is not None else None
     descriptions = [harmony.tool_from_function(f) for f in (functions or {}).values()]
     conversation = prepare_conversation(messages, reasoning=reasoning, date=date,
@@ -569,7 +591,9 @@ def generate(
 def chat(model: Any, messages: str | Sequence[Message], **options: Any) -> Reply:
     """Generate a whole reply: `chat(model, "Hello", sampler=Sampler(temperature=0)).text`.
 
-    Takes the options of `generate`.
+    Takes the options of `generate`. The reply's `.text` is the final answer; when the model wrote
+    none (`.has_final` is False: cut off while reasoning, a tool call left to the caller, or output
+    that is not harmony, as random weights write), it is the text of every token sampled instead.
     """
     for event in generate(model, messages, **options):
         if isinstance(event, Reply):

@@ -677,7 +677,8 @@ def f32_decode_scores(q, k_buf, count, out):
 
     q [Hkv, q_mult, dh] (roped), k_buf [Hkv, S, dh] (the cache buffer: float32 or bf16 bits),
     out [Hkv, q_mult, count].
-    gpt-oss's shape (8 queries of 64 per KV head) runs simd.qk8_scores; others plain loops.
+    gpt-oss's shape (8 queries of 64 per KV head) runs simd.qk8_scores; others (small test
+    models) plain loops on one thread: a second parallel loop took 0.8 s more to compile.
     Twin: the scores of model.sdpa (rtol 1e-5).
     """
     Hkv, qm, dh = q.shape
@@ -685,7 +686,11 @@ def f32_decode_scores(q, k_buf, count, out):
     scale = np.float32(1.0 / math.sqrt(dh))
     flat_k, flat_out = k_buf.reshape(-1), out.reshape(-1)
     if qm == QK_HEADS and dh == QK_DIM:
-        qt = np.ascontiguousarray(q.transpose(0, 2, 1)).reshape(-1)  # [Hkv, dh, qm]
+        qt = np.empty(Hkv * dh * qm, np.float32)  # q transposed: [Hkv, dh, qm], flat
+        for h in range(Hkv):  # (a loop: numba's transpose + ascontiguousarray took 3-4 s to
+            for d in range(dh):  # compile, half of this kernel's time, on a Rocket Lake)
+                for m in range(qm):
+                    qt[(h * dh + d) * qm + m] = q[h, m, d]
         chunk = 512  # keys a task: tasks enough to share between the threads
         chunks = (count + chunk - 1) // chunk
         for task in numba.prange(Hkv * chunks):
@@ -694,7 +699,7 @@ def f32_decode_scores(q, k_buf, count, out):
             qk8_scores(qt, h * dh * qm, flat_k, (h * S + t0) * dh, n, scale, flat_out,
                        h * qm * count + t0, count)
         return
-    for h in numba.prange(Hkv):
+    for h in range(Hkv):
         for t in range(count):
             for m in range(qm):
                 s = np.float32(0.0)
@@ -710,8 +715,8 @@ def f32_decode_values(w, v_buf, count, denom, out):
 
     w [Hkv, q_mult, count], v_buf [Hkv, S, dh] (float32 or bf16 bits), denom [Hkv * q_mult],
     out [Hkv, q_mult, dh].
-    dh = 64 runs simd.weighted_rows64; others plain loops. Twin: weights @ values / denom
-    (rtol 1e-5).
+    dh = 64 runs simd.weighted_rows64; others (small test models) plain loops on one thread, as
+    f32_decode_scores. Twin: weights @ values / denom (rtol 1e-5).
     """
     Hkv, S, dh = v_buf.shape
     qm = w.shape[1]
@@ -738,7 +743,7 @@ def f32_decode_values(w, v_buf, count, denom, out):
                 for d in range(dh):
                     flat_out[hm * dh + d] /= denom[hm]
         return
-    for task in numba.prange(Hkv * qm):
+    for task in range(Hkv * qm):
         h, m = task // qm, task % qm
         for d in range(dh):
             acc = np.float32(0.0)

@@ -27,7 +27,7 @@ import numpy as np
 
 from . import mxfp4
 from .config import Config
-from .errors import TinyossError
+from .errors import TinyossError, expect_type
 from .quant import x8_round_trip
 from .store import Checkpoint, bf16_to_f32, f32_to_bf16
 
@@ -85,6 +85,7 @@ KV_DTYPES = {"f32": np.float32, "bf16": np.uint16}  # a KV cache's kinds: what i
 
 
 def check_kv(kv: str) -> str:
+    expect_type(kv, str, "kv")
     if kv not in KV_DTYPES:
         raise TinyossError(f"kv must be one of {', '.join(map(repr, KV_DTYPES))}, got {kv!r}")
     return kv
@@ -105,7 +106,10 @@ class KVCache:
     """
 
     def __init__(self, config: Config, max_tokens: int | None = None, kv: str = "f32"):
+        expect_type(config, Config, "config")
         limit = config.max_position_embeddings
+        if max_tokens is not None:
+            expect_type(max_tokens, (int, np.integer), "max_tokens")
         self.max_tokens = limit if max_tokens is None else int(max_tokens)
         if not 0 < self.max_tokens <= limit:
             raise TinyossError(f"max_tokens must be in 1..{limit} (the context limit), "

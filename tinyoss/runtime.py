@@ -8,26 +8,33 @@ definition stands alone: model.py imports neither fast.py nor this file.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from .config import Config
-from .errors import TinyossError
+from .errors import TinyossError, TinyossTypeError, expect_type
 from .model import KVCache, RecorderLike, Weights, check_kv, forward_reference
 from .store import Checkpoint
 
 
 def check_tokens(tokens, vocab_size: int) -> np.ndarray:
     """Any int sequence -> int64 array [n]; a clear error for empty, non-int or out-of-range ids."""
-    arr = np.asarray(tokens)
+    if isinstance(tokens, (str, bytes)):
+        raise TinyossTypeError(f"tokens must be a sequence of int ids, got {type(tokens).__name__} "
+                               "(tokenize text first: tinyoss.tokenizer.get_tokenizer().encode)")
+    try:
+        arr = np.asarray(tokens)
+    except ValueError:  # ragged nesting
+        raise TinyossError("tokens must be a flat sequence of int ids") from None
     if arr.ndim == 0:
         arr = arr.reshape(1)
     if arr.ndim != 1 or arr.size == 0:
         raise TinyossError(f"tokens must be a non-empty 1-D sequence of ids, got shape {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise TinyossError(f"token ids must be integers, got dtype {arr.dtype}")
+    if not np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_:
+        raise TinyossTypeError(f"token ids must be integers, got dtype {arr.dtype}")
     bad = (arr < 0) | (arr >= vocab_size)
     if bad.any():
         raise TinyossError(f"token id {int(arr[bad][0])} is outside the vocabulary "
@@ -49,6 +56,12 @@ class Model:
 
     def __init__(self, ckpt: Checkpoint, dense: str = "bf16", q8_cache=True, kv: str = "f32",
                  expert_input: str = "f32"):
+        expect_type(ckpt, Checkpoint, "ckpt")
+        for name, value in (("dense", dense), ("kv", kv), ("expert_input", expert_input)):
+            expect_type(value, str, name)
+        if not isinstance(q8_cache, (bool, str, os.PathLike)):
+            raise TinyossTypeError(f"q8_cache must be a bool, str or path, got "
+                                   f"{type(q8_cache).__name__}")
         if dense not in ("bf16", "q8"):
             raise TinyossError(f"dense must be 'bf16' or 'q8', got {dense!r}")
         if expert_input not in ("f32", "q8"):
@@ -110,7 +123,7 @@ class Model:
         """`cache`, if this model can extend it: a KVCache made for this model's config (another
         model's keys have other layers, heads or window, or were rotated by another RoPE)."""
         if not isinstance(cache, KVCache):
-            raise TinyossError(f"cache must be a KVCache (from model.new_cache()), got "
+            raise TinyossTypeError(f"cache must be a KVCache (from model.new_cache()), got "
                                f"{type(cache).__name__}")
         if cache.config != self.config:
             field = next(f.name for f in dataclasses.fields(Config)
