@@ -329,3 +329,26 @@ def test_dense_and_kv_options_reach_the_loader(monkeypatch, tiny_checkpoint, com
                             "--expert-input", "q8"], input="/quit\n")
     assert r.exit_code == 0, r.output
     assert seen == {"dense": "q8", "kv": "bf16", "expert_input": "q8"}
+
+
+def test_a_terminal_sees_a_status_line_until_the_first_token(monkeypatch):
+    """While the prompt is read (seconds for a long one on a big model), a terminal's stderr shows
+    what is happening; the events themselves pass through unchanged. Elsewhere nothing is added."""
+    import io
+    import time
+
+    from rich.console import Console
+
+    def slow_events():
+        time.sleep(0.5)  # the prefill
+        yield from ("a", "b")
+
+    screen = io.StringIO()
+    monkeypatch.setattr(cli, "_stderr", lambda: Console(file=screen, force_terminal=True, width=80))
+    assert list(cli._status_until_first(slow_events(), "reading the prompt")) == ["a", "b"]
+    assert "reading the prompt ... 0 s" in screen.getvalue()
+    screen = io.StringIO()
+    monkeypatch.setattr(cli, "_stderr", lambda: Console(file=screen, force_terminal=False))
+    assert list(cli._status_until_first(slow_events(), "reading the prompt")) == ["a", "b"]
+    assert screen.getvalue() == ""
+    assert list(cli._status_until_first(iter(()), "x")) == []

@@ -50,7 +50,7 @@ def command_lines() -> list[str]:
 
 # the README's placeholders, and a value of each the parser accepts
 PLACEHOLDERS = {"MODEL": "./gpt-oss-20b", "OUT": "./out", "PROMPT": "hi", "H": "127.0.0.1", "KEY": "secret",
-                "N": "16", "ORIGIN": "http://localhost:3000"}
+                "N": "16", "ORIGIN": "http://localhost:3000", "ID": "openai/gpt-oss-20b", "GB": "8"}
 
 
 def arguments(line: str) -> list[str]:

@@ -664,7 +664,7 @@ def _stream(events, printer: ReplyPrinter, show_stats: bool):
     from .generate import Reply
 
     try:
-        for event in events:
+        for event in _status_until_first(events, "reading the prompt"):
             if isinstance(event, Reply):
                 reply = event
             else:
@@ -678,6 +678,30 @@ def _stream(events, printer: ReplyPrinter, show_stats: bool):
     if show_stats:
         typer.secho(_stats_line(reply.stats), err=True, dim=True)
     return reply
+
+
+class _Elapsed:
+    """A status text with its seconds counting up (rich re-renders it a few times a second)."""
+
+    def __init__(self, text: str):
+        self.text, self.started = text, time.monotonic()
+
+    def __rich__(self) -> str:
+        return f"{self.text} ... {time.monotonic() - self.started:.0f} s"
+
+
+def _status_until_first(events, text: str):
+    """`events`, with a status line on a terminal's stderr until the first one comes (a long
+    prompt of a big model on a few cores: seconds with nothing on the screen otherwise)."""
+    events = iter(events)
+    console = _stderr()
+    if console.is_terminal:
+        with console.status(_Elapsed(text)):
+            first = next(events, None)
+        if first is None:
+            return
+        yield first
+    yield from events
 
 
 def _read_prompt(prompt: Optional[str]) -> str:
