@@ -66,9 +66,10 @@ def test_moe_matvec_equals_decode_then_matmul(case):
 @SETTINGS
 @given(moe_case())
 def test_plain_row_dot_equals_decode_then_dot(case):
-    """The fallback for CPUs without AVX2 (the kernel above uses AVX2 where it can)."""
+    """The fallback for CPUs without AVX2 (the kernel above uses AVX2 where it can). Its x holds
+    each block's even elements, then its odd ones (lane_order's on such CPUs)."""
     blocks, scales, _, experts, x = case
-    xl = kernels.to_lane_order(x[:1])
+    xl = x[:1].reshape(1, -1, 16, 2).transpose(0, 1, 3, 2).reshape(1, -1).copy()
     e, nb = int(experts[0]), blocks.shape[2]
     row = mxfp4.decode(blocks[e, 0:1], scales[e, 0:1])[0]
     want, scale = row @ x[0], np.abs(row) @ np.abs(x[0])
@@ -76,6 +77,20 @@ def test_plain_row_dot_equals_decode_then_dot(case):
     off = e * blocks.shape[1]
     args = (flat_b, off * nb * 16, flat_s, off * nb, kernels._E8M0, xl.reshape(-1), 0, nb)
     _close(np.float32(kernels.mxfp4_row_dot_plain(*args)), np.float32(want), scale)
+
+
+def test_e2m1_from_bits_is_the_fp4_table():
+    """The plain kernels build each E2M1 value from its bits (vectorizable) instead of looking it
+    up: all 16, bit for bit (-0.0 included), against the numpy definition's table."""
+    got = np.array([kernels.e2m1(n) for n in range(16)], np.float32)
+    np.testing.assert_array_equal(got.view(np.uint32),
+                                  np.asarray(mxfp4.FP4_VALUES, np.float32).view(np.uint32))
+
+
+@pytest.mark.skipif(kernels.HAVE_AVX2, reason="the plain lane order is that of CPUs without AVX2")
+def test_plain_lane_order_is_even_then_odd_elements():
+    assert kernels.lane_order(2).tolist() == [32 * b + 2 * j + h for b in range(2)
+                                              for h in (0, 1) for j in range(16)]
 
 
 @SETTINGS

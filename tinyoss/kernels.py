@@ -69,6 +69,9 @@ def lane_element(c, nb):
             return 128 * (c // 128) + _QUAD[c % 128]
         if c < quads + 64 * ((nb % 4) // 2):
             return quads + _PAIR[c - quads]
+    if not HAVE_AVX2:  # plain numba: a block's low nibbles (even elements), then its high ones
+        lane = c % 32
+        return 32 * (c // 32) + (2 * lane if lane < 16 else 2 * (lane - 16) + 1)
     return 32 * (c // 32) + _ONE[c % 32]
 
 
@@ -81,22 +84,37 @@ def lane_order(nb):
     return order
 
 
+@numba.njit(cache=CACHE, inline="always")
+def e2m1(nibble):
+    """An MXFP4 element (E2M1: sign, 2 exponent bits, 1 mantissa bit) as float32, built from its
+    bits rather than looked up in FP4_VALUES: a few integer ops and a select, which LLVM
+    vectorizes on any CPU (a table lookup it leaves scalar). The magnitude code c = n & 7 is
+    (exponent, mantissa) = (c >> 1, c & 1): for c >= 2 the value 2**((c >> 1) - 1) * (1 + (c & 1)
+    / 2) has float32 bits (c + 252) << 22; c = 1 is 0.5 (252 << 22), c = 0 is 0."""
+    n = np.uint32(nibble)
+    c = n & np.uint32(7)
+    bits = (c + np.uint32(252)) << np.uint32(22) if c >= np.uint32(2) else c * np.uint32(252 << 22)
+    return as_float32(bits | ((n & np.uint32(8)) << np.uint32(28)))  # bit 3: the sign
+
+
 @jit(fastmath=True)
 def mxfp4_row_dot_plain(blocks, b_off, scales, s_off, scale_table, xl, x_off, nb):
     """One row against one vector, as simd.mxfp4_row_dots with g = 1 (returning the sum), for
-    CPUs without AVX2: x = xl[x_off:] in lane order (`lane_element`)."""
+    CPUs without AVX2: x = xl[x_off:] in lane order (`lane_element`: each block's even elements,
+    then its odd ones), so that a block is two contiguous loops LLVM vectorizes."""
     total = np.float32(0.0)
-    part = np.float32(0.0)  # the products of the current run of lanes from one block
-    block = 0
-    for c in range(32 * nb):
-        element = lane_element(c, nb)
-        if element // 32 != block:  # (every 32 lanes in the one-block order these CPUs use)
-            total += part * scale_table[scales[s_off + block]]
-            part, block = np.float32(0.0), element // 32
-        byte = np.int64(blocks[b_off + element // 2])
-        nibble = (byte >> 4) if element % 2 else (byte & 15)
-        part += _FP4[nibble] * xl[x_off + c]
-    return total + part * scale_table[scales[s_off + block]] if nb > 0 else total
+    for b in range(nb):
+        part = np.float32(0.0)
+        # slices, not flat[offset + j]: a signed index gets a wrap-around check that keeps
+        # LLVM from vectorizing (1.6 against 3.2 GB/s through an expert's rows here)
+        w = blocks[b_off + 16 * b:b_off + 16 * b + 16]
+        lo = xl[x_off + 32 * b:x_off + 32 * b + 16]
+        hi = xl[x_off + 32 * b + 16:x_off + 32 * b + 32]
+        for j in range(16):
+            byte = w[j]
+            part += e2m1(byte & 15) * lo[j] + e2m1(byte >> 4) * hi[j]
+        total += part * scale_table[scales[s_off + b]]
+    return total
 
 
 _ORDERS: dict[int, np.ndarray] = {}
@@ -120,10 +138,11 @@ def to_lane_order(x: np.ndarray) -> np.ndarray:
 @jit()
 def mxfp4_block_decode_plain(blocks, b_off, scale, out, o_off):
     """Same contract as simd.mxfp4_block_decode_avx2, in plain numba (any CPU)."""
+    w, o = blocks[b_off:b_off + 16], out[o_off:o_off + 32]  # (slices: see mxfp4_row_dot_plain)
     for j in range(16):
-        byte = blocks[b_off + j]
-        out[o_off + 2 * j] = _FP4[byte & 0x0F] * scale  # low nibble: element 2j
-        out[o_off + 2 * j + 1] = _FP4[byte >> 4] * scale
+        byte = w[j]
+        o[2 * j] = e2m1(byte & 0x0F) * scale  # low nibble: element 2j
+        o[2 * j + 1] = e2m1(byte >> 4) * scale
 
 
 _block_decode = mxfp4_block_decode_avx2 if HAVE_AVX2 else mxfp4_block_decode_plain
