@@ -117,6 +117,28 @@ def mxfp4_row_dot_plain(blocks, b_off, scales, s_off, scale_table, xl, x_off, nb
     return total
 
 
+@jit(fastmath=True)
+def mxfp4_row_dots_plain2(blocks, b_off, scales, s_off, scale_table, xl, x_off, nb, out, o):
+    """`mxfp4_row_dot_plain` of two consecutive rows (row b_off, row b_off + 16 nb) against one
+    x, into out[o] and out[o + 1]: two streams of weights a loop (measured 1.2x one row at a
+    time through an expert's rows here)."""
+    t0, t1, rb = np.float32(0.0), np.float32(0.0), 16 * nb
+    for b in range(nb):
+        p0, p1 = np.float32(0.0), np.float32(0.0)
+        w0 = blocks[b_off + 16 * b:b_off + 16 * b + 16]
+        w1 = blocks[b_off + rb + 16 * b:b_off + rb + 16 * b + 16]
+        lo = xl[x_off + 32 * b:x_off + 32 * b + 16]
+        hi = xl[x_off + 32 * b + 16:x_off + 32 * b + 32]
+        for j in range(16):
+            y0, y1 = w0[j], w1[j]
+            p0 += e2m1(y0 & 15) * lo[j] + e2m1(y0 >> 4) * hi[j]
+            p1 += e2m1(y1 & 15) * lo[j] + e2m1(y1 >> 4) * hi[j]
+        t0 += p0 * scale_table[scales[s_off + b]]
+        t1 += p1 * scale_table[scales[s_off + nb + b]]
+    out[o] = t0
+    out[o + 1] = t1
+
+
 _ORDERS: dict[int, np.ndarray] = {}
 
 
@@ -215,11 +237,16 @@ def f32_mf4w_moe_matvec(blocks, scales, bias, experts, xl, out):
             for r in range(r0, r1):  # through the view the intrinsics wrote (see NOALIAS)
                 flat_out[k * R + r] += as_float32(np.uint32(bias[e, r]) << np.uint32(16))
         else:
-            for r in range(r0, r1):
+            for r in range(r0, r1 - 1, 2):  # two rows a step, a lone last one alone
                 row = e * R + r
-                flat_out[k * R + r] = mxfp4_row_dot_plain(
-                    flat_b, row * nb * 16, flat_s, row * nb, _E8M0, flat_x, k * x_step, nb) + \
-                    as_float32(np.uint32(bias[e, r]) << np.uint32(16))
+                mxfp4_row_dots_plain2(flat_b, row * nb * 16, flat_s, row * nb, _E8M0, flat_x,
+                                      k * x_step, nb, flat_out, k * R + r)
+            if (r1 - r0) % 2 == 1:
+                row = e * R + r1 - 1
+                flat_out[k * R + r1 - 1] = mxfp4_row_dot_plain(
+                    flat_b, row * nb * 16, flat_s, row * nb, _E8M0, flat_x, k * x_step, nb)
+            for r in range(r0, r1):
+                flat_out[k * R + r] += as_float32(np.uint32(bias[e, r]) << np.uint32(16))
 
 
 @jit(parallel=True, fastmath=True)
