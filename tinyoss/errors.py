@@ -29,8 +29,9 @@ class CheckpointError(TinyossError):
 
 class NonFiniteError(TinyossError):
     """A layer's output holds NaN or inf, so a weight (or an input) does. `layer` and `position`
-    (the first token whose output is not finite) say where it first showed (fast.py checks after
-    every layer); `tinyoss info MODEL --scan` names the tensors holding NaN or inf."""
+    (the first token whose output is not finite) say where it first showed (fast.py checks the
+    last layer's output, then each layer's when that is not finite); `tinyoss info MODEL --scan`
+    names the tensors holding NaN or inf."""
 
     def __init__(self, message: str, layer: int, position: int):
         super().__init__(message)

@@ -423,9 +423,15 @@ def _blas_controller():
 
 
 def _forward(fw: FastWeights, c: Config, tokens: np.ndarray, positions: np.ndarray, attend,
-             last_only: bool) -> np.ndarray:
+             last_only: bool, check_layers: bool = False) -> np.ndarray:
     """tokens [n] at `positions` [n] -> logits; attend(layer, fl, q, k, v) -> [n, Hq*dh] runs
-    attention against (and appends k, v to) the KV cache(s)."""
+    attention against (and appends k, v to) the KV cache(s).
+
+    NaN and inf carry through the residual stream, so one check of the last layer's output says
+    whether any layer's turned non-finite; then the pass runs again with `check_layers`, checking
+    each layer's output to name the first (NonFiniteError). The second pass writes the same keys
+    into the same cache slots; what a long chunk overwrote in a ring may make its positions
+    differ, not the first layer that turns non-finite."""
     n = len(tokens)
     cos, sin = rope_cos_sin(c, positions)  # [n, dh/2], shared by every layer
     x = bf16_to_f32(fw.embed[tokens])  # [n, D]
@@ -438,8 +444,10 @@ def _forward(fw: FastWeights, c: Config, tokens: np.ndarray, positions: np.ndarr
         v = v.reshape(n, c.num_key_value_heads, c.head_dim)
         x = x + fl.o(attend(layer, fl, q, k, v))
         x = x + moe(c, fl, rmsnorm(x, lw.mlp_norm, c.rms_norm_eps))
-        if not np.isfinite(x).all():  # ~2 us a layer a token: name where NaN/inf first appear
+        if check_layers and not np.isfinite(x).all():
             raise non_finite(layer, c, positions, x)
+    if not np.isfinite(x).all():  # (a microsecond a decoded token; never true with check_layers)
+        return _forward(fw, c, tokens, positions, attend, last_only, check_layers=True)
     if last_only:
         x = x[-1:]
     return fw.unembed(rmsnorm(x, fw.norm, c.rms_norm_eps))

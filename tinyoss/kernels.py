@@ -97,23 +97,30 @@ def e2m1(nibble):
     return as_float32(bits | ((n & np.uint32(8)) << np.uint32(28)))  # bit 3: the sign
 
 
+@numba.njit(cache=CACHE, fastmath=FASTMATH, inline="always")
+def _block_dot_plain(blocks, b_off, xl, x_off):
+    """One MXFP4 block (16 bytes at b_off) against its 32 lanes of x (xl[x_off:]: the block's even
+    elements, then its odd ones), unscaled. Through slices, not flat[offset + j]: a signed index
+    gets a wrap-around check that keeps LLVM from vectorizing (1.6 against 3.2 GB/s through an
+    expert's rows here)."""
+    w = blocks[b_off:b_off + 16]
+    lo, hi = xl[x_off:x_off + 16], xl[x_off + 16:x_off + 32]
+    part = np.float32(0.0)
+    for j in range(16):
+        byte = w[j]
+        part += e2m1(byte & 15) * lo[j] + e2m1(byte >> 4) * hi[j]
+    return part
+
+
 @jit(fastmath=True)
 def mxfp4_row_dot_plain(blocks, b_off, scales, s_off, scale_table, xl, x_off, nb):
     """One row against one vector, as simd.mxfp4_row_dots with g = 1 (returning the sum), for
     CPUs without AVX2: x = xl[x_off:] in lane order (`lane_element`: each block's even elements,
-    then its odd ones), so that a block is two contiguous loops LLVM vectorizes."""
+    then its odd ones), so that a block is a loop LLVM vectorizes."""
     total = np.float32(0.0)
     for b in range(nb):
-        part = np.float32(0.0)
-        # slices, not flat[offset + j]: a signed index gets a wrap-around check that keeps
-        # LLVM from vectorizing (1.6 against 3.2 GB/s through an expert's rows here)
-        w = blocks[b_off + 16 * b:b_off + 16 * b + 16]
-        lo = xl[x_off + 32 * b:x_off + 32 * b + 16]
-        hi = xl[x_off + 32 * b + 16:x_off + 32 * b + 32]
-        for j in range(16):
-            byte = w[j]
-            part += e2m1(byte & 15) * lo[j] + e2m1(byte >> 4) * hi[j]
-        total += part * scale_table[scales[s_off + b]]
+        total += _block_dot_plain(blocks, b_off + 16 * b, xl, x_off + 32 * b) * \
+            scale_table[scales[s_off + b]]
     return total
 
 
@@ -124,17 +131,10 @@ def mxfp4_row_dots_plain2(blocks, b_off, scales, s_off, scale_table, xl, x_off, 
     time through an expert's rows here)."""
     t0, t1, rb = np.float32(0.0), np.float32(0.0), 16 * nb
     for b in range(nb):
-        p0, p1 = np.float32(0.0), np.float32(0.0)
-        w0 = blocks[b_off + 16 * b:b_off + 16 * b + 16]
-        w1 = blocks[b_off + rb + 16 * b:b_off + rb + 16 * b + 16]
-        lo = xl[x_off + 32 * b:x_off + 32 * b + 16]
-        hi = xl[x_off + 32 * b + 16:x_off + 32 * b + 32]
-        for j in range(16):
-            y0, y1 = w0[j], w1[j]
-            p0 += e2m1(y0 & 15) * lo[j] + e2m1(y0 >> 4) * hi[j]
-            p1 += e2m1(y1 & 15) * lo[j] + e2m1(y1 >> 4) * hi[j]
-        t0 += p0 * scale_table[scales[s_off + b]]
-        t1 += p1 * scale_table[scales[s_off + nb + b]]
+        t0 += _block_dot_plain(blocks, b_off + 16 * b, xl, x_off + 32 * b) * \
+            scale_table[scales[s_off + b]]
+        t1 += _block_dot_plain(blocks, b_off + rb + 16 * b, xl, x_off + 32 * b) * \
+            scale_table[scales[s_off + nb + b]]
     out[o] = t0
     out[o + 1] = t1
 
@@ -160,7 +160,7 @@ def to_lane_order(x: np.ndarray) -> np.ndarray:
 @jit()
 def mxfp4_block_decode_plain(blocks, b_off, scale, out, o_off):
     """Same contract as simd.mxfp4_block_decode_avx2, in plain numba (any CPU)."""
-    w, o = blocks[b_off:b_off + 16], out[o_off:o_off + 32]  # (slices: see mxfp4_row_dot_plain)
+    w, o = blocks[b_off:b_off + 16], out[o_off:o_off + 32]  # (slices: see _block_dot_plain)
     for j in range(16):
         byte = w[j]
         o[2 * j] = e2m1(byte & 0x0F) * scale  # low nibble: element 2j
