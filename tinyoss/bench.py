@@ -20,10 +20,10 @@ from typing import Callable
 import numba
 import numpy as np
 
+from .budget import budget
 from .fast import warm_up
 from .errors import TinyossError
 from .kernels import f32_bf16w_matvec
-from .model import KV_DTYPES
 from .runtime import Model
 from .store import proc_kib
 
@@ -55,20 +55,10 @@ def memory_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
 
 
 def bytes_per_token(model: Model, depth: int, kv: str | None = None) -> int:
-    """Bytes one decoded token reads: dense weights, k routed experts per layer, KV cache (of
-    kind kv, default the model's)."""
-    c, fw = model.config, model.fast_weights
-    dense = fw.unembed.nbytes + c.hidden_size * 2  # + one embedding row
-    experts = 0
-    for fl in fw.layers:
-        dense += sum(d.nbytes for d in (fl.q, fl.k, fl.v, fl.o, fl.router))
-        lw = fl.lw
-        per_expert = sum(a[0].nbytes for a in (lw.mlp1_blocks, lw.mlp1_scales, lw.mlp1_bias,
-                                               lw.mlp2_blocks, lw.mlp2_scales, lw.mlp2_bias))
-        experts += c.experts_per_token * per_expert
-    kv_row = 2 * c.kv_dim * np.dtype(KV_DTYPES[kv or model.kv]).itemsize  # k and v
-    kv = sum(min(depth + 1, c.sliding_window) if s else depth + 1 for s in c.layer_sliding) * kv_row
-    return dense + experts + kv
+    """Bytes one decoded token reads at `depth` tokens of context: dense weights, k routed
+    experts per layer, KV cache (of kind kv, default the model's). budget.Budget.token, as
+    `tinyoss info --memory` counts it."""
+    return budget(model.checkpoint, depth + 1, model.dense, kv or model.kv).token
 
 
 def fill_cache(model: Model, cache, depth: int, seed: int = 0) -> None:

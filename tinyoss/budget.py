@@ -32,7 +32,7 @@ from .model import KV_DTYPES, Weights
 from .store import Checkpoint
 
 # what a process running the model holds besides the weights and the KV cache: Python, numpy,
-# numba and its compiled kernels, the tokenizer, buffers (measured: ~0.5 GiB for the 20b)
+# numba and its compiled kernels, the tokenizer, buffers: an allowance, not a measurement
 PROCESS_BYTES = 600 << 20
 
 

@@ -277,7 +277,7 @@ def _memory(ckpt, ctx: int, dense: str, kv: str, available: Optional[float],
     memory = int(available * 1e9) if available else available_memory()
     if available is None and memory is not None:
         measured.add("memory")
-    needs_disk = memory is not None and b.Budget.experts_held(plan, memory) < 1
+    needs_disk = memory is not None and plan.experts_held(memory) < 1
     with _stderr().status("measuring memory and disk speed"):
         if memory_bw is None:
             from .bench import memory_bandwidth
@@ -507,6 +507,16 @@ def _open_model(name: str, dense: Dense, threads: Optional[int], kv: Kv = Kv.f32
     return model
 
 
+class _Elapsed:
+    """A status text with its seconds counting up (rich re-renders it a few times a second)."""
+
+    def __init__(self, text: str):
+        self.text, self.started = text, time.monotonic()
+
+    def __rich__(self) -> str:
+        return f"{self.text} ... {time.monotonic() - self.started:.0f} s"
+
+
 class _CompileStatus:
     """What stderr shows while numba compiles the kernels (a first run on this CPU, or after an
     upgrade: 15-100 s, then loaded from numba's disk cache in about a second): on a terminal a
@@ -520,17 +530,14 @@ class _CompileStatus:
         from .kernels import CACHE
 
         self.started = time.monotonic()
-        self.text = ("compiling kernels for this CPU (first run only)" if CACHE else
-                     "compiling kernels (numba's disk cache is off: every run compiles)")
+        text = ("compiling kernels for this CPU (first run only)" if CACHE else
+                "compiling kernels (numba's disk cache is off: every run compiles)")
         console = _stderr()
         if console.is_terminal:
-            self._status = console.status(self)  # re-renders __rich__ a few times a second
+            self._status = console.status(_Elapsed(text))
             self._status.start()
         else:
-            typer.echo(f"{self.text} ...", err=True)
-
-    def __rich__(self) -> str:
-        return f"{self.text} ... {time.monotonic() - self.started:.0f} s"
+            typer.echo(f"{text} ...", err=True)
 
     def stop(self) -> None:
         if self._status is not None:
@@ -678,16 +685,6 @@ def _stream(events, printer: ReplyPrinter, show_stats: bool):
     if show_stats:
         typer.secho(_stats_line(reply.stats), err=True, dim=True)
     return reply
-
-
-class _Elapsed:
-    """A status text with its seconds counting up (rich re-renders it a few times a second)."""
-
-    def __init__(self, text: str):
-        self.text, self.started = text, time.monotonic()
-
-    def __rich__(self) -> str:
-        return f"{self.text} ... {time.monotonic() - self.started:.0f} s"
 
 
 def _status_until_first(events, text: str):
