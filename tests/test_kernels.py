@@ -579,22 +579,29 @@ def test_lane_order_is_a_permutation(nb):
                           order.astype(np.float32))
 
 
+ARM = platform.machine() in ("aarch64", "arm64")
+
+
 @pytest.mark.parametrize("path, cpu, check", [
-    ("avx2", "x86-64-v3", "assert not simd.HAVE_AVX512"),
-    ("portable", "generic", "assert not simd.HAVE_AVX2"),
+    ("avx2", "x86-64-v3", "assert simd.HAVE_AVX2 and not simd.HAVE_AVX512"),
+    ("neon", "generic", "assert simd.HAVE_NEON and not simd.HAVE_DOTPROD"),
+    ("portable", "generic", "assert not simd.HAVE_SIMD"),
 ])
 def test_smaller_cpu_paths_equal_their_twins(path, cpu, check):
     """The kernels' branches for smaller CPUs than this one, which never run here otherwise:
-    AVX2 without AVX-512 (Zen 3, most laptops: MXFP4 blocks one at a time) and neither (ARM
-    laptops, old x86: plain numba). The MXFP4, softmax and decode-attention tests again, in a
-    process that builds that path (TINYOSS_KERNELS) for such a CPU (NUMBA_CPU_NAME: LLVM then
-    has only its instructions); it compiles afresh: the disk cache can't tell the builds apart."""
+    on x86, AVX2 without AVX-512 (Zen 3, most laptops: MXFP4 blocks one at a time); on aarch64,
+    NEON without dotprod (a Pi 4's ARMv8.0); on both, plain numba (RISC-V, old CPUs). The MXFP4,
+    softmax and decode-attention tests again, in a process that builds that path
+    (TINYOSS_KERNELS) for such a CPU (NUMBA_CPU_NAME: LLVM then has only its instructions); it
+    compiles afresh: the disk cache can't tell the builds apart."""
     import os
     import subprocess
     import sys
 
-    if platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("the paths of smaller x86 CPUs")
+    if path != "portable" and (path == "neon") != ARM:
+        pytest.skip(f"a path of {'x86' if path == 'avx2' else 'aarch64'} CPUs")
+    if not ARM and platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("neither x86 nor aarch64")
     env = dict(os.environ, TINYOSS_KERNELS=path, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES="")
     here = os.path.dirname(__file__)
     code = (f"import sys, pytest; from tinyoss import simd; {check}; "
@@ -656,3 +663,45 @@ def test_row_dots_take_every_scale_byte_exactly(nb):
                                 kernels.to_lane_order(x), out)
     assert (scales[0] == 0).any() and (scales[0] == 255).any()
     np.testing.assert_array_equal(out, want)
+
+
+def test_neon_kernels_compile_for_aarch64():
+    """The NEON paths' IR, built here whatever this CPU is and compiled by LLVM's AArch64 backend
+    (benchmarks/neon_asm.py, which counts their instructions): the E2M1 lookup is `tbl`, the
+    float16 values widen by `fcvtl`, the int8-input dot is `sdot` with dotprod and widening
+    multiplies without. (Their results are tested on aarch64: scripts/arm64-tests.sh.)"""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "neon_asm.py")
+    spec = importlib.util.spec_from_file_location("neon_asm", path)
+    neon_asm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(neon_asm)
+    flags = {flag: getattr(simd, flag) for flag in neon_asm._FLAGS}
+    for dotprod in (True, False):
+        loops = neon_asm.loops(neon_asm.assembly(
+            neon_asm.build(dotprod), "cortex-a76", "+neon," + "+-"[not dotprod] + "dotprod"))
+        ops = {fn: {line.split()[0] for body in found for line in body}
+               for fn, found in loops.items()}
+        assert {"tbl", "fcvtl", "fcvtl2", "fmla"} <= ops["mxfp4_row_dot"]
+        assert {"tbl", "fcvtl", "zip1"} <= ops["mxfp4_block_decode"]
+        assert "tbl" in ops["mxfp4_q8_row_dots"]
+        assert ("sdot" in ops["mxfp4_q8_row_dots"]) == dotprod
+        assert dotprod or {"smull", "smlal"} <= ops["mxfp4_q8_row_dots"]
+    assert {flag: getattr(simd, flag) for flag in neon_asm._FLAGS} == flags  # restored
+
+
+@SETTINGS
+@given(st.integers(0, 2**32 - 1), st.integers(0, 300), st.integers(1, 4), st.integers(1, 4),
+       st.sampled_from([0, 1, 16]))
+def test_read_streams_equals_numpy(seed, lines, tasks, streams, ahead):
+    """The bandwidth probe's reader XORs exactly its share of lines (prefetching past the end of
+    the buffer is a hint, never a fault)."""
+    words = np.random.default_rng(seed).integers(0, 2**63, 8 * lines + 3, dtype=np.uint64)
+    out = np.zeros(tasks, np.uint64)
+    kernels.read_streams(words, tasks, streams, ahead, out)
+    per_stream = lines // tasks // streams
+    for t in range(tasks):
+        first = 8 * t * (lines // tasks)
+        want = np.bitwise_xor.reduce(words[first:first + 8 * streams * per_stream])
+        assert out[t] == want

@@ -23,7 +23,7 @@ import numpy as np
 from .budget import budget
 from .fast import warm_up
 from .errors import TinyossError
-from .kernels import f32_bf16w_matvec
+from .kernels import f32_bf16w_matvec, read_streams
 from .runtime import Model
 from .store import proc_kib
 
@@ -33,24 +33,34 @@ PROBE_COLS = 4096  # the probe's rows: 8 KiB of weights against a 16 KiB x that 
 # 20-27 GB/s where the 20b's unembedding matvec read 35-49 in the same process.)
 
 
-def memory_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Bytes/s the CPU reads from RAM with all threads (best of `repeats`).
+PROBE_WAYS = [(streams, ahead) for streams in (1, 2, 4) for ahead in (0, 16)]  # read_streams
 
-    The probe streams a 1 GiB buffer through the bf16 matvec kernel (32 values a step in vector
-    IR, rows split across the threads, x in L1): the cheapest vectorized read we have, so it
-    measures the memory, not the arithmetic (a scalar sum loop is compute-bound at ~5 GB/s a
-    core).
+
+def memory_bandwidth(n_bytes: int = 1 << 30, repeats: int = 3) -> float:
+    """Bytes/s the CPU reads from RAM with all threads: the best of a few ways to read a 1 GiB
+    buffer, `repeats` times each. The ceiling a decoded token's bytes are held to, so it must be
+    what the fastest reader here reaches, not what ours does (llama.cpp once decoded at 32.4 GB/s
+    where the older probe, our bf16 matvec alone, said 30-31): one to four sequential streams a
+    thread, with and without software prefetch (kernels.read_streams: one vector xor a 64-byte
+    line, nothing to compute), and the bf16 matvec kernel (rows split across the threads, x in
+    L1), which some CPUs' prefetchers like better.
     """
     # bf16 1.0 (written: the pages are real; not 0x0001, a denormal, slow on some CPUs)
     w = np.full((n_bytes // (2 * PROBE_COLS), PROBE_COLS), 0x3F80, np.uint16)
     x = np.ones(PROBE_COLS, np.float32)
     out, no_bias = np.empty(w.shape[0], np.float32), np.zeros(0, np.uint16)
-    f32_bf16w_matvec(w, x, no_bias, out)
+    words, tasks = w.reshape(-1).view(np.uint64), numba.get_num_threads()
+    xors = np.empty(tasks, np.uint64)
+    ways = [lambda: f32_bf16w_matvec(w, x, no_bias, out)] + [
+        lambda s=streams, a=ahead: read_streams(words, tasks, s, a, xors)
+        for streams, ahead in PROBE_WAYS]
     best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f32_bf16w_matvec(w, x, no_bias, out)
-        best = min(best, time.perf_counter() - t)
+    for way in ways:
+        way()  # compiled, and the buffer's pages in the TLB
+        for _ in range(repeats):
+            t = time.perf_counter()
+            way()
+            best = min(best, time.perf_counter() - t)
     return w.nbytes / best
 
 

@@ -19,12 +19,12 @@ import numba
 import numpy as np
 
 from . import mxfp4
-from .simd import (HAVE_AVX2, HAVE_AVX512, KERNELS, MAX_GROUP, MXFP4_LANE_ORDER,
+from .simd import (HAVE_AVX2, HAVE_AVX512, HAVE_SIMD, KERNELS, MAX_GROUP, MXFP4_LANE_ORDER,
                    MXFP4_PAIR_ORDER, MXFP4_Q8_GROUP, MXFP4_Q8_ROWS, MXFP4_QUAD_ORDER, MXFP4_ROWS,
                    QK_DIM, QK_HEADS, as_float32, bf16_row_dots, exp_shifted_sum, kv_float,
-                   max_nan, mxfp4_block_decode_avx2, mxfp4_matvec_rows, mxfp4_matvec_rows_two,
+                   max_nan, mxfp4_block_decode_simd, mxfp4_matvec_rows, mxfp4_matvec_rows_two,
                    mxfp4_q8_row_dots,
-                   mxfp4_row_dots, q8_row_dot, qk8_scores, weighted_rows64)
+                   mxfp4_row_dots, q8_row_dot, qk8_scores, weighted_rows64, xor_lines)
 
 # a forced kernel path (simd.KERNELS) compiles afresh: the disk cache can't tell the builds apart
 CACHE = os.environ.get("TINYOSS_NUMBA_CACHE", "1") != "0" and KERNELS == "auto"
@@ -69,7 +69,8 @@ def lane_element(c, nb):
             return 128 * (c // 128) + _QUAD[c % 128]
         if c < quads + 64 * ((nb % 4) // 2):
             return quads + _PAIR[c - quads]
-    if not HAVE_AVX2:  # plain numba: a block's low nibbles (even elements), then its high ones
+    if not HAVE_AVX2:  # plain numba and NEON: a block's low nibbles (even elements), then its
+        # high ones
         lane = c % 32
         return 32 * (c // 32) + (2 * lane if lane < 16 else 2 * (lane - 16) + 1)
     return 32 * (c // 32) + _ONE[c % 32]
@@ -159,7 +160,7 @@ def to_lane_order(x: np.ndarray) -> np.ndarray:
 
 @jit()
 def mxfp4_block_decode_plain(blocks, b_off, scale, out, o_off):
-    """Same contract as simd.mxfp4_block_decode_avx2, in plain numba (any CPU)."""
+    """Same contract as simd.mxfp4_block_decode_simd, in plain numba (any CPU)."""
     w, o = blocks[b_off:b_off + 16], out[o_off:o_off + 32]  # (slices: see _block_dot_plain)
     for j in range(16):
         byte = w[j]
@@ -167,7 +168,7 @@ def mxfp4_block_decode_plain(blocks, b_off, scale, out, o_off):
         o[2 * j + 1] = e2m1(byte >> 4) * scale
 
 
-_block_decode = mxfp4_block_decode_avx2 if HAVE_AVX2 else mxfp4_block_decode_plain
+_block_decode = mxfp4_block_decode_simd if HAVE_SIMD else mxfp4_block_decode_plain
 
 
 @jit()
@@ -225,7 +226,7 @@ def f32_mf4w_moe_matvec(blocks, scales, bias, experts, xl, out):
         e = experts[k]
         r0 = (task % tasks_per_expert) * ROWS_PER_TASK
         r1 = min(r0 + ROWS_PER_TASK, R)
-        if HAVE_AVX2:  # MXFP4_ROWS rows a call (two share x's loads with AVX-512), a lone last
+        if HAVE_SIMD:  # MXFP4_ROWS rows a call (two share x's loads with AVX-512), a lone last
             for r in range(r0, r1, MXFP4_ROWS):  # one alone
                 row = e * R + r
                 if r + MXFP4_ROWS <= r1:
@@ -264,7 +265,7 @@ def f32_mf4w_matmul(blocks, scales, bias, xl, out):
     n_tasks = (R + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in numba.prange(n_tasks):
         for r in range(task * ROWS_PER_TASK, min((task + 1) * ROWS_PER_TASK, R)):
-            if HAVE_AVX2:  # tokens four at a time: each block decoded once per four
+            if HAVE_SIMD:  # tokens four at a time: each block decoded once per four
                 for j0 in range(0, m, MAX_GROUP):
                     mxfp4_row_dots(min(MAX_GROUP, m - j0), flat_b, r * nb * 16, flat_s, r * nb,
                                    _E8M0, flat_x, j0 * nb * 32, nb * 32, nb, flat_out,
@@ -300,7 +301,7 @@ def f32_mf4w_moe_matmul(blocks, scales, bias, experts, starts, xl, out):
         e, t0, m = experts[g], starts[g], starts[g + 1] - starts[g]
         r0 = (task % tasks_per_expert) * ROWS_PER_TASK
         r1 = min(r0 + ROWS_PER_TASK, R)
-        if HAVE_AVX2:  # decode's matvec, tokens two at a time (each block decoded once for
+        if HAVE_SIMD:  # decode's matvec, tokens two at a time (each block decoded once for
             for r in range(r0, r1, MXFP4_ROWS):  # both, the prefetch kept), an odd last alone
                 row = e * R + r
                 if r + MXFP4_ROWS <= r1:
@@ -427,9 +428,9 @@ def f32_mf4w_q8x_moe_matvec(blocks, scales, bias, experts, xq, xd, out):
         xk = 0 if one_x else k
         r0 = (task % tasks_per_expert) * ROWS_PER_TASK
         r1 = min(r0 + ROWS_PER_TASK, R)
-        for r in range(r0, r1, MXFP4_Q8_ROWS if HAVE_AVX2 else 1):
+        for r in range(r0, r1, MXFP4_Q8_ROWS if HAVE_SIMD else 1):
             row = e * R + r
-            if HAVE_AVX2 and r + MXFP4_Q8_ROWS <= r1:
+            if HAVE_SIMD and r + MXFP4_Q8_ROWS <= r1:
                 mxfp4_q8_row_dots(flat_b, row * nb * 16, flat_s, row * nb, _E8M0, flat_q,
                                   xk * nb * 32, flat_d, xk * nb, nb, flat_out, k * R + r)
             else:
@@ -524,6 +525,27 @@ def _bf16_rows(w, xs, bias, out, r0, r1):
             if bias.shape[0] > 0:
                 acc += as_float32(np.uint32(bias[r]) << np.uint32(16))
             flat_out[j * R + r] = acc
+
+
+STREAM_STEP = 16  # lines (1 KiB) read from one stream before the next (read_streams)
+
+
+@jit(parallel=True)
+def read_streams(words, tasks, streams, ahead, out):
+    """out[t] = the XOR of task t's lines of words (uint64, 8 a 64-byte line): lines t * L ..
+    t * L + streams * S - 1, L = lines // tasks, S = L // streams. The task reads them as
+    `streams` interleaved sequential streams (S lines each, STREAM_STEP lines of one, then of the
+    next), asking for lines `ahead` ahead (0: none): the probe of `tinyoss bench`'s bandwidth
+    ceiling tries a few such ways and keeps the fastest. Twin: numpy's bitwise_xor.reduce."""
+    per_task = words.shape[0] // 8 // tasks
+    per_stream = per_task // streams
+    for t in numba.prange(tasks):
+        acc = np.uint64(0)
+        for j in range(0, per_stream, STREAM_STEP):
+            n = min(STREAM_STEP, per_stream - j)
+            for s in range(streams):
+                acc ^= xor_lines(words, 8 * (t * per_task + s * per_stream + j), n, ahead)
+        out[t] = acc
 
 
 @jit(parallel=True, fastmath=True)

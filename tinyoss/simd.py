@@ -5,8 +5,10 @@ LLVM does not turn a 16-entry table lookup into a SIMD shuffle by itself, and th
 whole cost of an MXFP4 matvec. Here we write it out for x86 `pshufb` (`_e2m1_decode`: a block at
 a time with AVX2, two with AVX-512) and, with AVX-512, for `vpermps` (`_e2m1_decode_quad`: four
 blocks a step, the matvecs' main loop); for the matvec of one token, the fused matmul of a few
-(`mxfp4_row_dots`) and the block decoder of prefill's tiles (pshufb). On CPUs without AVX2
-(`HAVE_AVX2` False) kernels.py uses its plain-numba twins. The rest is portable vector IR:
+(`mxfp4_row_dots`) and the block decoder of prefill's tiles (pshufb). On aarch64 the same kernels
+take NEON's `tbl` (`_e2m1_decode_neon`; `sdot` for int8 activations where the CPU has dotprod).
+On other CPUs (`HAVE_SIMD` False) kernels.py uses its plain-numba twins. The rest is portable
+vector IR, which LLVM turns into AVX or NEON as the CPU has:
 numba's loops would not keep these sums in registers, or would reassociate them into one long
 chain.
 
@@ -52,21 +54,30 @@ def _target() -> tuple[str, list[str]]:
 
 
 _CPU, _FEATURES = _target()
-# TINYOSS_KERNELS=avx2 | portable: build the paths of a smaller CPU than this one (AVX2 without
-# AVX-512, as Zen 3; or neither, as ARM laptops), to test them here. The disk cache can't tell
-# the builds apart, so a forced path compiles afresh (kernels.CACHE). TINYOSS_PORTABLE_KERNELS=1
-# is the older spelling of `portable`.
+ARM = llvm.get_process_triple().startswith(("aarch64", "arm64"))  # 64-bit ARM: NEON is baseline
+# TINYOSS_KERNELS=avx2 | neon | portable: build the paths of a smaller CPU than this one (AVX2
+# without AVX-512, as Zen 3; NEON without dotprod, as a Pi 4's ARMv8.0; or plain numba, as
+# RISC-V), to test them here. The disk cache can't tell the builds apart, so a forced path
+# compiles afresh (kernels.CACHE). TINYOSS_PORTABLE_KERNELS=1 is the older spelling of `portable`.
 KERNELS = os.environ.get("TINYOSS_KERNELS", "auto")
 if os.environ.get("TINYOSS_PORTABLE_KERNELS", "0") == "1":
     KERNELS = "portable"
-if KERNELS not in ("auto", "avx2", "portable"):
-    raise ImportError(f"TINYOSS_KERNELS={KERNELS!r}: expected auto, avx2 or portable")
+if KERNELS not in ("auto", "avx2", "neon", "portable"):
+    raise ImportError(f"TINYOSS_KERNELS={KERNELS!r}: expected auto, avx2, neon or portable")
+if KERNELS in ("avx2", "neon") and (KERNELS == "neon") != ARM:
+    raise ImportError(f"TINYOSS_KERNELS={KERNELS}: this is {'an ARM' if ARM else 'an x86'} CPU")
 _KNOWN_CPU = _CPU not in ("generic",) and KERNELS != "portable"
-HAVE_AVX2 = "+avx2" in _FEATURES and _KNOWN_CPU
+HAVE_AVX2 = "+avx2" in _FEATURES and _KNOWN_CPU and not ARM
 # AVX-512 (BW for the byte shuffles): the MXFP4 row dots take two blocks a step in 512-bit
 # vectors (Zen 4/5, Intel since Skylake-SP / Ice Lake)
 HAVE_AVX512 = HAVE_AVX2 and KERNELS == "auto" and all(
     f in _FEATURES for f in ("+avx512f", "+avx512bw"))
+# NEON: every aarch64 CPU has it, so it does not need the CPU's name (which LLVM may not know:
+# "generic" under qemu); dotprod (ARMv8.2+: Pi 5, RK3588, Apple M, Snapdragon X; not a Pi 4)
+# takes int8 activations four products a lane (`sdot`).
+HAVE_NEON = ARM and KERNELS in ("auto", "neon")
+HAVE_DOTPROD = HAVE_NEON and KERNELS == "auto" and "+dotprod" in _FEATURES
+HAVE_SIMD = HAVE_AVX2 or HAVE_NEON  # a hand-written MXFP4 path (else plain numba: kernels.py)
 
 _i8, _i32, _i64, _f32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
 _V16i8 = ir.VectorType(_i8, 16)
@@ -256,7 +267,10 @@ def _nibbles(builder, bptr, lanes: int = 2):
 
 def _e2m1_decode(builder, bptr, lanes: int = 2):
     """The 16 * lanes / 2 bytes at bptr (lanes / 2 blocks: one with AVX2, two with AVX-512) ->
-    four <4 * lanes x float> E2M1 values (unscaled), in the order `_decode_order(lanes)`."""
+    four <4 * lanes x float> E2M1 values (unscaled), in the order `_decode_order(lanes)` (with
+    NEON, one block, `_e2m1_decode_neon`'s order)."""
+    if HAVE_NEON:
+        return _e2m1_decode_neon(builder, bptr)
     width = 16 * lanes  # bytes of the nibble vector
     vbytes, vwords = ir.VectorType(_i8, width), ir.VectorType(_i32, width // 4)
     vf = ir.VectorType(_f32, width // 4)
@@ -276,6 +290,53 @@ def _e2m1_decode(builder, bptr, lanes: int = 2):
                                       vf))
         values.append(builder.bitcast(builder.and_(words, ir.Constant(vwords, [-65536] * (width // 4))),
                                       vf))
+    return values
+
+
+# NEON's `tbl` looks up 16 bytes in a 16-byte table, as pshufb does in each 128-bit lane. Its
+# table here is of float16 rather than bf16: every E2M1 value is exact in float16 too, and its
+# low byte is 0, so one table (the high byte) is enough, a zip with zeros makes the float16
+# and `fcvtl` widens it to float32, exact. Per 32 weights: and, shift, 2 tbl, 4 zips and 8 fcvtl
+# (16) where AVX2 takes ~15 256-bit instructions. The values come out in the plain kernels'
+# order (kernels.lane_element): a block's 16 even elements (low nibbles), then its 16 odd ones.
+_E2M1_F16_HIGH = [int(h) >> 8 for h in np.asarray(FP4_VALUES, np.float16).view(np.uint16)]
+
+
+def _tbl(builder, table: list[int], index):
+    """NEON `tbl`: byte i of the result is table[index[i]] (a <16 x i8> index, values < 16)."""
+    v16 = ir.VectorType(_i8, 16)
+    fn = builder.module.declare_intrinsic("llvm.aarch64.neon.tbl1.v16i8",
+                                          fnty=ir.FunctionType(v16, [v16, v16]))
+    return builder.call(fn, [ir.Constant(v16, table), index])
+
+
+def _low_high_nibbles(builder, bptr):
+    """The 16 bytes at bptr (a block) -> two <16 x i8>: the low nibbles (even elements), the
+    high ones (odd elements)."""
+    v16 = ir.VectorType(_i8, 16)
+    packed = builder.load(builder.bitcast(bptr, v16.as_pointer()), align=1)
+    return (builder.and_(packed, ir.Constant(v16, [15] * 16)),
+            builder.lshr(packed, ir.Constant(v16, [4] * 16)))
+
+
+def _e2m1_decode_neon(builder, bptr, natural: bool = False):
+    """The block at bptr -> four <8 x float> E2M1 values (unscaled): its even elements, then its
+    odd ones; with natural, in element order (two zips more)."""
+    v16, v8h = ir.VectorType(_i8, 16), ir.VectorType(ir.HalfType(), 8)
+    evens, odds = _low_high_nibbles(builder, bptr)
+    if natural:
+        i32s = ir.Constant(ir.VectorType(_i32, 16), [k // 2 + 16 * (k % 2) for k in range(16)])
+        evens, odds = (builder.shuffle_vector(evens, odds, i32s),
+                       builder.shuffle_vector(evens, odds, ir.Constant(
+                           ir.VectorType(_i32, 16), [8 + k // 2 + 16 * (k % 2) for k in range(16)])))
+    zero = ir.Constant(v16, [0] * 16)
+    values = []
+    for nibbles in (evens, odds):
+        high = _tbl(builder, _E2M1_F16_HIGH, nibbles)
+        for half in (0, 8):  # float16 = (0, high byte): bytes half .. half + 7 -> 8 halves
+            words = builder.shuffle_vector(zero, high, ir.Constant(ir.VectorType(_i32, 16), [
+                k for j in range(half, half + 8) for k in (j, 16 + j)]))
+            values.append(builder.fpext(builder.bitcast(words, v8h), ir.VectorType(_f32, 8)))
     return values
 
 
@@ -516,25 +577,27 @@ def mxfp4_matvec_rows_two(typingctx, blocks, b_off, scales, s_off, scale_table, 
 
 
 @intrinsic
-def mxfp4_block_decode_avx2(typingctx, blocks, b_off, scale, out, o_off):
+def mxfp4_block_decode_simd(typingctx, blocks, b_off, scale, out, o_off):
     """Decode the 16-byte block at blocks[b_off] into out[o_off : o_off + 32] (float32, natural
     order: the low nibble of byte j is element 2j); `scale` is the block's 2**(s-127). The same
-    bf16-byte lookup as the matvec, put back in order by one shuffle. Bit-exact: an E2M1 value
-    times a power of two."""
+    byte lookup as the matvec (AVX2 or NEON), put back in order by one shuffle (AVX2) or two
+    zips of the nibbles (NEON). Bit-exact: an E2M1 value times a power of two."""
     sig = types.void(blocks, types.intp, types.float32, out, types.intp)
 
     def codegen(context, builder, signature, args):
         blocks_a, b_off, scale, out_a, o_off = args
         bptr = _data(context, builder, signature.args[0], blocks_a, b_off)
         optr = _data(context, builder, signature.args[3], out_a, o_off)
-        w = _e2m1_decode(builder, bptr)  # four <8 x float>, in MXFP4_LANE_ORDER
         v32f = ir.VectorType(_f32, 32)
         i32s = lambda ids: ir.Constant(ir.VectorType(_i32, len(ids)), ids)  # noqa: E731
+        w = _e2m1_decode_neon(builder, bptr, natural=True) if HAVE_NEON else _e2m1_decode(
+            builder, bptr)  # four <8 x float>, natural (NEON) or in MXFP4_LANE_ORDER
         lanes = builder.shuffle_vector(builder.shuffle_vector(w[0], w[1], i32s(list(range(16)))),
                                        builder.shuffle_vector(w[2], w[3], i32s(list(range(16)))),
                                        i32s(list(range(32))))
-        natural = builder.shuffle_vector(lanes, ir.Constant(v32f, ir.Undefined), i32s(
-            [MXFP4_LANE_ORDER.index(e) for e in range(32)]))
+        natural = lanes if HAVE_NEON else builder.shuffle_vector(
+            lanes, ir.Constant(v32f, ir.Undefined), i32s([MXFP4_LANE_ORDER.index(e)
+                                                          for e in range(32)]))
         values = builder.fmul(natural, _splat(builder, scale, 32))
         builder.store(values, builder.bitcast(optr, v32f.as_pointer()), align=4)
         return context.get_dummy_value()
@@ -587,7 +650,9 @@ def _mxfp4_q8_dots(builder, bptr, sptr, tptr, qptr, dptr, nb, optr, rows: int) -
         _prefetch(builder, builder.gep(bptr, [builder.mul(builder.add(
             rb, builder.mul(nb, _const(PREFETCH_ROWS))), _const(16))]))
 
-    def block_step(b, accs):  # block b of each row (AVX2)
+    def block_step(b, accs):  # block b of each row (AVX2 or NEON)
+        if HAVE_NEON:
+            return _q8_block_neon(builder, bptr, sptr, tptr, qptr, dptr, b, nb, accs, prefetch)
         pshufb = declare("llvm.x86.avx2.pshuf.b", v32, v32, v32)
         psign = declare("llvm.x86.avx2.psign.b", v32, v32, v32)
         maddubs = declare("llvm.x86.avx2.pmadd.ub.sw", v16i16, v32, v32)
@@ -615,9 +680,10 @@ def _mxfp4_q8_dots(builder, bptr, sptr, tptr, qptr, dptr, nb, optr, rows: int) -
                 for _ in range(rows)]
 
     if not HAVE_VNNI512:
-        accs = zeros(8)
+        width = 4 if HAVE_NEON else 8  # a block's partial sums: i32 lanes of sdot / vpmaddwd
+        accs = zeros(width)
         _block_steps(builder, nb, _const(0), 1, lambda b, _: block_step(b, accs))
-        sums = [_sum_lanes(builder, builder.load(acc), 8) for acc in accs]
+        sums = [_sum_lanes(builder, builder.load(acc), width) for acc in accs]
     else:
         v16f, v4f = ir.VectorType(_f32, 16), ir.VectorType(_f32, 4)
 
@@ -648,6 +714,44 @@ def _mxfp4_q8_dots(builder, bptr, sptr, tptr, qptr, dptr, nb, optr, rows: int) -
                 for a, t in zip(accs, tail)]
     for r in range(rows):
         builder.store(sums[r], builder.gep(optr, [_const(r)]))
+
+
+def _q8_block_neon(builder, bptr, sptr, tptr, qptr, dptr, b, nb, accs, prefetch) -> None:
+    """Block b of each row (rows = len(accs)) against its 32 int8 x values, with NEON: the low
+    and high nibbles (even and odd elements, the order x is in) looked up as doubled E2M1 values
+    (`tbl`, signed bytes), then with dotprod two `sdot`s (four products summed into each of 4
+    i32 lanes), else widening multiplies summed pairwise (|sum of 2| <= 2 * 12 * 127 fits in
+    i16; LLVM makes them smull/smlal and saddlp). Exact integer sums, converted, scaled into
+    accs[r] (<4 x float>)."""
+    v16, v4i = ir.VectorType(_i8, 16), ir.VectorType(_i32, 4)
+    x0 = builder.mul(b, _const(32))
+    q_even, q_odd = (builder.load(builder.bitcast(builder.gep(qptr, [builder.add(x0, _const(k))]),
+                                                  v16.as_pointer()), align=1) for k in (0, 16))
+    d = builder.load(builder.gep(dptr, [b]))
+    sdot = builder.module.declare_intrinsic("llvm.aarch64.neon.sdot.v4i32.v16i8",
+                                            fnty=ir.FunctionType(v4i, [v4i, v16, v16]))
+    for r, acc in enumerate(accs):
+        rb = builder.add(b, builder.mul(nb, _const(r)))
+        with builder.if_then(builder.icmp_unsigned("==", builder.urem(b, _const(4)), _const(0))):
+            prefetch(rb)  # a new 64-byte line
+        low, high = _low_high_nibbles(builder, builder.gep(bptr, [builder.mul(rb, _const(16))]))
+        w_even, w_odd = _tbl(builder, _E2M1_TWICE_I8, low), _tbl(builder, _E2M1_TWICE_I8, high)
+        if HAVE_DOTPROD:
+            sums = builder.call(sdot, [builder.call(sdot, [ir.Constant(v4i, [0] * 4), w_even,
+                                                           q_even]), w_odd, q_odd])
+        else:
+            v16i16, v16i32 = ir.VectorType(ir.IntType(16), 16), ir.VectorType(_i32, 16)
+            pairs = builder.add(*(builder.mul(builder.sext(w, v16i16), builder.sext(q, v16i16))
+                                  for w, q in ((w_even, q_even), (w_odd, q_odd))))
+            wide = builder.sext(pairs, v16i32)
+            quarters = [builder.shuffle_vector(wide, wide, ir.Constant(
+                ir.VectorType(_i32, 4), list(range(4 * k, 4 * k + 4)))) for k in range(4)]
+            sums = builder.add(builder.add(quarters[0], quarters[1]),
+                               builder.add(quarters[2], quarters[3]))
+        scale = builder.fmul(builder.load(builder.gep(tptr, [builder.zext(
+            builder.load(builder.gep(sptr, [rb])), _i64)])), d)  # a power of two times d
+        _add_product(builder, acc, builder.sitofp(sums, ir.VectorType(_f32, 4)),
+                     _splat(builder, scale, 4))
 
 
 def _q8_group(builder, bptr, qptr, b, nb, accs, scales, prefetch) -> None:
@@ -929,6 +1033,35 @@ def _prefetch(builder, ptr, locality: int = 3) -> None:
         builder.module, ir.FunctionType(ir.VoidType(), [i8p, _i32, _i32, _i32]), name)
     builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(_i32, 0),
                       ir.Constant(_i32, locality), ir.Constant(_i32, 1)])
+
+
+@intrinsic
+def xor_lines(typingctx, words, off, count, ahead):
+    """The XOR of `count` 64-byte lines of words (uint64) from words[off] (a line's first), as
+    uint64: a read of memory that costs no arithmetic (one vector xor a line), for `tinyoss
+    bench`'s bandwidth ceiling. ahead > 0: each line also asks for the one `ahead` lines on."""
+    sig = types.uint64(words, types.intp, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        words_a, off, count, ahead = args
+        v8 = ir.VectorType(_i64, 8)
+        ptr = _data(context, builder, signature.args[0], words_a, off)
+        acc = cgutils.alloca_once_value(builder, ir.Constant(v8, [0] * 8))
+        fetch = builder.icmp_signed(">", ahead, _const(0))
+        with cgutils.for_range(builder, count) as loop:
+            line = builder.gep(ptr, [builder.mul(loop.index, _const(8))])
+            with builder.if_then(fetch):
+                _prefetch(builder, builder.gep(line, [builder.mul(ahead, _const(8))]))
+            value = builder.load(builder.bitcast(line, v8.as_pointer()), align=8)
+            builder.store(builder.xor(builder.load(acc), value), acc)
+        vec, width = builder.load(acc), 8
+        while width > 1:
+            width //= 2
+            vec = builder.xor(*(builder.shuffle_vector(vec, vec, ir.Constant(
+                ir.VectorType(_i32, width), list(range(k, k + width)))) for k in (0, width)))
+        return builder.extract_element(vec, ir.Constant(_i32, 0))
+
+    return sig, codegen
 
 
 # --- softmax rows: exp in vector IR ----------------------------------------------------------
