@@ -1,6 +1,6 @@
 """The NEON kernels' aarch64 assembly, from any machine: instructions per 32 weights.
 
-    python benchmarks/neon_asm.py [--cpu cortex-a76] [--show]
+    python benchmarks/neon_asm.py [--cpu cortex-a76] [--show] [--peer quants.s ...]
 
 Emulation (scripts/arm64-tests.sh) proves the aarch64 kernels right but says nothing of their
 speed, so this counts instructions instead. It builds the IR of simd.py's NEON paths (the exact
@@ -9,6 +9,11 @@ prefill's tiles) into functions of their own, compiles them with LLVM's AArch64 
 has it on every platform) for --cpu, and counts the instructions of each one-block-a-step loop
 (a block is 32 weights). simd.py picks its paths at import by the CPU it runs on, so on x86 this
 script sets its NEON flags by hand: what it compiles is the IR an aarch64 machine would build.
+
+--peer counts the loops of llama.cpp's NEON MXFP4 dot product (ggml_vec_dot_mxfp4_q8_0, two
+blocks a step) in assembly compiled from its source, e.g. with Debian's gcc-aarch64-linux-gnu in
+ggml/src: `aarch64-linux-gnu-gcc -O3 -march=armv8.2-a+dotprod -S -I. -Iggml-cpu -I../include
+-DNDEBUG -D_GNU_SOURCE ggml-cpu/arch/arm/quants.c -o quants.s` (and -march=armv8-a).
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ def _function(module, name, arg_types):
     return fn, ir.IRBuilder(fn.append_basic_block("entry"))
 
 
+_STEP = {"mxfp4_row_dot": "a block of one row, one x", "mxfp4_row_dots_x4": "a block, four x",
+         "mxfp4_q8_row_dots": "a block of two rows", "mxfp4_block_decode": "a block"}
 _FLAGS = ("HAVE_NEON", "HAVE_DOTPROD", "HAVE_AVX2", "HAVE_AVX512", "HAVE_VNNI512")
 
 
@@ -94,6 +101,7 @@ def assembly(module: ir.Module, cpu: str, features: str) -> str:
 
 
 _LABEL = re.compile(r"^(\.?[\w.$]+):")
+_VECTOR = re.compile(r"\bv\d+\.|\bq\d+\b")  # an instruction on a NEON register
 
 
 def loops(asm: str) -> dict[str, list[list[str]]]:
@@ -122,6 +130,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu", default="cortex-a76", help="LLVM's name of the aarch64 CPU")
     ap.add_argument("--show", action="store_true", help="print the loops' instructions")
+    ap.add_argument("--peer", nargs="*", default=[], help="assembly files of llama.cpp's quants.c")
     args = ap.parse_args()
     for dotprod in (True, False):
         features = "+neon" + (",+dotprod" if dotprod else ",-dotprod")
@@ -131,10 +140,18 @@ def main() -> None:
             if fn != "mxfp4_q8_row_dots" and not dotprod:
                 continue  # only the int8 kernel differs without dotprod
             for body in found:
-                vector = sum(1 for i in body if re.search(r"\bv\d+\.|\bq\d+\b", i))
-                print(f"{fn:22s} loop of {len(body):3d} instructions ({vector} vector)")
+                vector = sum(1 for i in body if _VECTOR.search(i))
+                print(f"{fn:22s} loop of {len(body):3d} instructions ({vector} vector): "
+                      f"{_STEP[fn]}")
                 if args.show:
                     print("    " + "\n    ".join(body))
+    for path in args.peer:
+        with open(path) as f:
+            found = loops(f.read()).get("ggml_vec_dot_mxfp4_q8_0", [])
+        body = max(found, key=lambda b: sum(1 for i in b if _VECTOR.search(i)))  # the NEON loop
+        vector = sum(1 for i in body if _VECTOR.search(i))
+        print(f"## {path}\nggml_vec_dot_mxfp4_q8_0 loop of {len(body):3d} instructions ({vector} "
+              "vector) for two blocks")
 
 
 if __name__ == "__main__":
