@@ -8,7 +8,9 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +23,7 @@ pytest.importorskip("uvicorn")
 
 import tinyoss  # noqa: E402
 from serving import MODEL_ID, Scripted, serve  # noqa: E402
+from tinyoss.tokenizer import get_tokenizer  # noqa: E402
 
 REASONED = ("<|channel|>analysis<|message|>The user greets me.<|end|>"
             "<|start|>assistant<|channel|>final<|message|>Hello there! 👋<|return|>")
@@ -34,8 +37,13 @@ CALL_ON_ANALYSIS = ('<|channel|>analysis to=functions.get_weather <|constrain|>j
 ANSWER = "<|channel|>analysis<|message|>It is 20.<|end|><|start|>assistant<|channel|>final<|message|>It is 20°C in Paris.<|return|>"
 PREAMBLE = ("<|channel|>commentary<|message|>Let me check.<|end|>"
             "<|start|>assistant to=functions.get_weather<|channel|>commentary json<|message|>{\"city\": \"Nice\"}<|call|>")
+# characters split across tokens: `\xa6` and `\xf0\x9d`, `\x84` are bytes of a character and no text
+BIRDS = "<|channel|>final<|message|>A 🦩 or ℵ, 𝄞!<|return|>"
+SECOND_THOUGHTS = ("<|channel|>commentary<|message|>Let me think.<|end|>"
+                   "<|start|>assistant<|channel|>analysis<|message|>Thinking it over.<|end|>"
+                   "<|start|>assistant<|channel|>final<|message|>Done.<|return|>")
 SCRIPT = {"Hello": REASONED, "weather in Paris": CALL, "weather in Lyon": CALL_ON_ANALYSIS,
-          '"temp": 20': ANSWER, "weather in Nice": PREAMBLE}
+          '"temp": 20': ANSWER, "weather in Nice": PREAMBLE, "birds": BIRDS, "Think": SECOND_THOUGHTS}
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city.",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
@@ -206,6 +214,64 @@ def test_stop_strings_max_tokens_logprobs_and_seed(served):
     assert [e.token for e in plain[0]] == [e.token for e in plain[1]]
 
 
+def streamed_logprobs(c, **kwargs) -> tuple[str, list]:
+    """A streamed reply's content and logprobs entries; checks that each entry came in the chunk
+    that holds the first of its token's text."""
+    content, entries = b"", []
+    for chunk in c.chat.completions.create(model=MODEL_ID, stream=True, logprobs=True, **kwargs):
+        content += (chunk.choices[0].delta.content or "").encode()
+        entries += chunk.choices[0].logprobs.content if chunk.choices[0].logprobs else []
+        covered = b"".join(bytes(e.bytes) for e in entries)
+        assert covered.startswith(content)
+        assert not entries or len(covered) - len(entries[-1].bytes) < len(content)
+    return content.decode(), entries
+
+
+def test_logprobs_one_entry_per_content_token_held_back_or_not(served):
+    url, _ = served
+    c = client(url)
+    ids = tinyoss_tokens(BIRDS)[3:-1]  # the content's: after <|channel|>final<|message|>
+    raw = [get_tokenizer().decode_single_token_bytes(i) for i in ids]
+    expected = [(r.decode(errors="replace"), list(r)) for r in raw]
+    # no stop string, one that holds text back but never comes, two that cut the content
+    for stop, content, n in [(None, "A 🦩 or ℵ, 𝄞!", len(ids)), ("ℵ, 𝄞?", "A 🦩 or ℵ, 𝄞!", len(ids)),
+                             (", 𝄞", "A 🦩 or ℵ", 7), ("r ℵ", "A 🦩 o", 5)]:
+        reply = c.chat.completions.create(model=MODEL_ID, messages=user("birds?"), logprobs=True, stop=stop)
+        assert reply.choices[0].message.content == content
+        assert [(e.token, e.bytes) for e in reply.choices[0].logprobs.content] == expected[:n], stop
+        text, entries = streamed_logprobs(c, messages=user("birds?"), stop=stop)
+        assert text == content and [(e.token, e.bytes) for e in entries] == expected[:n], stop
+
+
+def test_nothing_streams_after_a_stop_string(served, monkeypatch):
+    from tinyoss import server as srv
+
+    url, server = served
+    found = srv.StopStrings.feed
+
+    def feed(self, *args):
+        out = found(self, *args)
+        if self.hit:  # the event loop is held (as on a busy server) while the engine writes the rest
+            deadline = time.monotonic() + 10
+            while server.engine.load["running"] and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return out
+
+    monkeypatch.setattr(srv.StopStrings, "feed", feed)
+    c = client(url)
+    for prompt, stop in [("weather in Nice?", "check"), ("Think first", "think")]:  # a call, reasoning
+        reply = c.chat.completions.create(model=MODEL_ID, messages=user(prompt), tools=TOOLS, stop=stop)
+        message = reply.choices[0].message
+        assert (message.content, message.tool_calls, reply.choices[0].finish_reason) == ("Let me ", None, "stop")
+        assert "reasoning_content" not in message.model_extra
+        chunks = list(c.chat.completions.create(model=MODEL_ID, messages=user(prompt), tools=TOOLS, stop=stop,
+                                                stream=True, stream_options={"include_usage": True}))
+        deltas = [chunk.choices[0].delta for chunk in chunks if chunk.choices]
+        assert "".join(d.content or "" for d in deltas) == "Let me "
+        assert not any(d.tool_calls or d.model_extra.get("reasoning_content") for d in deltas), deltas
+        assert chunks[-2].choices[0].finish_reason == "stop" and chunks[-1].usage is not None
+
+
 # ---------------------------------------------------------------------------------------------------
 # Responses
 # ---------------------------------------------------------------------------------------------------
@@ -278,6 +344,40 @@ def test_errors_have_the_status_and_name_the_field(served):
     assert r.status_code == 413
     assert httpx.get(f"{url}/nowhere").json()["error"]["message"].startswith("no route")
     assert httpx.get(f"{url}/health").status_code == 200  # still serving
+
+
+def test_a_stalled_upload_is_answered_408_and_closed(scripted, caplog):
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n")
+
+    def answer(sock: socket.socket) -> bytes:
+        """Everything the server sends until it closes the connection."""
+        sock.settimeout(10)
+        data = b""
+        while piece := sock.recv(65536):
+            data += piece
+        return data
+
+    with caplog.at_level("INFO", logger="tinyoss.server"), serve(scripted, body_seconds=2) as (url, _):
+        address = ("127.0.0.1", int(url.rsplit(":", 1)[1]))
+        start = time.monotonic()
+        stalled = socket.create_connection(address)
+        stalled.sendall(head + b'{"model": ')  # and never the rest
+        slow = socket.create_connection(address)
+        slow.sendall(head)
+        # meanwhile other clients are served
+        assert [m.id for m in client(url).models.list()] == [MODEL_ID]
+        assert client(url).chat.completions.create(model=MODEL_ID, messages=user("Hello")).choices[0]
+        while not select.select([slow], [], [], 0.2)[0] and time.monotonic() < start + 10:
+            slow.sendall(b" ")  # a byte at a time until the server answers
+        for sock in (stalled, slow):
+            with sock:
+                status, _, body = answer(sock).partition(b"\r\n\r\n")
+                assert status.startswith(b"HTTP/1.1 408 ")
+                error = json.loads(body)["error"]
+                assert set(error) == {"message", "type", "param", "code"} and error["code"] == "request_timeout"
+        assert 2 <= time.monotonic() - start < 10
+    assert sum(" 408 " in r.getMessage() for r in caplog.records) == 2
 
 
 def test_an_api_key_is_required_and_checked(scripted):

@@ -473,10 +473,14 @@ class OutputMapper:
         self._content: list[str] = []
         self._calls: list[ToolCall] = []
         self._output: Output | None = None
+        # the last token fed is text of the content, streamed or held (part of a character, which
+        # streams with the token that completes it): the tokens that get a logprobs entry
+        self.content_token = False
 
     def feed(self, token: int) -> list[Delta]:
         token = int(token)
         deltas: list[Delta] = []
+        self.content_token = False
         state = self._parser.state
         if token == START and state != "expect_start":
             # the model began a new message without ending this one (or repeated the prompt's <|start|>)
@@ -504,6 +508,7 @@ class OutputMapper:
         if before == "header" and state == "content":  # <|message|>: the header is complete
             deltas += self._open()
         elif before == "content" and state == "content":
+            self.content_token = self._kind == "content"
             deltas += self._stream(self._parser.last_content_delta or "")
         elif before == "content":  # a stop token ended the message
             deltas += self._end(self._parser.messages[-1])
@@ -599,7 +604,9 @@ class OutputMapper:
         """A token the parser rejects (text between messages, a broken header): its text is content."""
         self.malformed = True
         self._restart()
-        text = self._junk_utf8.decode(self._token_bytes(token))
+        raw = self._token_bytes(token)
+        self.content_token = bool(raw)
+        text = self._junk_utf8.decode(raw)
         if not text:
             return []
         self._junk.append(text)

@@ -12,9 +12,9 @@
         --> a chat.completion(.chunk) / response object / Responses stream events
 
 Every failure a client can cause is an OpenAI-shaped error body with its HTTP status (400 naming
-the field, 401, 404, 413, 503 with Retry-After); nothing a client sends makes a traceback, and the
-server logs one line per request. Safe by default: 127.0.0.1, bounded bodies, tokens and queue, a
-constant-time key check, no CORS unless asked for.
+the field, 401, 404, 408, 413, 503 with Retry-After); nothing a client sends makes a traceback, and
+the server logs one line per request. Safe by default: 127.0.0.1, bounded bodies (in bytes and in
+time), tokens and queue, a constant-time key check, no CORS unless asked for.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from .tokenizer import CALL, get_tokenizer
 log = logging.getLogger("tinyoss.server")
 WEB = Path(__file__).parent / "web"
 MAX_BODY_BYTES = 4 * 1024 * 1024
+BODY_SECONDS = 30.0  # for the whole body after the headers: a stalled upload would hold its socket
 MAX_STOP_STRINGS = 4
 MAX_TOP_LOGPROBS = 20
 STORED_RESPONSES = 256  # previous_response_id: the most recent ones kept in memory
@@ -74,6 +75,8 @@ def error_body(message: str, status: int, param: str | None = None, code: str | 
 
 def error_response(err: RequestError) -> Response:
     headers = {"Retry-After": "1"} if err.status == 503 else None
+    if err.status == 408:  # the rest of the body may still come: no next request on this connection
+        headers = {"Connection": "close"}
     body = json.dumps(error_body(str(err), err.status, err.param, err.code))  # ASCII: never fails
     return Response(body, err.status, headers=headers, media_type="application/json")
 
@@ -228,31 +231,44 @@ class Usage:
 
 
 class StopStrings:
-    """Cuts the content at the first stop string; holds back text that may begin one."""
+    """Cuts the content at the first stop string; holds back text that may begin one, and the
+    logprobs entries of the tokens that text came from: an entry goes out with the first piece of
+    its token's text that goes out, so each content token has one entry, in order.
+
+    The stop string is not part of the content (as OpenAI does it), and the logprobs are those of
+    the content: a token cut by the stop string keeps its entry when some of its text is in the
+    content; the tokens wholly inside the stop string, or after it, have none."""
 
     def __init__(self, stops: list[str]):
         self.stops = stops
         self.keep = max((len(s) for s in stops), default=1) - 1
         self.pending = ""
+        self.entries: list[tuple[int, list[dict]]] = []  # (where in pending its text begins, entries)
         self.hit = False
 
-    def feed(self, text: str) -> str:
-        """-> the content that is safe to send now"""
+    def feed(self, text: str, entries: list[dict]) -> tuple[str, list[dict]]:
+        """-> the content that is safe to send now, and the entries that go with it"""
         if not self.stops:
-            return text
+            return text, entries
+        self.entries.append((len(self.pending), entries))
         self.pending += text
         at = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
         if at >= 0:
             self.hit = True
-            out, self.pending = self.pending[:at], ""
+            out = self._take(at)
+            self.pending, self.entries = "", []  # the stop string and whatever came with it
             return out
-        cut = max(0, len(self.pending) - self.keep)
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out
+        return self._take(max(0, len(self.pending) - self.keep))
 
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
+    def flush(self) -> tuple[str, list[dict]]:
+        return self._take(len(self.pending))
+
+    def _take(self, n: int) -> tuple[str, list[dict]]:
+        """The first n characters held, with the entries of the tokens whose text begins there."""
+        out, self.pending = self.pending[:n], self.pending[n:]
+        sent = [e for at, entries in self.entries if at < n for e in entries]
+        self.entries = [(at - n, entries) for at, entries in self.entries if at >= n]
+        return out, sent
 
 
 class Generation:
@@ -267,6 +283,7 @@ class Generation:
         self.reason = "return"
         self.error = ""
         self.logprobs: list[dict] = []  # of the content tokens
+        self.held: list[dict] = []  # of content tokens whose text the mapper holds (part of a character)
         self.output: apimap.Output | None = None
         self.stream = server.engine.submit(job, asyncio.get_running_loop())
         self.client_gone = False  # the client disconnected: the stream was cancelled for that
@@ -289,32 +306,39 @@ class Generation:
             self.output = self.mapper.finish()
             self.usage.reasoning_tokens = self.output.reasoning_tokens
             for delta in self.output.tail:  # e.g. a character cut off by the end: U+FFFD
-                if delta.kind == "content" and not self.stops.hit:
-                    yield apimap.Delta("content", self.stops.feed(delta.text)), []
-                elif delta.kind != "content":
-                    yield delta, []
-            tail = self.stops.flush()
-            if tail:
-                yield apimap.Delta("content", tail), []
+                for item in self._send(delta):
+                    yield item
+            for item in self._content(*self.stops.flush()):
+                yield item
         finally:
             self.stream.cancel()  # a client gone mid-stream: its slot is freed at the next step
 
     def _map(self, event: Token):
-        entry = [_logprob_entry(event.choice)] if event.choice is not None else []
-        for delta in self.mapper.feed(event.token):
-            if delta.kind != "content":
-                yield delta, []
-                continue
-            if self.stops.hit:
-                continue
-            text = self.stops.feed(delta.text)
-            if self.stops.hit:
-                self.stream.cancel()
-                self.reason = "stop_string"
-            if text:
-                self.logprobs += entry
-                yield apimap.Delta("content", text), entry
-                entry = []
+        deltas = self.mapper.feed(event.token)
+        if self.mapper.content_token and event.choice is not None:
+            self.held.append(_logprob_entry(event.choice))
+        for delta in deltas:
+            yield from self._send(delta)
+
+    def _send(self, delta: apimap.Delta):
+        """A delta on its way out: content through the stop strings; nothing once one is found
+        (the engine may have made a few more tokens before it saw the cancel)."""
+        if self.stops.hit:
+            return
+        if delta.kind != "content":
+            yield delta, []
+            return
+        text, entries = self.stops.feed(delta.text, self.held)
+        self.held = []
+        if self.stops.hit:
+            self.stream.cancel()
+            self.reason = "stop_string"
+        yield from self._content(text, entries)
+
+    def _content(self, text: str, entries: list[dict]):
+        if text:
+            self.logprobs += entries
+            yield apimap.Delta("content", text), entries
 
     @property
     def finish_reason(self) -> str:
@@ -349,7 +373,7 @@ class Server:
 
     def __init__(self, model: Any, model_id: str, *, parallel: int = 1, ctx: int | None = None,
                  max_queue: int = 16, api_key: str | None = None, max_body: int = MAX_BODY_BYTES,
-                 date: str | None = None):
+                 body_seconds: float = BODY_SECONDS, date: str | None = None):
         self.model = model
         self.model_id = model_id
         self.engine = Engine(model, parallel=parallel, ctx=ctx, max_queue=max_queue,
@@ -357,6 +381,7 @@ class Server:
         self.ctx = self.engine.ctx
         self.api_key = api_key
         self.max_body = max_body
+        self.body_seconds = body_seconds
         self.date = date  # the conversation date the model is told (default: today)
         self.created = int(time.time())
         self.responses: OrderedDict[str, dict] = OrderedDict()  # id -> {"response", "messages"}
@@ -758,17 +783,22 @@ async def _responses_stream(response: dict, generation: Generation, finished) ->
 # ---------------------------------------------------------------------------------------------------
 
 
-async def _read_json(request: Request, limit: int) -> dict:
+async def _read_json(request: Request, limit: int, seconds: float) -> dict:
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise RequestError(f"the request body is {length} bytes; the limit is {limit}", None, 413,
                            "request_too_large")
     body = bytearray()
-    async for piece in request.stream():
-        body += piece
-        if len(body) > limit:
-            raise RequestError(f"the request body exceeds the limit of {limit} bytes", None, 413,
-                               "request_too_large")
+    try:
+        async with asyncio.timeout(seconds):  # uvicorn has no bound of its own on a body's time
+            async for piece in request.stream():
+                body += piece
+                if len(body) > limit:
+                    raise RequestError(f"the request body exceeds the limit of {limit} bytes", None,
+                                       413, "request_too_large")
+    except TimeoutError:
+        raise RequestError(f"the request body did not arrive within {seconds:g} s ({len(body)} "
+                           f"bytes came)", None, 408, "request_timeout") from None
     try:
         data = json.loads(bytes(body))
     except (ValueError, RecursionError) as err:  # JSONDecodeError, bad UTF-8, a 5000-digit int, deep nesting
@@ -804,7 +834,8 @@ def create_app(server: Server, cors_origins: list[str] | None = None) -> Starlet
                 if not public and not authorized(request):
                     raise RequestError("a valid API key is required: 'Authorization: Bearer KEY'",
                                        None, 401, "invalid_api_key")
-                body = await _read_json(request, server.max_body) if needs_body else None
+                body = (await _read_json(request, server.max_body, server.body_seconds)
+                        if needs_body else None)
                 response = await handler(request, body)
                 status = response.status_code
                 return response
