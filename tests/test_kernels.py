@@ -230,7 +230,7 @@ def test_kernels_do_not_recompile(make_checkpoint, dense, kv, tmp_path, monkeypa
             return run(*args)
         return noted
 
-    for name in ("expert_few", "expert_tiles"):
+    for name in ("expert_few", "experts_tiles"):
         monkeypatch.setattr(fast, name, noting(name))
     # sizes of the real models' kinds: parallel matvecs with read-only biases (o: 256 rows);
     # q8: int8 copies in memory (no cache), written to a cache file and mapped, mapped again
@@ -243,7 +243,7 @@ def test_kernels_do_not_recompile(make_checkpoint, dense, kv, tmp_path, monkeypa
         for t in range(5):
             model.forward([t], cache)
         model.forward(np.arange(12))  # a prompt whose experts take either path
-    assert taken == {"expert_few", "expert_tiles"}
+    assert taken == {"expert_few", "experts_tiles"}
     assert {k.__name__: len(k.signatures) for k in jitted} == before
     assert len(list(tmp_path.glob("q8-*.safetensors"))) == (dense == "q8")
 
@@ -705,3 +705,82 @@ def test_read_streams_equals_numpy(seed, lines, tasks, streams, ahead):
         first = 8 * t * (lines // tasks)
         want = np.bitwise_xor.reduce(words[first:first + 8 * streams * per_stream])
         assert out[t] == want
+
+
+@SETTINGS
+@given(st.integers(0, 2**32 - 1), st.integers(1, 20), st.integers(1, 300), st.integers(1, 9),
+       st.sampled_from([2, 8, 64]))
+def test_prefill_rmsnorm_and_rope_equal_model(seed, n, D, H, dh):
+    """The prefill variants (tokens split across the threads) against the same twins."""
+    from tinyoss.model import apply_rope, rmsnorm
+
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((n, D)) * 10.0 ** rng.uniform(-3, 3)).astype(np.float32)
+    scale = f32_to_bf16(rng.standard_normal(D).astype(np.float32))
+    out = np.empty_like(x)
+    kernels.f32_rmsnorm_rows(x, scale, 1e-5, out)
+    want = rmsnorm(x, scale, 1e-5)
+    _close(out, want, np.abs(want))
+    q = rng.standard_normal((n, H, dh)).astype(np.float32)
+    cos, sin = (rng.standard_normal((n, dh // 2)).astype(np.float32) for _ in range(2))
+    roped = np.empty_like(q)
+    kernels.f32_rope_rows(q, cos, sin, roped)
+    np.testing.assert_array_equal(roped, apply_rope(q, cos, sin))  # same operations, bit-exact
+
+
+@SETTINGS
+@given(st.integers(0, 2**32 - 1), st.integers(1, 30), st.integers(1, 40), st.integers(1, 60))
+def test_gather_rows_is_fancy_indexing(seed, n, D, m):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, D)).astype(np.float32)
+    rows = rng.integers(0, n, m)
+    out = np.empty((m, D), np.float32)
+    kernels.f32_gather_rows(x, rows, out)
+    np.testing.assert_array_equal(out, x[rows])
+
+
+@SETTINGS
+@given(st.integers(0, 2**32 - 1), st.integers(1, 5), st.integers(1, 70), st.integers(0, 8),
+       st.floats(0.1, 200), st.floats(0.5, 10))
+def test_bias_swiglu_equals_numpy(seed, m, R, left, spread, limit):
+    """Prefill's SwiGLU of a tile (its bias first) against model.swiglu, written into a column
+    slice of a wider array as the tile pool's workers do (R past 16: the vector exp's steps and
+    its one-by-one rest); gates far below -51 (spread up to 200) overflow numpy's exp; NaN goes
+    through as NaN."""
+    from tinyoss.model import SWIGLU_ALPHA, swiglu
+
+    rng = np.random.default_rng(seed)
+    h = (rng.standard_normal((m, 2 * R)) * spread).astype(np.float32)
+    h.reshape(-1)[rng.integers(0, h.size, 2)] = np.nan
+    bias = bf16_to_f32(f32_to_bf16(rng.standard_normal(2 * R).astype(np.float32)))
+    wide = np.full((m, left + R + 3), 7.0, np.float32)
+    kernels.f32_bias_swiglu(h, bias, np.float32(limit), np.float32(SWIGLU_ALPHA),
+                            wide[:, left:left + R])
+    with np.errstate(over="ignore"):  # exp of a large negative gate: inf, the output -0
+        want = swiglu(h + bias, limit)
+    np.testing.assert_allclose(wide[:, left:left + R], want, rtol=2e-6, atol=2e-36)
+    assert (wide[:, :left] == 7).all() and (wide[:, left + R:] == 7).all()
+
+
+@SETTINGS
+@given(st.integers(0, 2**32 - 1), st.integers(1, 30), st.integers(1, 40), st.integers(1, 4),
+       st.integers(4, 8))
+def test_moe_combine_is_moe_blocks_sum(seed, n, D, k, E):
+    """Weighted sum of each token's k expert outputs onto the residual, bit for bit as
+    model.moe_block adds them (experts in ascending order, to zeros, then onto x)."""
+    rng = np.random.default_rng(seed)
+    experts = np.stack([rng.permutation(E)[:k] for _ in range(n)])  # [n, k] distinct per token
+    weights = rng.random((n, k)).astype(np.float32)
+    x = rng.standard_normal((n, D)).astype(np.float32)
+    order = np.argsort(experts.reshape(-1), kind="stable")  # pairs sorted by expert
+    y = rng.standard_normal((n * k, D)).astype(np.float32)  # row r: pair order[r]'s output
+    pairs = np.empty(n * k, np.int64)
+    pairs[order] = np.arange(n * k)
+    pairs = pairs.reshape(n, k)
+    out = np.empty_like(x)
+    kernels.f32_moe_combine(x, y, pairs, weights, out)
+    acc = np.zeros_like(x)
+    for e in np.unique(experts):  # model.moe_block's loop
+        tok, slot = np.nonzero(experts == e)
+        acc[tok] += weights[tok, slot, None] * y[pairs[tok, slot]]
+    np.testing.assert_array_equal(out, x + acc)

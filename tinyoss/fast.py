@@ -40,11 +40,14 @@ _NO_BIAS.flags.writeable = False  # read-only, as a checkpoint's biases: one com
 class TileMatmul:
     """Prefill's matmuls: x [n, C] @ W.T for a weight W [R, C] stored as bf16, int8 or MXFP4.
 
-    W is turned into float32 TILE_ROWS rows at a time and multiplied by BLAS. Each of the worker
-    threads (one per core) takes the next tile, fills it with a serial numba kernel into its own
-    reused buffer (fresh memory would page-fault every time) and multiplies it with BLAS held to
-    one thread. Two thread pools (numba's, OpenBLAS's) alternating on the same cores would spin
-    against each other; here there is one pool, and numba's and BLAS's code run inside it.
+    W is turned into float32 a tile of rows at a time (TILE_ROWS or fewer) and multiplied by
+    BLAS. Each of the worker threads (one per core) takes the next task, fills its tile with a
+    serial numba kernel into its own reused buffer (fresh memory would page-fault every time),
+    multiplies it with BLAS held to one thread and writes its columns of the output, bias and
+    residual added there. Two thread pools (numba's, OpenBLAS's) alternating on the same cores
+    would spin against each other; here there is one pool, and numba's and BLAS's code run
+    inside it. `run` takes the tasks of several matmuls at once (q, k and v; every expert of a
+    layer): the threads wait for each other once per run, not once per matrix.
     """
 
     def __init__(self):
@@ -52,28 +55,55 @@ class TileMatmul:
         self._pool: ThreadPoolExecutor | None = None
         self._workers = 0
 
-    def _tile(self, rows: int, cols: int) -> np.ndarray:
-        buf = getattr(self._local, "buf", None)
+    def buffer(self, name: str, rows: int, cols: int) -> np.ndarray:
+        """This thread's reused float32 buffer `name`, as [rows, cols]."""
+        buf = getattr(self._local, name, None)
         if buf is None or buf.size < rows * cols:
-            buf = self._local.buf = np.empty(rows * cols, np.float32)
+            buf = np.empty(rows * cols, np.float32)
+            setattr(self._local, name, buf)
         return buf[:rows * cols].reshape(rows, cols)
 
-    def __call__(self, x: np.ndarray, rows: int, cols: int, fill) -> np.ndarray:
-        """fill(r0, r1, tile) writes rows r0..r1 of W as float32 into tile [r1-r0, cols]."""
-        out = np.empty((x.shape[0], rows), np.float32)
+    def workers(self) -> int:
+        return numba.get_num_threads()
 
-        def work(r0: int) -> None:
-            r1 = min(r0 + TILE_ROWS, rows)
-            tile = self._tile(r1 - r0, cols)
-            fill(r0, r1, tile)
-            out[:, r0:r1] = x @ tile.T  # (matmul into a strided `out=` would skip BLAS)
-
-        workers = numba.get_num_threads()
+    def run(self, tasks: list) -> None:
+        """Call every task (no arguments) on the worker threads; returns when all are done."""
+        workers = self.workers()
         if self._pool is None or self._workers != workers:
             self._pool = ThreadPoolExecutor(workers, thread_name_prefix="tinyoss-tile")
             self._workers = workers
-        list(self._pool.map(work, range(0, rows, TILE_ROWS)))
-        return out
+        list(self._pool.map(lambda task: task(), tasks))
+
+    def tasks(self, x: np.ndarray, rows: int, cols: int, fill, out: np.ndarray,
+              bias: np.ndarray | None = None, add: np.ndarray | None = None) -> list:
+        """The tasks writing out [n, R] = x @ W.T (+ bias [R] f32) (+ add [n, R]), in that order
+        of the adds; fill(r0, r1, tile) writes rows r0..r1 of W as float32 into tile."""
+        step = tile_rows(rows, self.workers())
+
+        def work(r0: int) -> None:
+            r1 = min(r0 + step, rows)
+            tile = self.buffer("tile", r1 - r0, cols)
+            fill(r0, r1, tile)
+            if bias is None and add is None:
+                out[:, r0:r1] = x @ tile.T  # (matmul into a strided `out=` would skip BLAS)
+                return
+            h = self.buffer("h", x.shape[0], r1 - r0)
+            np.matmul(x, tile.T, out=h)
+            if bias is not None:
+                h += bias[r0:r1]
+            if add is not None:
+                np.add(add[:, r0:r1], h, out=out[:, r0:r1])
+            else:
+                out[:, r0:r1] = h
+
+        return [functools.partial(work, r0) for r0 in range(0, rows, step)]
+
+
+def tile_rows(rows: int, workers: int) -> int:
+    """Rows of a dense matrix's tiles: TILE_ROWS, or fewer (a multiple of 64) where that leaves
+    fewer than two tiles a worker (k and v of the 20b: 512 rows)."""
+    per = -(-rows // (2 * workers))
+    return min(TILE_ROWS, max(64, -(-per // 64) * 64))
 
 
 TILE_MATMUL = TileMatmul()
@@ -97,8 +127,27 @@ class Dense:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.q8) if self.q8 else self.w.nbytes
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        """x [n, C] f32 -> [n, R] f32."""
+    def __call__(self, x: np.ndarray, add: np.ndarray | None = None) -> np.ndarray:
+        """x [n, C] f32 -> [n, R] f32 (+ add [n, R]: the residual)."""
+        n = x.shape[0]
+        if n > FUSED_MAX_TOKENS:  # prefill: float32 tiles for BLAS
+            out = np.empty((n, self.rows), np.float32)
+            TILE_MATMUL.run(self.tasks(x, out, add))
+            return out
+        out = self._few(x)
+        return out if add is None else add + out
+
+    def tasks(self, x: np.ndarray, out: np.ndarray, add: np.ndarray | None = None) -> list:
+        """TileMatmul's tasks writing out [n, R] = x @ W.T + bias (+ add)."""
+        if self.q8:
+            q, s = self.q8
+            fill = lambda r0, r1, tile: kernels.q8_dequantize(q[r0:r1], s[r0:r1], tile)  # noqa
+        else:
+            fill = lambda r0, r1, tile: kernels.bf16_widen(self.w[r0:r1], tile)  # noqa: E731
+        return TILE_MATMUL.tasks(x, self.rows, self.cols, fill, out, self.bias_f32, add)
+
+    def _few(self, x: np.ndarray) -> np.ndarray:
+        """Up to FUSED_MAX_TOKENS tokens: the matvec or few-token kernels."""
         n = x.shape[0]
         out = np.empty((n, self.rows), np.float32)
         if n <= MATVEC_MAX_TOKENS:
@@ -115,15 +164,6 @@ class Dense:
                 kernels.f32_q8w_matmul(self.q8[0], self.q8[1], np.ascontiguousarray(x), self.bias, out)
             else:
                 kernels.f32_bf16w_matmul(self.w, np.ascontiguousarray(x), self.bias, out)
-            return out
-        if self.q8:
-            q, s = self.q8
-            fill = lambda r0, r1, tile: kernels.q8_dequantize(q[r0:r1], s[r0:r1], tile)  # noqa
-        else:
-            fill = lambda r0, r1, tile: kernels.bf16_widen(self.w[r0:r1], tile)  # noqa: E731
-        out = TILE_MATMUL(x, self.rows, self.cols, fill)
-        if self.bias_f32 is not None:
-            out += self.bias_f32
         return out
 
 
@@ -149,7 +189,11 @@ class FastLayer:
     def qkv(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """t [n, D] -> q [n, Hq*dh], k, v [n, Hkv*dh]; one kernel launch for a few bf16 tokens."""
         n = t.shape[0]
-        if n > FUSED_MAX_TOKENS or self.q.q8:
+        if n > FUSED_MAX_TOKENS:  # prefill: the three matrices' tiles in one run of the pool
+            q, k, v = (np.empty((n, d.rows), np.float32) for d in (self.q, self.k, self.v))
+            TILE_MATMUL.run(self.q.tasks(t, q) + self.k.tasks(t, k) + self.v.tasks(t, v))
+            return q, k, v
+        if self.q.q8:
             return self.q(t), self.k(t), self.v(t)
         q = np.empty((n, self.q.rows), np.float32)
         k = np.empty((n, self.k.rows), np.float32)
@@ -245,8 +289,9 @@ def _scratch(n: int) -> np.ndarray:
     return buf[:n]
 
 
-def moe(c: Config, fl: FastLayer, t: np.ndarray) -> np.ndarray:
-    """t [n, D] (normed) -> the weighted sum of its experts' outputs [n, D]."""
+def moe(c: Config, fl: FastLayer, t: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """t [n, D] (normed), x [n, D] (the residual) -> x + the weighted sum of t's experts' outputs
+    [n, D]."""
     lw = fl.lw
     n, k = t.shape[0], c.experts_per_token
     logits = fl.router(t)  # [n, E]
@@ -254,25 +299,96 @@ def moe(c: Config, fl: FastLayer, t: np.ndarray) -> np.ndarray:
     top = np.take_along_axis(logits, experts, axis=-1)
     weights = np.exp(top - top[:, :1])
     weights /= weights.sum(axis=-1, keepdims=True)  # softmax over the top-k only
-    if MATVEC_MAX_TOKENS < n <= FUSED_MAX_TOKENS:  # a decode batch, a short prompt
-        return experts_grouped(c, fl, t, experts, weights)
+    if n > FUSED_MAX_TOKENS:  # prefill
+        return experts_prefill(c, fl, t, experts, weights, x)
+    if n > MATVEC_MAX_TOKENS:  # a decode batch, a short prompt
+        return x + experts_grouped(c, fl, t, experts, weights)
     out = np.zeros_like(t)
-    if n <= MATVEC_MAX_TOKENS:
-        for i in range(n):  # decode: the fused kernel, k experts at once
-            if fl.x8:
-                y = expert_matvec_x8(c, lw, experts[i], t[i:i + 1])
-            else:
-                y = expert_matvec(c, lw, experts[i], t[i:i + 1])
-            out[i] = weights[i] @ y
-        return out
-    for e in np.unique(experts):  # prefill: each routed expert decoded once
-        tok, slot = np.nonzero(experts == e)
-        if len(tok) <= FUSED_MAX_TOKENS:  # few tokens: decoded block by block, in registers
-            y = expert_few(c, lw, int(e), t[tok], fl.x8)
-        else:  # many: decoded tile by tile for BLAS
-            y = expert_tiles(c, lw, int(e), t[tok], fl.x8)
-        out[tok] += weights[tok, slot, None] * y
+    for i in range(n):  # decode: the fused kernel, k experts at once
+        if fl.x8:
+            y = expert_matvec_x8(c, lw, experts[i], t[i:i + 1])
+        else:
+            y = expert_matvec(c, lw, experts[i], t[i:i + 1])
+        out[i] = weights[i] @ y
+    return x + out
+
+
+def experts_prefill(c: Config, fl: FastLayer, t: np.ndarray, experts: np.ndarray,
+                    weights: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Prefill's routed experts: t [n, D], experts/weights [n, k], x [n, D] (the residual) ->
+    x + the weighted sum [n, D], summed as model.moe_block does (experts in ascending order).
+
+    The (token, expert) pairs are sorted by expert and their inputs gathered side by side
+    [n*k, D], so each routed expert is decoded once for its rows: block by block in registers
+    if at most FUSED_MAX_TOKENS tokens chose it (expert_few), else tile by tile for BLAS
+    (experts_tiles: every such expert of the layer in one run of the pool). Then one kernel
+    weights and sums each token's k rows onto the residual. The steps between the matmuls run
+    on every core (kernels), not in Python."""
+    lw, (n, k) = fl.lw, experts.shape
+    order = np.argsort(experts.reshape(-1), kind="stable")  # [n*k] pairs grouped by expert
+    chosen, starts, counts = np.unique(experts.reshape(-1)[order], return_index=True,
+                                       return_counts=True)
+    xs = np.empty((n * k, c.hidden_size), np.float32)
+    kernels.f32_gather_rows(t, order // k, xs)  # [n*k, D], each pair's token
+    y = np.empty_like(xs)  # [n*k, D], each pair's expert output
+    many = []
+    for e, s0, m in zip(chosen.tolist(), starts.tolist(), counts.tolist()):
+        if m <= FUSED_MAX_TOKENS:  # few tokens: decoded block by block, in registers
+            y[s0:s0 + m] = expert_few(c, lw, e, xs[s0:s0 + m], fl.x8)
+        else:
+            many.append((e, s0, s0 + m))
+    if many:
+        experts_tiles(c, fl, many, xs, y)
+    pairs = np.empty(n * k, np.int64)
+    pairs[order] = np.arange(n * k)  # the row of y of each (token, slot)
+    out = np.empty_like(x)
+    kernels.f32_moe_combine(x, y, pairs.reshape(n, k), np.ascontiguousarray(weights, np.float32),
+                            out)
     return out
+
+
+def experts_tiles(c: Config, fl: FastLayer, groups: list, xs: np.ndarray, y: np.ndarray) -> None:
+    """Experts on many tokens each, decoded tile by tile for BLAS: groups [(expert, s0, s1)]:
+    rows s0..s1 of xs [n*k, D] chose that expert; writes its outputs (bias added, not yet
+    weighted) into rows s0..s1 of y [n*k, D]. Two runs of the pool over every expert's tiles:
+    mlp1 (each task adds its bias and applies SwiGLU to its columns), then mlp2.
+    x8 (expert_input="q8"): both matmuls' inputs rounded to int8 blocks first (in float)."""
+    lw, D, I = fl.lw, c.hidden_size, c.intermediate_size
+    limit, alpha = np.float32(c.swiglu_limit), np.float32(SWIGLU_ALPHA)
+    pool = TILE_MATMUL
+    groups = sorted(groups, key=lambda g: g[1] - g[2])  # the most tokens first
+    b1, b2 = bf16_to_f32(lw.mlp1_bias), bf16_to_f32(lw.mlp2_bias)  # [E, 2I], [E, D]
+    if fl.x8:
+        rounded = np.empty_like(xs)
+
+        def round_rows(e: int, s0: int, s1: int) -> None:
+            rounded[s0:s1] = x8_round_trip(xs[s0:s1])
+
+        pool.run([functools.partial(round_rows, *g) for g in groups])
+        xs = rounded
+    a = np.empty((xs.shape[0], I), np.float32)  # [n*k, I] the SwiGLU outputs
+
+    def mlp1(e: int, s0: int, s1: int, r0: int) -> None:  # rows r0..r1 of mlp1: [m, D] -> a
+        r1 = min(r0 + TILE_ROWS, 2 * I)
+        tile = pool.buffer("tile", r1 - r0, D)
+        kernels.mxfp4_decode_serial(lw.mlp1_blocks[e, r0:r1], lw.mlp1_scales[e, r0:r1], tile)
+        h = pool.buffer("h", s1 - s0, r1 - r0)
+        np.matmul(xs[s0:s1], tile.T, out=h)
+        cols = a[s0:s1, r0 // 2:r1 // 2]  # gate, up interleaved: columns r0/2.. of SwiGLU's
+        kernels.f32_bias_swiglu(h, b1[e, r0:r1], limit, alpha, cols)
+        if fl.x8:  # (r0/2 is a multiple of 32: the int8 blocks of whole rows)
+            cols[:] = x8_round_trip(cols)
+
+    def mlp2(e: int, s0: int, s1: int, r0: int) -> None:  # rows r0..r1 of mlp2: a -> y
+        r1 = min(r0 + TILE_ROWS, D)
+        tile = pool.buffer("tile", r1 - r0, I)
+        kernels.mxfp4_decode_serial(lw.mlp2_blocks[e, r0:r1], lw.mlp2_scales[e, r0:r1], tile)
+        h = pool.buffer("h", s1 - s0, r1 - r0)
+        np.matmul(a[s0:s1], tile.T, out=h)
+        np.add(h, b2[e, r0:r1], out=y[s0:s1, r0:r1])
+
+    pool.run([functools.partial(mlp1, *g, r0) for g in groups for r0 in range(0, 2 * I, TILE_ROWS)])
+    pool.run([functools.partial(mlp2, *g, r0) for g in groups for r0 in range(0, D, TILE_ROWS)])
 
 
 def experts_grouped(c: Config, fl: FastLayer, t: np.ndarray, experts: np.ndarray,
@@ -358,23 +474,6 @@ def expert_few(c: Config, lw: LayerWeights, e: int, x: np.ndarray,
     return y
 
 
-def expert_tiles(c: Config, lw: LayerWeights, e: int, x: np.ndarray,
-                 x8: bool = False) -> np.ndarray:
-    """One expert on many tokens: x [m, D] -> [m, D], decoding TILE_ROWS rows at a time."""
-    into = x8_round_trip if x8 else (lambda a: a)
-    h = _mxfp4_matmul(into(x), lw.mlp1_blocks[e], lw.mlp1_scales[e]) + \
-        bf16_to_f32(lw.mlp1_bias[e])
-    a = into(swiglu(h, c.swiglu_limit))
-    return _mxfp4_matmul(a, lw.mlp2_blocks[e], lw.mlp2_scales[e]) + bf16_to_f32(lw.mlp2_bias[e])
-
-
-def _mxfp4_matmul(x: np.ndarray, blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    def fill(r0: int, r1: int, tile: np.ndarray) -> None:
-        kernels.mxfp4_decode_serial(blocks[r0:r1], scales[r0:r1], tile)
-
-    return TILE_MATMUL(x, blocks.shape[0], blocks.shape[1] * 32, fill)
-
-
 def forward_fast(fw: FastWeights, c: Config, tokens: np.ndarray, cache: KVCache,
                  last_only: bool = False) -> np.ndarray:
     """tokens [n] -> logits [n, V] (or [1, V] of the last token); appends them to the cache."""
@@ -442,8 +541,8 @@ def _forward(fw: FastWeights, c: Config, tokens: np.ndarray, positions: np.ndarr
         q = apply_rope(q.reshape(n, c.num_attention_heads, c.head_dim), cos, sin)
         k = apply_rope(k.reshape(n, c.num_key_value_heads, c.head_dim), cos, sin)
         v = v.reshape(n, c.num_key_value_heads, c.head_dim)
-        x = x + fl.o(attend(layer, fl, q, k, v))
-        x = x + moe(c, fl, rmsnorm(x, lw.mlp_norm, c.rms_norm_eps))
+        x = fl.o(attend(layer, fl, q, k, v), add=x)  # x + o(attention)
+        x = moe(c, fl, rmsnorm(x, lw.mlp_norm, c.rms_norm_eps), x)  # x + moe
         if check_layers and not np.isfinite(x).all():
             raise non_finite(layer, c, positions, x)
     if not np.isfinite(x).all():  # (a microsecond a decoded token; never true with check_layers)
@@ -465,14 +564,16 @@ def non_finite(layer: int, c: Config, positions: np.ndarray, x: np.ndarray) -> N
 def rmsnorm(x: np.ndarray, scale: np.ndarray, eps: float) -> np.ndarray:
     """model.rmsnorm on the kernel: [n, D] -> [n, D]."""
     out = np.empty_like(x)
-    kernels.f32_rmsnorm(np.ascontiguousarray(x), scale, eps, out)
+    rows = kernels.f32_rmsnorm_rows if len(x) > FUSED_MAX_TOKENS else kernels.f32_rmsnorm
+    rows(np.ascontiguousarray(x), scale, eps, out)
     return out
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     """model.apply_rope on the kernel: [n, heads, dh] -> same."""
     out = np.empty_like(x)
-    kernels.f32_rope(np.ascontiguousarray(x), cos, sin, out)
+    rows = kernels.f32_rope_rows if len(x) > FUSED_MAX_TOKENS else kernels.f32_rope
+    rows(np.ascontiguousarray(x), cos, sin, out)
     return out
 
 
@@ -520,7 +621,9 @@ def warm_up(dense: str = "bf16", kv: str = "f32", expert_input: str = "f32", sco
             # the router sent it: run both, whatever this model's router chose
             fl, D = model.fast_weights.layers[0], config.hidden_size
             expert_few(config, fl.lw, 0, np.ones((2, D), np.float32), fl.x8)
-            expert_tiles(config, fl.lw, 0, np.ones((FUSED_MAX_TOKENS + 1, D), np.float32), fl.x8)
+            m = FUSED_MAX_TOKENS + 1
+            experts_tiles(config, fl, [(0, 0, m)], np.ones((m, D), np.float32),
+                          np.empty((m, D), np.float32))
             model.forward([4], cache, last_only=True)  # decode: matvec and attention kernels
             del model, cache
 

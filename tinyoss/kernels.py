@@ -835,3 +835,102 @@ def f32_softmax_rows(scores, sinks, denom):
         if top == top:  # (a NaN top must stay NaN: the exp's clamp would drop it)
             top = max(top, sinks[r])  # the sink is one more column
         denom[r] = exp_shifted_sum(flat, r * T, T, top) + np.exp(sinks[r] - top)
+
+
+# ---------------------------------------------------------------------------------------------
+# prefill: the steps around the tile pool's matmuls (fast.TileMatmul), on every core; a serial
+# step here is what more threads can't shorten
+
+
+@jit(parallel=True, fastmath=True)
+def f32_rmsnorm_rows(x, scale, eps, out):
+    """f32_rmsnorm with the tokens split across the threads (prefill). Twin: model.rmsnorm
+    (rtol 1e-5: the sum of squares in another order)."""
+    n, D = x.shape
+    for i in numba.prange(n):
+        squares = np.float32(0.0)
+        for d in range(D):
+            squares += x[i, d] * x[i, d]
+        root = np.sqrt(squares / np.float32(D) + np.float32(eps))
+        for d in range(D):
+            out[i, d] = x[i, d] / root * as_float32(np.uint32(scale[d]) << np.uint32(16))
+
+
+@jit(parallel=True)  # not fastmath: the same products and differences as numpy, bit for bit
+def f32_rope_rows(x, cos, sin, out):
+    """f32_rope with the tokens split across the threads (prefill): x [n, H, dh], cos/sin
+    [n, dh/2] -> out [n, H, dh]. Twin: model.apply_rope (bit-exact)."""
+    n, H, dh = x.shape
+    half = dh // 2
+    for i in numba.prange(n):
+        for h in range(H):
+            for j in range(half):
+                x1, x2 = x[i, h, j], x[i, h, j + half]
+                out[i, h, j] = x1 * cos[i, j] - x2 * sin[i, j]
+                out[i, h, j + half] = x2 * cos[i, j] + x1 * sin[i, j]
+
+
+@jit(parallel=True)
+def f32_gather_rows(x, rows, out):
+    """out[i] = x[rows[i]]: x [n, D], rows [m] int64, out [m, D] (prefill: the tokens of each
+    routed expert side by side). Twin: x[rows] (exact)."""
+    D = x.shape[1]
+    for i in numba.prange(rows.shape[0]):
+        r = rows[i]
+        for d in range(D):
+            out[i, d] = x[r, d]
+
+
+@jit()
+def f32_bias_swiglu(h, bias, limit, alpha, out):
+    """out = model.swiglu(h + bias): h [m, 2R] (gate = even columns, up = odd), bias [2R] f32,
+    out [m, R], which may be a column slice of a wider array (a worker of the tile pool writes
+    its tile's columns; serial: that worker is one of the threads). The sigmoid's exp is simd's
+    vector expf (1 ULP; libm's, one at a time, took twice numpy's time), its argument capped at
+    89, where that exp gives inf as numpy's does (it overflows from 88.38 on, numpy's from
+    88.72: in between, a gate near -52 gives -0 where numpy gives ~1e-37). NaN stays NaN
+    through the clamps, as in numpy. Twin: model.swiglu(h + bias) (rtol 2e-6, atol 2e-36)."""
+    m, R = out.shape
+    z = np.empty(R, np.float32)
+    for j in range(m):
+        for i in range(R):
+            g = h[j, 2 * i] + bias[2 * i]
+            if g > limit:  # (a NaN gate stays NaN: the comparison is false)
+                g = limit
+            z[i] = min(-alpha * g, np.float32(89.0))
+        exp_shifted_sum(z, 0, R, np.float32(0.0))  # z <- exp(z), 16 lanes a step
+        for i in range(R):
+            g, u = h[j, 2 * i] + bias[2 * i], h[j, 2 * i + 1] + bias[2 * i + 1]
+            if g > limit:
+                g = limit
+            if u > limit:
+                u = limit
+            elif u < -limit:
+                u = -limit
+            out[j, i] = g / (np.float32(1.0) + z[i]) * (u + np.float32(1.0))
+
+
+@jit(parallel=True)  # not fastmath: no FMA, the products and sums of numpy's, bit for bit
+def f32_moe_combine(x, y, pairs, weights, out):
+    """out[i] = x[i] + sum_j weights[i, j] * y[pairs[i, j]], the k terms of token i added in the
+    order of their rows of y, to 0 first: x [n, D] (the residual), y [n*k, D] (each (token, slot)
+    pair's expert output, the pairs sorted by expert), pairs [n, k] int64 (the row of y of token
+    i's slot j), weights [n, k] f32 -> out [n, D]. With y sorted by expert, that is
+    model.moe_block's sum (experts in ascending order). Twin: that loop (bit-exact)."""
+    n, k = pairs.shape
+    D = x.shape[1]
+    for i in numba.prange(n):
+        rows = np.empty(k, np.int64)
+        w = np.empty(k, np.float32)
+        for j in range(k):  # insertion sort of the k rows (k = 4 in gpt-oss)
+            r, wj = pairs[i, j], weights[i, j]
+            s = j
+            while s > 0 and rows[s - 1] > r:
+                rows[s], w[s] = rows[s - 1], w[s - 1]
+                s -= 1
+            rows[s], w[s] = r, wj
+        for d in range(D):
+            acc = np.float32(0.0)
+            for j in range(k):
+                acc += w[j] * y[rows[j], d]
+            out[i, d] = x[i, d] + acc
