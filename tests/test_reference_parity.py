@@ -117,6 +117,22 @@ def test_last_only_is_the_last_row(make_checkpoint):
     assert np.abs(last - model.forward(tokens)[-1:]).max() <= 1e-5  # matvec vs BLAS summation order
 
 
+@pytest.mark.parametrize("name", [*CONFIGS, "gpt-oss-heads"])
+def test_fast_path_equals_the_numpy_definition(make_checkpoint, name):
+    """The numba fast path against the numpy definition, with no oracle (torch) needed: where
+    the tests above skip, as on emulated aarch64 (scripts/arm64-tests.sh). A full pass, then
+    a prefill and single-token decode steps through the cache (the matvec kernels)."""
+    cfg = CONFIGS.get(name, GPT_OSS_HEADS)
+    model = tinyoss.load(make_checkpoint("both", seed=11, **cfg))
+    tokens = _tokens(cfg["vocab_size"], 24, seed=14)
+    expected = model.forward_reference(tokens)
+    assert np.abs(model.forward(tokens) - expected).max() <= TOL
+    cache = model.new_cache()
+    steps = np.concatenate([model.forward(tokens[:9], cache)] +
+                           [model.forward(tokens[i:i + 1], cache) for i in range(9, 24)])
+    assert np.abs(steps - expected).max() <= TOL
+
+
 def test_q8_dense_matches_the_reference_given_the_same_int8_weights(make_checkpoint):
     """dense='q8' computes exactly what the official reference computes when its attention and
     unembedding matrices are replaced by the dequantized int8 blocks (the router stays bf16)."""

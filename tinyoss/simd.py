@@ -72,11 +72,50 @@ HAVE_AVX2 = "+avx2" in _FEATURES and _KNOWN_CPU and not ARM
 # vectors (Zen 4/5, Intel since Skylake-SP / Ice Lake)
 HAVE_AVX512 = HAVE_AVX2 and KERNELS == "auto" and all(
     f in _FEATURES for f in ("+avx512f", "+avx512bw"))
+
+
+def _cpu_has_dotprod() -> bool:
+    """Whether this aarch64 CPU has the dot product instructions (sdot), as the OS tells it:
+    Linux's hardware capability bits (AT_HWCAP, HWCAP_ASIMDDP), macOS's sysctl. LLVM's own host
+    features leave dotprod out (LLVM 20 maps /proc/cpuinfo's asimd to neon, not asimddp)."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(None)
+    if hasattr(libc, "getauxval"):  # Linux
+        libc.getauxval.restype = ctypes.c_ulong
+        return bool(libc.getauxval(16) & (1 << 20))  # AT_HWCAP, HWCAP_ASIMDDP
+    value, size = ctypes.c_int(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_int))
+    system = ctypes.CDLL(ctypes.util.find_library("c"))
+    if hasattr(system, "sysctlbyname") and system.sysctlbyname(
+            b"hw.optional.arm.FEAT_DotProd", ctypes.byref(value), ctypes.byref(size), None, 0) == 0:
+        return bool(value.value)  # macOS
+    return False
+
+
+def _codegen_features() -> list[str]:
+    """The features numba compiles for: on aarch64 with dotprod, _FEATURES and +dotprod, which we
+    hand numba (config.CPU_FEATURES) before it sets up its code generator, unless told otherwise
+    (NUMBA_CPU_NAME / NUMBA_CPU_FEATURES) or it is set up already (something compiled before
+    tinyoss was imported: then its features stand). Numba's disk cache keys on them: a cached
+    function compiled without them compiles once more."""
+    from numba.core import config
+    from numba.core.registry import cpu_target
+
+    if "_toplevel_target_context" in vars(cpu_target):  # numba's code generator exists
+        return cpu_target.target_context.codegen()._get_host_cpu_features().split(",")
+    if (ARM and KERNELS == "auto" and "+dotprod" not in _FEATURES and config.CPU_FEATURES is None
+            and config.CPU_NAME in (None, "host") and _cpu_has_dotprod()):
+        config.CPU_FEATURES = ",".join(_FEATURES + ["+dotprod"])
+        return _FEATURES + ["+dotprod"]
+    return _FEATURES
+
+
 # NEON: every aarch64 CPU has it, so it does not need the CPU's name (which LLVM may not know:
 # "generic" under qemu); dotprod (ARMv8.2+: Pi 5, RK3588, Apple M, Snapdragon X; not a Pi 4)
 # takes int8 activations four products a lane (`sdot`).
 HAVE_NEON = ARM and KERNELS in ("auto", "neon")
-HAVE_DOTPROD = HAVE_NEON and KERNELS == "auto" and "+dotprod" in _FEATURES
+HAVE_DOTPROD = HAVE_NEON and KERNELS == "auto" and "+dotprod" in _codegen_features()
 HAVE_SIMD = HAVE_AVX2 or HAVE_NEON  # a hand-written MXFP4 path (else plain numba: kernels.py)
 
 _i8, _i32, _i64, _f32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
