@@ -644,9 +644,9 @@ def test_row_dots_take_every_scale_byte_exactly(nb):
     bit for bit. x is one-hot (element j_k of block k for x_k), so out[k, r] is the decoded
     weight W[r, j_k] (mxfp4.decode: inf where it overflows), except that the products are scaled
     after they are summed: a row with an inf scale is NaN (0 * inf from a block x's 1 is not in,
-    or with AVX2, whose sums are per vector lane, from that block's other lanes; the reference's
-    decoded row holds a 0 * inf too), while a merely overflowing weight times x's 0 stays out of
-    the sum."""
+    or with AVX2 or NEON, whose sums are per vector lane, from that block's other lanes; the
+    reference's decoded row holds a 0 * inf too), while a merely overflowing weight times x's 0
+    stays out of the sum."""
     rng = np.random.default_rng(nb)
     R = 256
     blocks = rng.integers(0, 256, (1, R, nb, 16), dtype=np.uint8)
@@ -658,7 +658,7 @@ def test_row_dots_take_every_scale_byte_exactly(nb):
     want = mxfp4.decode(blocks[0], scales[0])[:, column].T.copy()  # [k, r]
     inf = scales[0] == 255  # [r, b]
     elsewhere = inf.any(axis=1)[None, :] & ~(inf.sum(axis=1)[None, :] == inf.T)  # [k, r]
-    want[elsewhere | (inf.T if simd.HAVE_AVX2 else False)] = np.nan
+    want[elsewhere | (inf.T if simd.HAVE_SIMD else False)] = np.nan
     out = np.empty((nb, R), np.float32)
     kernels.f32_mf4w_moe_matvec(blocks, scales, bias, np.zeros(nb, np.int64),
                                 kernels.to_lane_order(x), out)

@@ -382,18 +382,21 @@ def x8_quantize_lanes(x, q, d):
             _x8_block(x[k, 32 * b:32 * b + 32], q, d, k, b, C // 32)
 
 
-@jit()
+@jit(parallel=True)
 def f32_swiglu_x8(h, limit, alpha, q, d):
     """x8_quantize_lanes(model.swiglu(h)): the clamped SwiGLU (`_swiglu`, as f32_swiglu_lanes),
-    quantized block by block for the int8 expert matvec. h [m, 2I], q [m, I] int8, d [m, I/32] f32."""
+    quantized block by block for the int8 expert matvec. h [m, 2I], q [m, I] int8, d [m, I/32] f32.
+    The blocks split across the threads: serial, its scalar exps took 0.2 ms a layer, 12 % of a
+    decoded token on 16 cores."""
     m, I = q.shape
-    vals = np.empty(32, np.float32)
-    for j in range(m):
-        for b in range(I // 32):
-            for i in range(32):
-                c = 32 * b + i
-                vals[i] = _swiglu(h[j, 2 * c], h[j, 2 * c + 1], limit, alpha)
-            _x8_block(vals, q, d, j, b, I // 32)
+    nb = I // 32
+    for task in numba.prange(m * nb):
+        j, b = task // nb, task % nb
+        vals = np.empty(32, np.float32)
+        for i in range(32):
+            c = 32 * b + i
+            vals[i] = _swiglu(h[j, 2 * c], h[j, 2 * c + 1], limit, alpha)
+        _x8_block(vals, q, d, j, b, nb)
 
 
 @jit(fastmath=True)
@@ -441,15 +444,16 @@ def f32_mf4w_q8x_moe_matvec(blocks, scales, bias, experts, xq, xd, out):
             flat_out[k * R + r] += as_float32(np.uint32(bias[e, r]) << np.uint32(16))
 
 
-@jit()
+@jit(parallel=True)
 def f32_swiglu_lanes(h, limit, alpha, out):
     """out = to_lane_order(model.swiglu(h)): gpt-oss's clamped SwiGLU written straight in the
     order the next MXFP4 matvec reads (`lane_element`). h [m, 2I] (gate = even columns, up =
     odd), out [m, I], I a multiple of 32 (the matvec's blocks). NaN stays NaN through the clamps,
     as in numpy. Twin: to_lane_order(model.swiglu(h)) (rtol 2e-6: libm's expf against numpy's)."""
     m, I = out.shape
-    for j in range(m):
-        for i in range(I):
+    for task in numba.prange(m * (I // 32)):  # a block of 32 lanes a task, on every thread
+        j, b = task // (I // 32), task % (I // 32)
+        for i in range(32 * b, 32 * b + 32):
             c = lane_element(i, I // 32)
             out[j, i] = _swiglu(h[j, 2 * c], h[j, 2 * c + 1], limit, alpha)
 
