@@ -33,22 +33,24 @@ done
 [ $quick = 0 ] || args+=("${QUICK[@]}")
 say() { printf '\n== %s (%ss)\n' "$*" "$SECONDS"; }
 die() { echo "arm64-tests: $*" >&2; exit 1; }
-[ "$(id -u)" = 0 ] || die "run as root (debootstrap, binfmt_misc, mounts, chroot)"
+# what this machine lacks to emulate (exit 77: .ci/run says so and goes on; a failed test is 1)
+cannot() { echo "arm64-tests: cannot emulate aarch64 here: $*" >&2; exit 77; }
+[ "$(id -u)" = 0 ] || cannot "run as root (debootstrap, binfmt_misc, mounts, chroot)"
 
 # 1. qemu-user-static, binfmt-support, debootstrap from Debian's packages
 if ! command -v qemu-aarch64-static update-binfmts debootstrap >/dev/null; then
     say "installing qemu-user-static binfmt-support debootstrap"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user-static binfmt-support debootstrap >/dev/null
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user-static \
+        binfmt-support debootstrap >/dev/null; } || cannot "apt-get install qemu-user-static failed"
 fi
 # binfmt_misc lets the kernel run aarch64 ELF files through qemu: debootstrap's second stage
 # (maintainer scripts), pip's build subprocess and tests that start sys.executable all exec
 # aarch64 binaries, which `qemu-aarch64-static -L ROOT` alone cannot follow. Here (root in a VM)
 # binfmt_misc mounts. Flag F: the kernel opens qemu at registration, so it works in a chroot.
 [ -e /proc/sys/fs/binfmt_misc/register ] || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc \
-    || die "cannot mount binfmt_misc (a container needs --privileged or a host with it registered)"
+    || cannot "no binfmt_misc (a container needs --privileged or a host with it registered)"
 update-binfmts --enable qemu-aarch64 2>/dev/null || true
-grep -q '^flags:.*F' /proc/sys/fs/binfmt_misc/qemu-aarch64 || die "qemu-aarch64 binfmt not registered with flag F"
+grep -q '^flags:.*F' /proc/sys/fs/binfmt_misc/qemu-aarch64 || cannot "qemu-aarch64 binfmt not registered with flag F"
 
 # in_root CMD...: CMD in the root, in a mount namespace of its own (unshare): its mounts, this
 # tree at /repo, /proc, /dev and a /proc/cpuinfo for the emulated CPU ($CPUINFO, this run's),
@@ -75,7 +77,7 @@ if [ $rebuild = 1 ] || [ ! -e "$ROOT/.tinyoss-root" ]; then
     fi
     rm -rf "$ROOT" && mkdir -p "$ROOT" && touch "$ROOT/.tinyoss-building"
     debootstrap --arch=arm64 --variant=minbase --include=python3,python3-venv,python3-pip \
-        bookworm "$ROOT" "$MIRROR" >"$ROOT.log" 2>&1 || die "debootstrap failed: see $ROOT.log"
+        bookworm "$ROOT" "$MIRROR" >"$ROOT.log" 2>&1 || cannot "debootstrap failed: see $ROOT.log"
     mkdir -p "$ROOT/repo"
     touch "$ROOT/.tinyoss-root" && rm "$ROOT/.tinyoss-building"
 fi
