@@ -478,28 +478,41 @@ def _swiglu(g, u, limit, alpha):
 def f32_rmsnorm(x, scale, eps, out):
     """out[i] = x[i] / sqrt(mean(x[i]**2) + eps) * bf16(scale): x [n, D] f32, scale [D] bf16.
     Twin: model.rmsnorm (rtol 1e-5: the sum of squares in another order)."""
-    n, D = x.shape
-    for i in range(n):
-        squares = np.float32(0.0)
-        for d in range(D):
-            squares += x[i, d] * x[i, d]
-        root = np.sqrt(squares / np.float32(D) + np.float32(eps))
-        for d in range(D):
-            out[i, d] = x[i, d] / root * as_float32(np.uint32(scale[d]) << np.uint32(16))
+    for i in range(x.shape[0]):
+        _rmsnorm_token(x, scale, eps, out, i)
+
+
+@numba.njit(cache=CACHE, fastmath=FASTMATH, inline="always")
+def _rmsnorm_token(x, scale, eps, out, i):
+    """Token i of f32_rmsnorm (and of f32_rmsnorm_rows: the serial and parallel kernels are
+    dispatchers of their own: DEVELOPERS.md, one Python function a dispatcher)."""
+    D = x.shape[1]
+    squares = np.float32(0.0)
+    for d in range(D):
+        squares += x[i, d] * x[i, d]
+    root = np.sqrt(squares / np.float32(D) + np.float32(eps))
+    for d in range(D):
+        out[i, d] = x[i, d] / root * as_float32(np.uint32(scale[d]) << np.uint32(16))
 
 
 @jit()  # not fastmath: the same products and differences as numpy, bit for bit
 def f32_rope(x, cos, sin, out):
     """Half-split rotation: x [n, H, dh] f32, cos/sin [n, dh/2] -> out [n, H, dh].
     Twin: model.apply_rope (bit-exact)."""
-    n, H, dh = x.shape
+    for i in range(x.shape[0]):
+        _rope_token(x, cos, sin, out, i)
+
+
+@numba.njit(cache=CACHE, inline="always")
+def _rope_token(x, cos, sin, out, i):
+    """Token i of f32_rope and f32_rope_rows (not fastmath: numpy's products, bit for bit)."""
+    _, H, dh = x.shape
     half = dh // 2
-    for i in range(n):
-        for h in range(H):
-            for j in range(half):
-                x1, x2 = x[i, h, j], x[i, h, j + half]
-                out[i, h, j] = x1 * cos[i, j] - x2 * sin[i, j]
-                out[i, h, j + half] = x2 * cos[i, j] + x1 * sin[i, j]
+    for h in range(H):
+        for j in range(half):
+            x1, x2 = x[i, h, j], x[i, h, j + half]
+            out[i, h, j] = x1 * cos[i, j] - x2 * sin[i, j]
+            out[i, h, j + half] = x2 * cos[i, j] + x1 * sin[i, j]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -850,28 +863,16 @@ def f32_softmax_rows(scores, sinks, denom):
 def f32_rmsnorm_rows(x, scale, eps, out):
     """f32_rmsnorm with the tokens split across the threads (prefill). Twin: model.rmsnorm
     (rtol 1e-5: the sum of squares in another order)."""
-    n, D = x.shape
-    for i in numba.prange(n):
-        squares = np.float32(0.0)
-        for d in range(D):
-            squares += x[i, d] * x[i, d]
-        root = np.sqrt(squares / np.float32(D) + np.float32(eps))
-        for d in range(D):
-            out[i, d] = x[i, d] / root * as_float32(np.uint32(scale[d]) << np.uint32(16))
+    for i in numba.prange(x.shape[0]):
+        _rmsnorm_token(x, scale, eps, out, i)
 
 
 @jit(parallel=True)  # not fastmath: the same products and differences as numpy, bit for bit
 def f32_rope_rows(x, cos, sin, out):
     """f32_rope with the tokens split across the threads (prefill): x [n, H, dh], cos/sin
     [n, dh/2] -> out [n, H, dh]. Twin: model.apply_rope (bit-exact)."""
-    n, H, dh = x.shape
-    half = dh // 2
-    for i in numba.prange(n):
-        for h in range(H):
-            for j in range(half):
-                x1, x2 = x[i, h, j], x[i, h, j + half]
-                out[i, h, j] = x1 * cos[i, j] - x2 * sin[i, j]
-                out[i, h, j + half] = x2 * cos[i, j] + x1 * sin[i, j]
+    for i in numba.prange(x.shape[0]):
+        _rope_token(x, cos, sin, out, i)
 
 
 @jit(parallel=True)
