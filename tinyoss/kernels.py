@@ -461,13 +461,20 @@ def f32_swiglu_lanes(h, limit, alpha, out):
 @jit()
 def _swiglu(g, u, limit, alpha):
     """model.swiglu of one (gate, up) pair: the gate clamped above only, up both ways."""
+    return _swiglu_given(g, u, limit, np.exp(-alpha * (limit if g > limit else g)))
+
+
+@jit()
+def _swiglu_given(g, u, limit, e):
+    """_swiglu with e = exp(-alpha * the clamped gate) already taken (f32_bias_swiglu takes its
+    exps 16 at a time)."""
     if g > limit:
         g = limit
     if u > limit:
         u = limit
     elif u < -limit:
         u = -limit
-    return g / (np.float32(1.0) + np.exp(-alpha * g)) * (u + np.float32(1.0))
+    return g / (np.float32(1.0) + e) * (u + np.float32(1.0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -905,14 +912,8 @@ def f32_bias_swiglu(h, bias, limit, alpha, out):
             z[i] = min(-alpha * g, np.float32(89.0))
         exp_shifted_sum(z, 0, R, np.float32(0.0))  # z <- exp(z), 16 lanes a step
         for i in range(R):
-            g, u = h[j, 2 * i] + bias[2 * i], h[j, 2 * i + 1] + bias[2 * i + 1]
-            if g > limit:
-                g = limit
-            if u > limit:
-                u = limit
-            elif u < -limit:
-                u = -limit
-            out[j, i] = g / (np.float32(1.0) + z[i]) * (u + np.float32(1.0))
+            out[j, i] = _swiglu_given(h[j, 2 * i] + bias[2 * i], h[j, 2 * i + 1] + bias[2 * i + 1],
+                                      limit, z[i])
 
 
 @jit(parallel=True)  # not fastmath: no FMA, the products and sums of numpy's, bit for bit
