@@ -103,7 +103,10 @@ def _codegen_features() -> list[str]:
     from numba.core.registry import cpu_target
 
     if "_toplevel_target_context" in vars(cpu_target):  # numba's code generator exists
-        return cpu_target.target_context.codegen()._get_host_cpu_features().split(",")
+        try:  # (numba internals: without them, say no dotprod rather than fail at import)
+            return cpu_target.target_context.codegen()._get_host_cpu_features().split(",")
+        except AttributeError:
+            return _FEATURES
     if (ARM and KERNELS == "auto" and "+dotprod" not in _FEATURES and config.CPU_FEATURES is None
             and config.CPU_NAME in (None, "host") and _cpu_has_dotprod()):
         config.CPU_FEATURES = ",".join(_FEATURES + ["+dotprod"])
