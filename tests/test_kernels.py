@@ -249,11 +249,12 @@ def test_kernels_do_not_recompile(make_checkpoint, dense, kv, tmp_path, monkeypa
 
 
 @SETTINGS
-@given(st.integers(0, 2**32 - 1), st.integers(1, 40), st.integers(1, 40), st.integers(1, 40),
-       st.integers(1, 9))
+@given(st.integers(0, 2**32 - 1), st.integers(1, 40), st.integers(1, 40),
+       st.integers(1, 40) | st.integers(500, 1100), st.integers(1, 9))
 def test_qkv_and_few_token_matmuls_equal_linear(seed, rq, rk, C, m):
-    """The few-token bf16 kernels (tokens four at a time, then the rest; C % 32 columns one by
-    one) against the linear twin; q, k, v in one launch equal to three matmuls."""
+    """The few-token bf16 kernels (tokens four at a time, then the rest; columns in chunks of
+    X_CHUNK_BYTES, from 500 on more than one; C % 32 columns one by one) against the linear twin;
+    q, k, v in one launch equal to three matmuls."""
     rng = np.random.default_rng(seed)
     mats = [f32_to_bf16(rng.standard_normal((r, C)).astype(np.float32)) for r in (rq, rk, rk)]
     biases = [f32_to_bf16(rng.standard_normal(w.shape[0]).astype(np.float32)) for w in mats]

@@ -526,22 +526,41 @@ def _rope_token(x, cos, sin, out, i):
 # dense bf16 and int8 weights
 
 
+X_CHUNK_BYTES = 8192  # the few-token row dots go through the columns in chunks whose inputs (all
+# tokens' x) take at most this much L1: four tokens' whole 2880-float rows (46 KB) were evicted by
+# the weights streaming through, so every FMA waited on L2 (the 20b's unembedding, 4 tokens, in
+# one process alternating: 62-64 ms whole rows, 50-52 ms in 480-column chunks, 46 ms one token's
+# matvec; 288-480 columns alike, 96 slower)
+
+
 @jit(fastmath=True)
 def _bf16_rows(w, xs, bias, out, r0, r1):
     """Rows r0..r1 of out[j, r] = sum_c bf16(w[r, c]) xs[j, c] (+ bf16(bias[r])) for every
     token j: 32 columns a step in vector IR (simd.bf16_row_dots, each row widened once per
-    four tokens), the last C % 32 one by one."""
+    four tokens), the last C % 32 one by one. Several tokens go through the columns in chunks
+    (X_CHUNK_BYTES), all rows of one chunk before the next, each chunk's sums added to the last."""
     R, C = w.shape
     m = xs.shape[0]
     flat, flat_x, flat_out = w.reshape(-1), xs.reshape(-1), out.reshape(-1)
     main = C - C % 32
-    for r in range(r0, r1):
-        if m == 1:  # decode: a constant group, so the intrinsic's switch folds to one loop
+    if m == 1:  # decode: a constant group, so the intrinsic's switch folds to one loop
+        for r in range(r0, r1):
             bf16_row_dots(1, flat, r * C, flat_x, 0, C, main, flat_out, r, R)
-        else:
-            for j0 in range(0, m, MAX_GROUP):
-                bf16_row_dots(min(MAX_GROUP, m - j0), flat, r * C, flat_x, j0 * C, C, main,
-                              flat_out, j0 * R + r, R)
+    else:
+        chunk = max(32, X_CHUNK_BYTES // (4 * min(m, MAX_GROUP)) // 32 * 32)
+        part = np.empty(MAX_GROUP, np.float32)
+        for c0 in range(0, max(main, 1), chunk):  # (C < 32: one pass of none, storing zeros)
+            n = min(chunk, main - c0)
+            for r in range(r0, r1):
+                for j0 in range(0, m, MAX_GROUP):
+                    g = min(MAX_GROUP, m - j0)
+                    if c0 == 0:
+                        bf16_row_dots(g, flat, r * C, flat_x, j0 * C, C, n, flat_out, j0 * R + r, R)
+                    else:
+                        bf16_row_dots(g, flat, r * C + c0, flat_x, j0 * C + c0, C, n, part, 0, 1)
+                        for j in range(g):  # through the view the intrinsic wrote (see NOALIAS)
+                            flat_out[(j0 + j) * R + r] += part[j]
+    for r in range(r0, r1):
         for j in range(m):
             acc = flat_out[j * R + r]  # through the view the intrinsic wrote (see NOALIAS)
             for c in range(main, C):
