@@ -41,9 +41,7 @@ def serve(model, **options):
     cors = options.pop("cors_origins", None)
     server = srv.Server(model, options.pop("model_id", MODEL_ID), **options)
     port = free_port()
-    config = uvicorn.Config(srv.create_app(server, cors), host="127.0.0.1", port=port,
-                            log_level="warning", access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=2)
+    config = srv.uvicorn_config(server, "127.0.0.1", port, cors, timeout_graceful_shutdown=2)
     runner = uvicorn.Server(config)
     thread = threading.Thread(target=runner.run, daemon=True)
     thread.start()

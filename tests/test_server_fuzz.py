@@ -1,11 +1,14 @@
 """`tinyoss serve` under hostile input: every client mistake is an OpenAI-shaped 4xx error body (never
 a 500, never a traceback in the log) and the server keeps serving; a client that goes away frees
-its slot, streamed or not. The real server on the tiny synthetic checkpoint (tests/serving.py)."""
+its slot, streamed or not; one too slow to send its request head holds no socket for long. The
+real server on the tiny synthetic checkpoint (tests/serving.py)."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
+import select
 import socket
 import time
 
@@ -28,8 +31,13 @@ RESPONSES = {"model": MODEL_ID, "input": "hi", "max_output_tokens": 2}
 
 
 @pytest.fixture(scope="module")
-def served(tiny_checkpoint):
-    with serve(tinyoss.load(tiny_checkpoint), parallel=2, ctx=CTX, max_queue=4) as (url, server):
+def model(tiny_checkpoint):
+    return tinyoss.load(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def served(model):
+    with serve(model, parallel=2, ctx=CTX, max_queue=4) as (url, server):
         yield url, server
 
 
@@ -236,3 +244,122 @@ def test_a_client_gone_before_its_body_arrived_is_no_server_error(served, errors
     time.sleep(0.5)
     assert not errors_logged, [r.getMessage() for r in errors_logged]
     assert_healthy(url)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A client that never finishes its request head, or drips a body nobody reads; too many clients
+# ---------------------------------------------------------------------------------------------------
+
+HEAD_SECONDS = 0.5
+
+
+@pytest.fixture(scope="module")
+def impatient(model):
+    """A server that waits HEAD_SECONDS for a request head."""
+    with serve(model, ctx=CTX, header_seconds=HEAD_SECONDS) as (url, server):
+        yield url, server
+
+
+def address(url: str) -> tuple[str, int]:
+    return "127.0.0.1", int(url.rsplit(":", 1)[1])
+
+
+def answer(sock: socket.socket, drip: bytes = b"", seconds: float = 5) -> bytes:
+    """Everything the server sends until it closes the connection, sending `drip` every 0.1 s
+    meanwhile; fails if it is still open after `seconds`."""
+    deadline = time.monotonic() + seconds
+    data = b""
+    while time.monotonic() < deadline:
+        if not select.select([sock], [], [], 0.1)[0]:
+            try:
+                sock.sendall(drip)
+            except OSError:  # closed meanwhile: the next recv says so
+                pass
+            continue
+        try:
+            piece = sock.recv(65536)
+        except ConnectionResetError:
+            piece = b""
+        if not piece:
+            return data
+        data += piece
+    pytest.fail(f"the server kept the connection open for {seconds} s")
+
+
+def test_a_request_head_that_never_completes_is_answered_408_and_closed(impatient, errors_logged, caplog):
+    """uvicorn alone would keep each of these sockets for ever (it times only idle keep-alive
+    connections, and their next byte stops that timer)."""
+    openai = pytest.importorskip("openai")
+    url, _ = impatient
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=30)
+    with caplog.at_level("INFO", logger="tinyoss.server"):
+        start = time.monotonic()
+        stalled = [socket.create_connection(address(url)) for _ in range(3)]
+        stalled[1].sendall(b"POST /v1/chat/comp")  # part of the request line
+        stalled[2].sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # no blank line
+        slowloris = socket.create_connection(address(url))
+        slowloris.sendall(b"GET /health HTTP/1.1\r\nX-Slow: ")
+        assert [m.id for m in client.models.list()] == [MODEL_ID]  # meanwhile others are served
+        answers = [answer(slowloris, drip=b"a")] + [answer(sock) for sock in stalled]
+        for sock in [slowloris, *stalled]:
+            sock.close()
+        assert HEAD_SECONDS <= time.monotonic() - start < 5
+    for data in answers:
+        status, _, body = data.partition(b"\r\n\r\n")
+        assert status.startswith(b"HTTP/1.1 408 ") and b"connection: close" in status.lower(), data
+        error = json.loads(body)["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["code"] == "request_timeout"
+    assert sum(" 408 " in r.getMessage() for r in caplog.records) == 4
+    assert not errors_logged, [r.getMessage() for r in errors_logged]
+    assert client.chat.completions.create(**CHAT).choices[0].finish_reason == "length"
+
+
+def test_a_kept_alive_connection_is_timed_only_while_a_request_head_comes(impatient):
+    """Idle between requests (uvicorn's timeout_keep_alive, 5 s, closes such connections), or
+    sending its body (body_seconds), a connection outlives HEAD_SECONDS."""
+    url, _ = impatient
+    connection = http.client.HTTPConnection(*address(url), timeout=10)
+    connection.request("GET", "/health")
+    assert connection.getresponse().read() and connection.sock is not None
+    sock = connection.sock
+    time.sleep(2 * HEAD_SECONDS)  # idle
+    data = dumps(CHAT)
+    connection.putrequest("POST", "/v1/chat/completions")
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader("Content-Length", str(len(data)))
+    connection.endheaders()
+    time.sleep(2 * HEAD_SECONDS)  # the head is complete; the body comes later
+    connection.send(data)
+    reply = connection.getresponse()
+    assert reply.status == 200 and json.loads(reply.read())["choices"]
+    assert connection.sock is sock  # one connection all along
+    connection.close()
+
+
+def test_a_body_that_no_endpoint_reads_cannot_hold_its_connection(impatient):
+    """GET /health declares a body, then drips it: answered at once, then closed HEAD_SECONDS
+    after the drip began (were it silent, uvicorn's keep-alive timeout would close it)."""
+    url, _ = impatient
+    with socket.create_connection(address(url)) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+        start = time.monotonic()
+        data = answer(sock, drip=b"x")
+    assert data.startswith(b"HTTP/1.1 200 ") and data.count(b"HTTP/1.1 ") == 1, data
+    assert time.monotonic() - start < 4
+    assert_healthy(url)
+
+
+def test_connections_beyond_the_limit_are_answered_503_at_once(model, errors_logged):
+    with serve(model, ctx=CTX, max_connections=2) as (url, _):
+        held = [socket.create_connection(address(url)) for _ in range(2)]
+        with socket.create_connection(address(url)) as third:
+            status, _, body = answer(third, seconds=2).partition(b"\r\n\r\n")
+        assert status.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1" in status.lower(), status
+        assert json.loads(body)["error"]["code"] == "overloaded"
+        for sock in held:
+            sock.close()
+        deadline = time.monotonic() + 5  # until the server has seen them close
+        while httpx.get(f"{url}/health").status_code == 503 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert_healthy(url)
+    assert not errors_logged, [r.getMessage() for r in errors_logged]

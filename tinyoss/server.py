@@ -14,7 +14,8 @@
 Every failure a client can cause is an OpenAI-shaped error body with its HTTP status (400 naming
 the field, 401, 404, 408, 413, 503 with Retry-After); nothing a client sends makes a traceback, and
 the server logs one line per request. Safe by default: 127.0.0.1, bounded bodies (in bytes and in
-time), tokens and queue, a constant-time key check, no CORS unless asked for.
+time), request heads (in time: a client that never finishes one gets 408), connections (503 beyond
+them), tokens and queue, a constant-time key check, no CORS unless asked for.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import hmac
+import http
 import json
 import logging
 import secrets
@@ -31,12 +33,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+import h11
+import uvicorn
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from . import apimap, harmony
 from .apimap import RequestError
@@ -50,6 +55,8 @@ log = logging.getLogger("tinyoss.server")
 WEB = Path(__file__).parent / "web"
 MAX_BODY_BYTES = 4 * 1024 * 1024
 BODY_SECONDS = 30.0  # for the whole body after the headers: a stalled upload would hold its socket
+HEADER_SECONDS = 10.0  # for a request's line and headers (one packet from any real client)
+MAX_CONNECTIONS = 256  # open at once (each a file descriptor): far above parallel + queue
 MAX_STOP_STRINGS = 4
 MAX_TOP_LOGPROBS = 20
 STORED_RESPONSES = 256  # previous_response_id: the most recent ones kept in memory
@@ -373,7 +380,8 @@ class Server:
 
     def __init__(self, model: Any, model_id: str, *, parallel: int = 1, ctx: int | None = None,
                  max_queue: int = 16, api_key: str | None = None, max_body: int = MAX_BODY_BYTES,
-                 body_seconds: float = BODY_SECONDS, date: str | None = None):
+                 body_seconds: float = BODY_SECONDS, header_seconds: float = HEADER_SECONDS,
+                 max_connections: int = MAX_CONNECTIONS, date: str | None = None):
         self.model = model
         self.model_id = model_id
         self.engine = Engine(model, parallel=parallel, ctx=ctx, max_queue=max_queue,
@@ -382,6 +390,8 @@ class Server:
         self.api_key = api_key
         self.max_body = max_body
         self.body_seconds = body_seconds
+        self.header_seconds = header_seconds
+        self.max_connections = max_connections
         self.date = date  # the conversation date the model is told (default: today)
         self.created = int(time.time())
         self.responses: OrderedDict[str, dict] = OrderedDict()  # id -> {"response", "messages"}
@@ -938,11 +948,92 @@ def kv_bytes_per_slot(model: Any, ctx: int) -> int:
     return sum(min(c.sliding_window, ctx) if s else ctx for s in c.layer_sliding) * per_position
 
 
+class BoundedH11(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol (h11) with the two bounds uvicorn 0.55 lacks.
+
+    Time: uvicorn times only the idle gap after a response (timeout_keep_alive), and the next byte
+    stops that timer, so a client that connects and says nothing, drips its request head a byte at a
+    time (slowloris), or drips the rest of a body no endpoint reads (GET /health with a
+    Content-Length) holds its socket for ever. Here a timer runs from the connection's opening, and
+    from the first byte after a response, until a request head is complete: then 408 and close (only
+    close where a response already went out). A request's body has body_seconds (`_read_json`);
+    idle keep-alive connections and requests being answered are not timed here.
+
+    Number: a connection beyond max_connections open at once is answered 503 and closed at once, so
+    that clients cannot take all of the process's file descriptors (uvicorn's limit_concurrency
+    answers 503 only once a request head is complete, and closes nothing before).
+    """
+
+    head_seconds = HEADER_SECONDS  # uvicorn_config sets both for its Server
+    max_connections = MAX_CONNECTIONS
+    head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)  # counted in self.connections (shared by all of them)
+        if len(self.connections) > self.max_connections:
+            self._answer(503, f"the server is busy: {self.max_connections} connections open, its "
+                         f"limit; retry shortly", "overloaded", ((b"retry-after", b"1"),))
+        else:
+            self._time_head()
+
+    def data_received(self, data: bytes) -> None:
+        if self._between_requests():
+            self._time_head()  # from the first byte on (a no-op while it runs already)
+        super().data_received(data)
+        if not self._between_requests() and self.head_timer is not None:  # a head came: the app's now
+            self.head_timer.cancel()
+            self.head_timer = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+        super().connection_lost(exc)
+
+    def _between_requests(self) -> bool:
+        return self.cycle is None or self.cycle.response_complete
+
+    def _time_head(self) -> None:
+        if self.head_timer is None and not self.transport.is_closing():
+            self.head_timer = self.loop.call_later(self.head_seconds, self._head_timed_out)
+
+    def _head_timed_out(self) -> None:
+        self.head_timer = None
+        if self.transport.is_closing() or not self._between_requests():
+            return
+        if self.conn.our_state is h11.IDLE:  # nothing answered yet on this connection's turn
+            self._answer(408, f"no complete request head within {self.head_seconds:g} s",
+                         "request_timeout")
+        else:  # answered; what still drips is the rest of a body that nobody reads
+            self.conn.send(h11.ConnectionClosed())
+            self.transport.close()
+
+    def _answer(self, status: int, message: str, code: str, headers: tuple = ()) -> None:
+        """An error response of our own (no request reached the app), then close."""
+        body = json.dumps(error_body(message, status, None, code)).encode()
+        head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"), *headers]
+        for event in (h11.Response(status_code=status, headers=head,
+                                   reason=http.HTTPStatus(status).phrase.encode()),
+                      h11.Data(data=body), h11.EndOfMessage(), h11.ConnectionClosed()):
+            self.transport.write(self.conn.send(event) or b"")  # ConnectionClosed writes nothing
+        self.transport.close()
+        log.info("- - %d (%s)", status, message)  # the request's log line, as far as there is one
+
+
+def uvicorn_config(server: Server, host: str, port: int, cors_origins: list[str] | None = None,
+                   **options) -> uvicorn.Config:
+    """uvicorn's settings for `server`: its app, on h11 with the bounds of `BoundedH11`."""
+    protocol = type("BoundedH11", (BoundedH11,), {"head_seconds": server.header_seconds,
+                                                  "max_connections": server.max_connections})
+    # ws="none": the app serves no WebSocket, and an upgrade would hand the socket to another
+    # protocol, past these bounds
+    return uvicorn.Config(create_app(server, cors_origins), host=host, port=port, http=protocol,
+                          ws="none", log_level="warning", access_log=False, lifespan="off", **options)
+
+
 def serve(server: Server, host: str = "127.0.0.1", port: int = 8000,
           cors_origins: list[str] | None = None, on_ready=print) -> None:
     """Serve until Ctrl-C (or SIGTERM): then cancel what is still generating, and return."""
-    import uvicorn
-
     class Uvicorn(uvicorn.Server):
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets)
@@ -954,8 +1045,7 @@ def serve(server: Server, host: str = "127.0.0.1", port: int = 8000,
             server.engine.cancel_all()  # in-flight streams end now, with an error event saying why
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(create_app(server, cors_origins), host=host, port=port, log_level="warning",
-                            access_log=False, timeout_graceful_shutdown=5, lifespan="off")
+    config = uvicorn_config(server, host, port, cors_origins, timeout_graceful_shutdown=5)
     try:
         Uvicorn(config).run()
     except KeyboardInterrupt:  # uvicorn raises the Ctrl-C again once it has shut down: that is
