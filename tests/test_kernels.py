@@ -786,3 +786,44 @@ def test_moe_combine_is_moe_blocks_sum(seed, n, D, k, E):
         tok, slot = np.nonzero(experts == e)
         acc[tok] += weights[tok, slot, None] * y[pairs[tok, slot]]
     np.testing.assert_array_equal(out, x + acc)
+
+
+@SETTINGS
+@given(st.integers(0, 2**32 - 1), st.integers(1, 8), st.integers(1, 40), st.integers(1, 70),
+       st.integers(1, 4), st.booleans())
+def test_route_equals_model_route(seed, n, E, D, k, ties):
+    """Decode's router in one kernel against model.route: the same experts in the same order
+    (ties: repeated router rows, the lower expert first; a NaN row's logit last), the same
+    softmax over their logits (to the logits' rounding)."""
+    from types import SimpleNamespace
+
+    from tinyoss.model import route
+
+    k = min(k, E)
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((E, D)).astype(np.float32)
+    b = rng.standard_normal(E).astype(np.float32)
+    if ties and E > 2:  # equal logits: two experts share a row and a bias; one row is NaN
+        w[E - 1], b[E - 1] = w[0], b[0]
+        w[1, 0] = np.nan
+    lw = SimpleNamespace(router_w=f32_to_bf16(w), router_b=f32_to_bf16(b))
+    t = rng.standard_normal((n, D)).astype(np.float32)
+    want_e, want_w = route(t, lw, k)
+    experts, weights = np.empty((n, k), np.int64), np.empty((n, k), np.float32)
+    kernels.f32_route(lw.router_w, lw.router_b, t, experts, weights)
+    np.testing.assert_array_equal(experts, want_e)
+    # the logits are sums in another order (vector lanes, not BLAS): their rounding, times the
+    # softmax's slope (at most 1), is the weights' tolerance
+    scale = np.nan_to_num(np.abs(t) @ np.abs(bf16_to_f32(lw.router_w)).T, nan=0).max() + 1
+    np.testing.assert_allclose(weights, want_w, rtol=0, atol=RTOL * scale)
+
+
+@SETTINGS
+@given(st.integers(0, 2**32 - 1), st.integers(1, 4), st.integers(1, 300))
+def test_weighted_rows_add_equals_numpy(seed, k, D):
+    """A decoded token's expert outputs weighted onto the residual: x + w @ y."""
+    rng = np.random.default_rng(seed)
+    x, y, w = (rng.standard_normal(s).astype(np.float32) for s in (D, (k, D), k))
+    out = np.empty(D, np.float32)
+    kernels.f32_weighted_rows_add(x, y, w, out)
+    _close(out, x + w @ y, np.abs(x) + np.abs(w) @ np.abs(y))

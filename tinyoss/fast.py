@@ -294,23 +294,25 @@ def moe(c: Config, fl: FastLayer, t: np.ndarray, x: np.ndarray) -> np.ndarray:
     [n, D]."""
     lw = fl.lw
     n, k = t.shape[0], c.experts_per_token
-    logits = fl.router(t)  # [n, E]
-    experts = np.argsort(-logits, axis=-1, kind="stable")[:, :k]  # [n, k] best first
-    top = np.take_along_axis(logits, experts, axis=-1)
-    weights = np.exp(top - top[:, :1])
-    weights /= weights.sum(axis=-1, keepdims=True)  # softmax over the top-k only
     if n > FUSED_MAX_TOKENS:  # prefill
+        logits = fl.router(t)  # [n, E]
+        experts = np.argsort(-logits, axis=-1, kind="stable")[:, :k]  # [n, k] best first
+        top = np.take_along_axis(logits, experts, axis=-1)
+        weights = np.exp(top - top[:, :1])
+        weights /= weights.sum(axis=-1, keepdims=True)  # softmax over the top-k only
         return experts_prefill(c, fl, t, experts, weights, x)
+    experts, weights = np.empty((n, k), np.int64), np.empty((n, k), np.float32)
+    kernels.f32_route(lw.router_w, lw.router_b, t, experts, weights)  # the same, in one call
     if n > MATVEC_MAX_TOKENS:  # a decode batch, a short prompt
         return x + experts_grouped(c, fl, t, experts, weights)
-    out = np.zeros_like(t)
+    out = np.empty_like(t)
     for i in range(n):  # decode: the fused kernel, k experts at once
         if fl.x8:
             y = expert_matvec_x8(c, lw, experts[i], t[i:i + 1])
         else:
             y = expert_matvec(c, lw, experts[i], t[i:i + 1])
-        out[i] = weights[i] @ y
-    return x + out
+        kernels.f32_weighted_rows_add(x[i], y, weights[i], out[i])
+    return out
 
 
 def experts_prefill(c: Config, fl: FastLayer, t: np.ndarray, experts: np.ndarray,

@@ -382,6 +382,53 @@ def x8_quantize_lanes(x, q, d):
             _x8_block(x[k, 32 * b:32 * b + 32], q, d, k, b, C // 32)
 
 
+@jit()
+def f32_route(w, bias, t, experts, weights):
+    """model.route for a few tokens on the calling thread: t [n, D] (normed) -> experts [n, k]
+    int64 (the k largest router logits, best first; ties: the lower expert first, NaN last, as
+    a stable argsort of -logits) and weights [n, k] f32 (softmax over those k logits). w [E, D]
+    bf16, bias [E] bf16. One call instead of a matvec and five numpy steps a decoded layer.
+    Twin: model.route (the same experts; the weights to the logits' rounding)."""
+    n, k = experts.shape
+    E = w.shape[0]
+    logits = np.empty((n, E), np.float32)
+    _bf16_rows(w, t, bias, logits, 0, E)
+    for i in range(n):
+        for j in range(k):
+            best = -1
+            for e in range(E):
+                taken = False
+                for s in range(j):
+                    taken = taken or experts[i, s] == e
+                if taken:
+                    continue
+                if best < 0 or logits[i, e] > logits[i, best] or \
+                        (np.isnan(logits[i, best]) and not np.isnan(logits[i, e])):
+                    best = e
+            experts[i, j] = best
+        top = logits[i, experts[i, 0]]
+        total = np.float32(0.0)
+        for j in range(k):
+            weights[i, j] = np.exp(logits[i, experts[i, j]] - top)
+            total += weights[i, j]
+        for j in range(k):
+            weights[i, j] /= total
+
+
+@jit()
+def f32_weighted_rows_add(x, y, w, out):
+    """out[d] = x[d] + sum_j w[j] y[j, d], the k terms added in order to 0 first: a decoded
+    token's k expert outputs weighted onto the residual. x, out [D], y [k, D], w [k].
+    Twin: x + w @ y (rtol 1e-6)."""
+    k, D = y.shape
+    for d in range(D):
+        acc = np.float32(0.0)
+        for j in range(k):
+            acc += w[j] * y[j, d]
+        out[d] = x[d] + acc
+
+
+
 @jit(parallel=True)
 def f32_swiglu_x8(h, limit, alpha, q, d):
     """x8_quantize_lanes(model.swiglu(h)): the clamped SwiGLU (`_swiglu`, as f32_swiglu_lanes),

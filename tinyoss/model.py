@@ -153,6 +153,17 @@ class KVCache:
 
     def write(self, layer: int, positions: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
         """Store new keys/values; a ring keeps only the last `window` of them."""
+        if len(positions) == 1:  # one token (decode): its slot, without the masks below
+            p = int(positions[0])
+            if self.config.layer_sliding[layer]:
+                p %= self.window
+            else:
+                self._grow(layer, p + 1)
+            if self.kv == "bf16":
+                k, v = f32_to_bf16(k), f32_to_bf16(v)
+            self.k[layer][:, p] = k[0]  # [1, Hkv, dh] -> slot p of [Hkv, S, dh]
+            self.v[layer][:, p] = v[0]
+            return
         if self.config.layer_sliding[layer]:
             keep = positions > positions[-1] - self.window
             positions, k, v = positions[keep], k[keep], v[keep]
