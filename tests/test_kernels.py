@@ -827,3 +827,27 @@ def test_weighted_rows_add_equals_numpy(seed, k, D):
     out = np.empty(D, np.float32)
     kernels.f32_weighted_rows_add(x, y, w, out)
     _close(out, x + w @ y, np.abs(x) + np.abs(w) @ np.abs(y))
+
+
+@SETTINGS
+@given(st.integers(0, 2**32 - 1), st.integers(1, 5), st.integers(1, 6), st.booleans(),
+       st.sampled_from([0.0, np.nan, np.inf, 1e-40]))
+def test_x8_round_trip_rows_equals_quant(seed, n, blocks, strided, special):
+    """Prefill's int8 rounding in numba against quant.x8_round_trip, bit for bit: whole rows or
+    a strided view rounded in place (as the tile pool does), blocks of zeros, NaN, inf and
+    subnormals."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((n, 32 * blocks)) * rng.uniform(0.01, 50)).astype(np.float32)
+    x[0, :32] = special if special != 0.0 else 0.0  # one whole block of it
+    x[-1, -1] = special
+    want = quant.x8_round_trip(x)
+    if strided:  # columns of a wider array, rounded in place
+        wide = np.zeros((n, 32 * blocks + 64), np.float32)
+        view = wide[:, 32:32 + 32 * blocks]
+        view[:] = x
+        kernels.x8_round_trip_rows(view, view)
+        got = view
+    else:
+        got = np.empty_like(x)
+        kernels.x8_round_trip_rows(x, got)
+    np.testing.assert_array_equal(got, want)

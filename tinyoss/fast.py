@@ -364,7 +364,7 @@ def experts_tiles(c: Config, fl: FastLayer, groups: list, xs: np.ndarray, y: np.
         rounded = np.empty_like(xs)
 
         def round_rows(e: int, s0: int, s1: int) -> None:
-            rounded[s0:s1] = x8_round_trip(xs[s0:s1])
+            kernels.x8_round_trip_rows(xs[s0:s1], rounded[s0:s1])
 
         pool.run([functools.partial(round_rows, *g) for g in groups])
         xs = rounded
@@ -379,7 +379,7 @@ def experts_tiles(c: Config, fl: FastLayer, groups: list, xs: np.ndarray, y: np.
         cols = a[s0:s1, r0 // 2:r1 // 2]  # gate, up interleaved: columns r0/2.. of SwiGLU's
         kernels.f32_bias_swiglu(h, b1[e, r0:r1], limit, alpha, cols)
         if fl.x8:  # (r0/2 is a multiple of 32: the int8 blocks of whole rows)
-            cols[:] = x8_round_trip(cols)
+            kernels.x8_round_trip_rows(cols, cols)
 
     def mlp2(e: int, s0: int, s1: int, r0: int) -> None:  # rows r0..r1 of mlp2: a -> y
         r1 = min(r0 + TILE_ROWS, D)

@@ -353,10 +353,9 @@ def x8_order(nb):
 
 
 @jit()
-def _x8_block(vals, q, d, k, b, nb):
-    """Quantize the 32 float32 vals (block b of row k, natural order) as quant.x8_quantize:
-    q[k, x8_position(32b + i, nb)] = round(vals[i] * (1 / scale)), d[k, b] = scale / 2 (the
-    kernel's products are of doubled E2M1 values)."""
+def _x8_scale(vals):
+    """The 32 float32 vals' Q8_0 scale (max |val| / 127; NaN wins, as numpy's max), its inverse
+    and whether it is usable (not 0, inf or NaN: else every q is 0, as quant._q8_blocks)."""
     amax = np.float32(0.0)
     for i in range(32):
         a = abs(vals[i])
@@ -366,10 +365,33 @@ def _x8_block(vals, q, d, k, b, nb):
             break
     scale = amax / np.float32(127.0)
     ok = scale > 0 and scale < np.inf
-    inv = np.float32(1.0) / scale if ok else np.float32(0.0)
+    return scale, np.float32(1.0) / scale if ok else np.float32(0.0), ok
+
+
+@jit()
+def _x8_block(vals, q, d, k, b, nb):
+    """Quantize the 32 float32 vals (block b of row k, natural order) as quant.x8_quantize:
+    q[k, x8_position(32b + i, nb)] = round(vals[i] * (1 / scale)), d[k, b] = scale / 2 (the
+    kernel's products are of doubled E2M1 values)."""
+    scale, inv, ok = _x8_scale(vals)
     for i in range(32):
         q[k, x8_position(32 * b + i, nb)] = np.int8(np.rint(vals[i] * inv)) if ok else np.int8(0)
     d[k, b] = scale * np.float32(0.5)
+
+
+@jit()
+def x8_round_trip_rows(x, out):
+    """out = quant.x8_round_trip(x): each block of 32 quantized to int8 and back, float32 [n, C]
+    (x and out may be the same array, or strided views). For prefill's int8 expert inputs inside
+    the tile pool's threads, which numpy's dozen steps held to the GIL. Twin: quant.x8_round_trip
+    (bit-exact)."""
+    n, C = x.shape
+    for k in range(n):
+        for b in range(C // 32):
+            scale, inv, ok = _x8_scale(x[k, 32 * b:32 * b + 32])
+            for i in range(32 * b, 32 * b + 32):
+                q = np.float32(np.int8(np.rint(x[k, i] * inv))) if ok else np.float32(0.0)
+                out[k, i] = q * scale
 
 
 @jit()
