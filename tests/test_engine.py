@@ -97,3 +97,31 @@ def test_a_cancelled_prompt_leaves_while_going_in(model, monkeypatch):
         assert after[-1].reason == "length"
     finally:
         engine.close()
+
+
+def test_the_engine_runs_its_kernels_on_its_creators_thread_count(model, monkeypatch):
+    """numba's thread count belongs to a thread, and a new one starts at all cores: the engine's
+    thread takes its creator's (`tinyoss serve --threads N` sets it, then builds the engine)."""
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one core: every thread count is 1")
+    seen = []
+    forward = model.forward
+
+    def noting(*args, **kwargs):
+        seen.append(numba.get_num_threads())
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", noting)
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        engine = Engine(model, parallel=1, ctx=64)
+    finally:
+        numba.set_num_threads(before)
+    try:
+        events = list(engine.submit(Job(ids(5, 1), 3, GREEDY)))
+    finally:
+        engine.close()
+    assert isinstance(events[-1], Done) and seen and set(seen) == {1}

@@ -33,6 +33,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import numba
 import numpy as np
 
 from .errors import TinyossError
@@ -179,6 +180,9 @@ class Engine:
         self._lock = threading.Condition()
         self._closing = False
         self._on_error = on_error
+        # numba's thread count is per thread, and a new thread starts at all cores: the engine's
+        # thread takes its creator's (`tinyoss serve --threads`)
+        self._threads = numba.get_num_threads()
         self._thread = threading.Thread(target=self._run, name="tinyoss-engine", daemon=True)
         self._thread.start()
 
@@ -224,6 +228,7 @@ class Engine:
     # -- the engine thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
+        numba.set_num_threads(self._threads)
         while True:
             with self._lock:
                 while not self._pending and not self._busy and not self._closing:
