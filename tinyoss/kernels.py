@@ -21,7 +21,7 @@ import numpy as np
 from . import mxfp4
 from .simd import (HAVE_AVX2, HAVE_AVX512, HAVE_SIMD, KERNELS, MAX_GROUP, MXFP4_LANE_ORDER,
                    MXFP4_PAIR_ORDER, MXFP4_Q8_GROUP, MXFP4_Q8_ROWS, MXFP4_QUAD_ORDER, MXFP4_ROWS,
-                   QK_DIM, QK_HEADS, as_float32, bf16_row_dots, exp_shifted_sum, kv_float,
+                   QK_DIM, QK_HEADS, as_float32, bf16_row_dots, bf16_row_pair_dots, exp_shifted_sum, kv_float,
                    max_nan, mxfp4_block_decode_simd, mxfp4_matvec_rows, mxfp4_matvec_rows_two,
                    mxfp4_q8_row_dots,
                    mxfp4_row_dots, q8_row_dot, qk8_scores, weighted_rows64, xor_lines)
@@ -364,8 +364,9 @@ def _x8_scale(vals):
         if amax != amax:
             break
     scale = amax / np.float32(127.0)
-    ok = scale > 0 and scale < np.inf
-    return scale, np.float32(1.0) / scale if ok else np.float32(0.0), ok
+    inv = np.float32(1.0) / scale if scale > 0 and scale < np.inf else np.float32(0.0)
+    ok = inv > 0 and inv < np.inf  # a tiny block's inverse overflows: q = 0, as quant._q8_blocks
+    return scale, inv if ok else np.float32(0.0), ok
 
 
 @jit()
@@ -414,7 +415,7 @@ def f32_route(w, bias, t, experts, weights):
     n, k = experts.shape
     E = w.shape[0]
     logits = np.empty((n, E), np.float32)
-    _bf16_rows(w, t, bias, logits, 0, E)
+    _bf16_rows(w, t, bias, logits, 0, E, False)  # every row the same code: equal rows tie exactly
     for i in range(n):
         for j in range(k):
             best = -1
@@ -595,6 +596,7 @@ def _rope_token(x, cos, sin, out, i):
 # dense bf16 and int8 weights
 
 
+BF16_PAIRS = HAVE_AVX512  # the few-token bf16 matmul takes two rows a call (32 vector registers)
 X_CHUNK_BYTES = 8192  # the few-token row dots go through the columns in chunks whose inputs (all
 # tokens' x) take at most this much L1: four tokens' whole 2880-float rows (46 KB) were evicted by
 # the weights streaming through, so every FMA waited on L2 (the 20b's unembedding, 4 tokens, in
@@ -603,11 +605,14 @@ X_CHUNK_BYTES = 8192  # the few-token row dots go through the columns in chunks 
 
 
 @jit(fastmath=True)
-def _bf16_rows(w, xs, bias, out, r0, r1):
+def _bf16_rows(w, xs, bias, out, r0, r1, pairs=BF16_PAIRS):
     """Rows r0..r1 of out[j, r] = sum_c bf16(w[r, c]) xs[j, c] (+ bf16(bias[r])) for every
     token j: 32 columns a step in vector IR (simd.bf16_row_dots, each row widened once per
-    four tokens), the last C % 32 one by one. Several tokens go through the columns in chunks
-    (X_CHUNK_BYTES), all rows of one chunk before the next, each chunk's sums added to the last."""
+    four tokens; with AVX-512 two rows a call, bf16_row_pair_dots, each x load serving both),
+    the last C % 32 one by one. Several tokens go through the columns in chunks (X_CHUNK_BYTES),
+    all rows of one chunk before the next, each chunk's sums added to the last. A row's sums may
+    round apart with and without `pairs` (two different loops of vector code): the
+    router's ties need every row through one code."""
     R, C = w.shape
     m = xs.shape[0]
     flat, flat_x, flat_out = w.reshape(-1), xs.reshape(-1), out.reshape(-1)
@@ -617,18 +622,30 @@ def _bf16_rows(w, xs, bias, out, r0, r1):
             bf16_row_dots(1, flat, r * C, flat_x, 0, C, main, flat_out, r, R)
     else:
         chunk = max(32, X_CHUNK_BYTES // (4 * min(m, MAX_GROUP)) // 32 * 32)
-        part = np.empty(MAX_GROUP, np.float32)
+        part = np.empty(2 * MAX_GROUP, np.float32)
         for c0 in range(0, max(main, 1), chunk):  # (C < 32: one pass of none, storing zeros)
             n = min(chunk, main - c0)
-            for r in range(r0, r1):
+            r = r0
+            while r < r1:
+                pair = pairs and r + 1 < r1
                 for j0 in range(0, m, MAX_GROUP):
                     g = min(MAX_GROUP, m - j0)
-                    if c0 == 0:
+                    if c0 == 0 and pair:
+                        bf16_row_pair_dots(g, flat, r * C, flat_x, j0 * C, C, n, flat_out,
+                                           j0 * R + r, R)
+                    elif c0 == 0:
                         bf16_row_dots(g, flat, r * C, flat_x, j0 * C, C, n, flat_out, j0 * R + r, R)
+                    elif pair:
+                        bf16_row_pair_dots(g, flat, r * C + c0, flat_x, j0 * C + c0, C, n, part,
+                                           0, 2)
+                        for j in range(g):  # through the view the intrinsic wrote (see NOALIAS)
+                            flat_out[(j0 + j) * R + r] += part[2 * j]
+                            flat_out[(j0 + j) * R + r + 1] += part[2 * j + 1]
                     else:
                         bf16_row_dots(g, flat, r * C + c0, flat_x, j0 * C + c0, C, n, part, 0, 1)
-                        for j in range(g):  # through the view the intrinsic wrote (see NOALIAS)
+                        for j in range(g):
                             flat_out[(j0 + j) * R + r] += part[j]
+                r += 2 if pair else 1
     for r in range(r0, r1):
         for j in range(m):
             acc = flat_out[j * R + r]  # through the view the intrinsic wrote (see NOALIAS)
@@ -732,7 +749,9 @@ def bf16_to_q8_into(w, q, s):
                 amax = max(amax, v)
             scale = amax / np.float32(127.0)
             s[r, b] = scale
-            inv = np.float32(1.0) / scale if scale > 0 else np.float32(0.0)
+            inv = np.float32(1.0) / scale if scale > 0 and scale < np.inf else np.float32(0.0)
+            if not inv < np.inf:  # a tiny block: 1 / scale overflows (q = 0, as quant._q8_blocks)
+                inv = np.float32(0.0)
             for j in range(32):
                 v = as_float32(np.uint32(w[r, b * 32 + j]) << np.uint32(16))
                 q[r, b * 32 + j] = np.int8(np.rint(v * inv))

@@ -891,16 +891,8 @@ def q8_row_dot(typingctx, q, q_off, scales, s_off, x, nb):
     return sig, codegen
 
 
-@intrinsic
-def bf16_row_dots(typingctx, g, w, w_off, x, x_off, x_len, n, out, o_off, o_stride):
-    """One bf16 row against g <= MAX_GROUP float32 vectors: out[o_off + j * o_stride] =
-    sum_{c < n} w[w_off + c] * x[x_off + j * x_len + c] for j < g, 32 values a step (n a multiple
-    of 32: the tail is the caller's). Each uint16 widens to float32 by a shift into the high half,
-    once for the g vectors. w's rows are x_len apart: each step asks for the line PREFETCH_ROWS
-    rows ahead (on the 20b's unembedding, in one process alternating with the kernel without it:
-    1.13-1.38x, medians of 10, 4 to 16 rows ahead). Plain LLVM vector IR."""
-    sig = types.void(types.intp, w, types.intp, x, types.intp, types.intp, types.intp, out,
-                     types.intp, types.intp)
+def _bf16_dots(rows: int):
+    """The codegen of bf16_row_dots (rows=1) and bf16_row_pair_dots (rows=2)."""
 
     def codegen(context, builder, signature, args):
         g, w_a, w_off, x_a, x_off, x_len, n, out_a, o_off, o_stride = args
@@ -911,25 +903,56 @@ def bf16_row_dots(typingctx, g, w, w_off, x, x_off, x_len, n, out, o_off, o_stri
         optr = _data(context, builder, a[7], out_a, o_off)
 
         def row(group):
-            accs = [cgutils.alloca_once_value(builder, ir.Constant(v32f, [0.0] * 32))
-                    for _ in range(group)]
+            accs = [[cgutils.alloca_once_value(builder, ir.Constant(v32f, [0.0] * 32))
+                     for _ in range(group)] for _ in range(rows)]
             with cgutils.for_range(builder, builder.udiv(n, _const(32))) as loop:
                 off = builder.mul(loop.index, _const(32))
-                _prefetch(builder, builder.gep(wptr, [builder.add(off, builder.mul(
-                    x_len, _const(PREFETCH_ROWS)))]))  # (64 bytes a step: a line)
-                wv = builder.load(builder.bitcast(builder.gep(wptr, [off]), v32i16.as_pointer()),
-                                  align=2)
-                wf = _widen(builder, wv)
+                wfs = []
+                for rr in range(rows):  # row rr starts x_len after the row before it
+                    roff = builder.add(off, builder.mul(x_len, _const(rr)))
+                    _prefetch(builder, builder.gep(wptr, [builder.add(roff, builder.mul(
+                        x_len, _const(PREFETCH_ROWS)))]))  # (64 bytes a step: a line)
+                    wv = builder.load(builder.bitcast(builder.gep(wptr, [roff]),
+                                                      v32i16.as_pointer()), align=2)
+                    wfs.append(_widen(builder, wv))
                 for j in range(group):
                     xj = builder.gep(xptr, [builder.add(builder.mul(_const(j), x_len), off)])
                     xv = builder.load(builder.bitcast(xj, v32f.as_pointer()), align=4)
-                    _add_product(builder, accs[j], wf, xv)
-            _store_sums(builder, accs, 32, optr, o_stride)
+                    for rr in range(rows):  # x's loads serve both rows
+                        _add_product(builder, accs[rr][j], wfs[rr], xv)
+            for rr in range(rows):
+                _store_sums(builder, accs[rr], 32, builder.gep(optr, [_const(rr)]), o_stride)
 
         _for_group(builder, g, row)
         return context.get_dummy_value()
 
-    return sig, codegen
+    return codegen
+
+
+def _bf16_dots_signature(w, x, out):
+    return types.void(types.intp, w, types.intp, x, types.intp, types.intp, types.intp, out,
+                      types.intp, types.intp)
+
+
+@intrinsic
+def bf16_row_dots(typingctx, g, w, w_off, x, x_off, x_len, n, out, o_off, o_stride):
+    """One bf16 row against g <= MAX_GROUP float32 vectors: out[o_off + j * o_stride] =
+    sum_{c < n} w[w_off + c] * x[x_off + j * x_len + c] for j < g, 32 values a step (n a multiple
+    of 32: the tail is the caller's). Each uint16 widens to float32 by a shift into the high half,
+    once for the g vectors. w's rows are x_len apart: each step asks for the line PREFETCH_ROWS
+    rows ahead (on the 20b's unembedding, in one process alternating with the kernel without it:
+    1.13-1.38x, medians of 10, 4 to 16 rows ahead). Plain LLVM vector IR."""
+    return _bf16_dots_signature(w, x, out), _bf16_dots(1)
+
+
+@intrinsic
+def bf16_row_pair_dots(typingctx, g, w, w_off, x, x_off, x_len, n, out, o_off, o_stride):
+    """`bf16_row_dots` of two rows at once, w_off's and the one x_len after it:
+    out[o_off + j * o_stride + rr] for row rr in 0, 1. Each x load serves both rows, which a few
+    tokens need (one row a step: one x load per multiply-add, and the loads, not the arithmetic,
+    held the four-token matmul to ~45 G multiply-adds a second from L3 on a Zen 4). Needs 32
+    vector registers for four tokens (AVX-512): `kernels.BF16_PAIRS`."""
+    return _bf16_dots_signature(w, x, out), _bf16_dots(2)
 
 
 # --- decode attention: one KV head's 8 query heads (gpt-oss: 64 query heads on 8 KV heads) ------
