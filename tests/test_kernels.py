@@ -864,3 +864,20 @@ def test_x8_round_trip_rows_equals_quant(seed, n, blocks, strided, special):
         got = np.empty_like(x)
         kernels.x8_round_trip_rows(x, got)
     np.testing.assert_array_equal(got, want)
+
+
+def test_l1d_bytes_reads_sysfs(tmp_path):
+    """The level-1 data cache's size from a sysfs-shaped folder (what BF16_PREFETCH is chosen by):
+    the instruction cache and other levels passed over, K and M units, None without the folder."""
+    from tinyoss.simd import l1d_bytes
+
+    for i, (level, kind, size) in enumerate([("1", "Instruction", "64K"), ("1", "Data", "48K"),
+                                             ("2", "Unified", "2M")]):
+        d = tmp_path / f"index{i}"
+        d.mkdir()
+        for name, value in (("level", level), ("type", kind), ("size", size)):
+            (d / name).write_text(value + "\n")
+    assert l1d_bytes(str(tmp_path)) == 48 * 1024
+    (tmp_path / "index1" / "size").write_text("1M\n")
+    assert l1d_bytes(str(tmp_path)) == 1 << 20
+    assert l1d_bytes(str(tmp_path / "missing")) is None

@@ -19,6 +19,7 @@ path this CPU can build (TINYOSS_KERNELS below).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import llvmlite.binding as llvm
 import numpy as np
@@ -401,6 +402,30 @@ def _for_group(builder, g, emit) -> None:
 
 PREFETCH_ROWS = 8  # rows ahead the matvecs ask the cache for (mxfp4_matvec_rows, bf16_row_dots,
 # q8_row_dot)
+
+
+def l1d_bytes(cache: str = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
+    """The first core's level-1 data cache in bytes, as Linux's sysfs tells it (None elsewhere)."""
+    for index in sorted(Path(cache).glob("index*")):
+        try:
+            level, kind, size = ((index / name).read_text().strip()
+                                 for name in ("level", "type", "size"))
+        except OSError:
+            continue
+        if level == "1" and kind == "Data":
+            units = {"K": 1 << 10, "M": 1 << 20}
+            return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+    return None
+
+
+# The bf16 matvec's line 8 rows ahead (46 KB on the 20b's 2880-column rows) must still be in L1
+# when its row comes: on a Zen 5 (48 KB L1D) asking for it made the dense matvecs 1.15x faster; on
+# a Zen 4 (32 KB) it is evicted first: without it, ten alternating pairs of bf16 tokens on one
+# (2026-12-06) ran faster in 7, slower in 2 (dense matvecs 100.8 -> 89.6 ms a token on average,
+# the memory's speed moving ~20 % between runs). So it is asked for only where L1D holds 48 KB
+# or more. Not measured on a Zen 3 (32 KB: no prefetch there now).
+_L1D = l1d_bytes()
+BF16_PREFETCH = _L1D is None or _L1D >= 48 << 10
 
 
 def _block_steps(builder, count, first, per_step, run) -> None:
@@ -910,8 +935,9 @@ def _bf16_dots(rows: int):
                 wfs = []
                 for rr in range(rows):  # row rr starts x_len after the row before it
                     roff = builder.add(off, builder.mul(x_len, _const(rr)))
-                    _prefetch(builder, builder.gep(wptr, [builder.add(roff, builder.mul(
-                        x_len, _const(PREFETCH_ROWS)))]))  # (64 bytes a step: a line)
+                    if BF16_PREFETCH:  # (64 bytes a step: a line)
+                        _prefetch(builder, builder.gep(wptr, [builder.add(roff, builder.mul(
+                            x_len, _const(PREFETCH_ROWS)))]))
                     wv = builder.load(builder.bitcast(builder.gep(wptr, [roff]),
                                                       v32i16.as_pointer()), align=2)
                     wfs.append(_widen(builder, wv))
@@ -940,8 +966,9 @@ def bf16_row_dots(typingctx, g, w, w_off, x, x_off, x_len, n, out, o_off, o_stri
     sum_{c < n} w[w_off + c] * x[x_off + j * x_len + c] for j < g, 32 values a step (n a multiple
     of 32: the tail is the caller's). Each uint16 widens to float32 by a shift into the high half,
     once for the g vectors. w's rows are x_len apart: each step asks for the line PREFETCH_ROWS
-    rows ahead (on the 20b's unembedding, in one process alternating with the kernel without it:
-    1.13-1.38x, medians of 10, 4 to 16 rows ahead). Plain LLVM vector IR."""
+    rows ahead where L1D is large enough (BF16_PREFETCH; on the 20b's unembedding, in one process
+    alternating with the kernel without it: 1.13-1.38x, medians of 10, 4 to 16 rows ahead, Zen 5).
+    Plain LLVM vector IR."""
     return _bf16_dots_signature(w, x, out), _bf16_dots(1)
 
 
