@@ -355,7 +355,7 @@ def x8_order(nb):
 @jit()
 def _x8_scale(vals):
     """The 32 float32 vals' Q8_0 scale (max |val| / 127; NaN wins, as numpy's max), its inverse
-    and whether it is usable (not 0, inf or NaN: else every q is 0, as quant._q8_blocks)."""
+    and whether it is usable (`_q8_inverse`: else every q is 0, as quant._q8_blocks)."""
     amax = np.float32(0.0)
     for i in range(32):
         a = abs(vals[i])
@@ -364,9 +364,17 @@ def _x8_scale(vals):
         if amax != amax:
             break
     scale = amax / np.float32(127.0)
+    inv = _q8_inverse(scale)
+    return scale, inv, inv > 0
+
+
+@jit()
+def _q8_inverse(scale):
+    """1 / scale of a Q8_0 block, or 0 where no q may be taken (q = 0, as quant._q8_blocks): a
+    scale of 0, inf or NaN, or so small (every |x| under ~3.7e-37) that 1 / scale overflows
+    (rounding inf to int8 is undefined: CPUs differ)."""
     inv = np.float32(1.0) / scale if scale > 0 and scale < np.inf else np.float32(0.0)
-    ok = inv > 0 and inv < np.inf  # a tiny block's inverse overflows: q = 0, as quant._q8_blocks
-    return scale, inv if ok else np.float32(0.0), ok
+    return inv if inv < np.inf else np.float32(0.0)
 
 
 @jit()
@@ -749,9 +757,7 @@ def bf16_to_q8_into(w, q, s):
                 amax = max(amax, v)
             scale = amax / np.float32(127.0)
             s[r, b] = scale
-            inv = np.float32(1.0) / scale if scale > 0 and scale < np.inf else np.float32(0.0)
-            if not inv < np.inf:  # a tiny block: 1 / scale overflows (q = 0, as quant._q8_blocks)
-                inv = np.float32(0.0)
+            inv = _q8_inverse(scale)
             for j in range(32):
                 v = as_float32(np.uint32(w[r, b * 32 + j]) << np.uint32(16))
                 q[r, b * 32 + j] = np.int8(np.rint(v * inv))

@@ -41,9 +41,9 @@ CACHE_FORMAT = "tinyoss-q8-1"  # bump when the int8 format or its tensor names c
 def _q8_blocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """float32 [n, C] -> (int8 [n, C], float32 [n, C/32]): Q8_0, scale = max|x| / 127 a block
     of 32, q = round(x * (1 / scale)). A block holding NaN or inf gets q = 0 and a NaN or inf
-    scale (its products come out NaN, as a float path's would); so does a block so small (every
-    |x| under ~3.7e-37) that 1 / scale overflows: its values are 0 to int8's precision, and
-    rounding infinities to int8 is undefined (CPUs differ)."""
+    scale (its products come out NaN, as a float path's would). A block so small (every |x| under
+    ~3.7e-37) that 1 / scale overflows gets q = 0 too, keeping its scale: its values are 0 to
+    int8's precision, and rounding infinities to int8 is undefined (CPUs differ)."""
     blocks = x.reshape(x.shape[0], -1, 32)  # [n, C/32, 32]
     with np.errstate(invalid="ignore"):
         scale = np.abs(blocks).max(axis=-1) / np.float32(127.0)  # [n, C/32]
@@ -51,7 +51,6 @@ def _q8_blocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     with np.errstate(over="ignore"):
         inv = np.divide(np.float32(1.0), scale, out=np.zeros_like(scale), where=ok)
     ok &= inv < np.inf
-    inv[~ok] = 0
     with np.errstate(invalid="ignore"):
         q = np.where(ok[..., None], np.rint(blocks * inv[..., None]), 0).astype(np.int8)
     return q.reshape(x.shape), scale.astype(np.float32)
