@@ -881,3 +881,29 @@ def test_l1d_bytes_reads_sysfs(tmp_path):
     (tmp_path / "index1" / "size").write_text("1M\n")
     assert l1d_bytes(str(tmp_path)) == 1 << 20
     assert l1d_bytes(str(tmp_path / "missing")) is None
+
+
+@pytest.mark.parametrize("n", [1, 7, 64, "few", "few+1", 300])
+def test_tile_pool_products_equal_numpy(n):
+    """TileMatmul takes a tile's product either way round (tile @ x.T for up to FEW_TOKENS
+    tokens, x @ tile.T beyond): both, with bias and residual, equal numpy's x @ W.T."""
+    from tinyoss import fast
+
+    n = {"few": fast.FEW_TOKENS, "few+1": fast.FEW_TOKENS + 1}.get(n, n)
+    rng = np.random.default_rng(n)
+    R, C = 700, 96  # tiles of fast.tile_rows(R, workers) rows, the last one shorter
+    w = rng.standard_normal((R, C), dtype=np.float32)
+    x = rng.standard_normal((n, C), dtype=np.float32)
+    bias = rng.standard_normal(R, dtype=np.float32)
+    add = rng.standard_normal((n, R), dtype=np.float32)
+    pool = fast.TileMatmul()
+
+    def fill(r0, r1, tile):
+        tile[:] = w[r0:r1]
+
+    want = x.astype(np.float64) @ w.T.astype(np.float64)
+    for b, a, expect in ((None, None, want), (bias, None, want + bias),
+                         (bias, add, want + bias + add)):
+        out = np.full((n, R), np.nan, np.float32)
+        pool.run(pool.tasks(x, R, C, fill, out, bias=b, add=a))
+        np.testing.assert_allclose(out, expect, rtol=1e-4, atol=1e-4)

@@ -32,6 +32,11 @@ MATVEC_MAX_TOKENS = 1  # decode: one token, the matvec kernels
 FUSED_MAX_TOKENS = 8  # up to this many tokens, fused kernels (each weight decoded once, the
 # tokens' sums in registers) beat widening tiles for BLAS: dense bf16 weights and each expert
 TILE_ROWS = 512  # rows widened/decoded at once for BLAS: a few MB, stays in cache
+# Up to this many tokens a tile's product is taken as tile @ x.T (then transposed into place):
+# OpenBLAS 0.3.31 (numpy's, one thread, Zen 4) did the 20b's [n, 2880] @ [2880, 512] at 41, 60,
+# 78 GFLOP/s for n = 16, 32, 64 tokens, and [512, 2880] @ [2880, n] at 77, 89, 95; at n = 512
+# both ~102. Prefill's experts see ~n * 4 / 32 tokens each.
+FEW_TOKENS = 256
 _NO_BIAS = np.zeros(0, np.uint16)
 _NO_BIAS.flags.writeable = False  # read-only, as a checkpoint's biases: one compiled kernel
 # serves the matrices with and without a bias (numba compiles each array type apart)
@@ -63,6 +68,17 @@ class TileMatmul:
             setattr(self._local, name, buf)
         return buf[:rows * cols].reshape(rows, cols)
 
+    def product(self, x: np.ndarray, tile: np.ndarray) -> np.ndarray:
+        """x [n, C] @ tile.T -> [n, r] in this thread's buffer (BLAS held to one thread): for up
+        to FEW_TOKENS tokens taken as tile @ x.T and returned transposed (a view)."""
+        if x.shape[0] <= FEW_TOKENS:
+            ht = self.buffer("ht", tile.shape[0], x.shape[0])
+            np.matmul(tile, x.T, out=ht)
+            return ht.T
+        h = self.buffer("h", x.shape[0], tile.shape[0])
+        np.matmul(x, tile.T, out=h)
+        return h
+
     def workers(self) -> int:
         return numba.get_num_threads()
 
@@ -84,11 +100,10 @@ class TileMatmul:
             r1 = min(r0 + step, rows)
             tile = self.buffer("tile", r1 - r0, cols)
             fill(r0, r1, tile)
-            if bias is None and add is None:
+            if bias is None and add is None and x.shape[0] > FEW_TOKENS:
                 out[:, r0:r1] = x @ tile.T  # (matmul into a strided `out=` would skip BLAS)
                 return
-            h = self.buffer("h", x.shape[0], r1 - r0)
-            np.matmul(x, tile.T, out=h)
+            h = self.product(x, tile)
             if bias is not None:
                 h += bias[r0:r1]
             if add is not None:
@@ -374,8 +389,7 @@ def experts_tiles(c: Config, fl: FastLayer, groups: list, xs: np.ndarray, y: np.
         r1 = min(r0 + TILE_ROWS, 2 * I)
         tile = pool.buffer("tile", r1 - r0, D)
         kernels.mxfp4_decode_serial(lw.mlp1_blocks[e, r0:r1], lw.mlp1_scales[e, r0:r1], tile)
-        h = pool.buffer("h", s1 - s0, r1 - r0)
-        np.matmul(xs[s0:s1], tile.T, out=h)
+        h = pool.product(xs[s0:s1], tile)
         cols = a[s0:s1, r0 // 2:r1 // 2]  # gate, up interleaved: columns r0/2.. of SwiGLU's
         kernels.f32_bias_swiglu(h, b1[e, r0:r1], limit, alpha, cols)
         if fl.x8:  # (r0/2 is a multiple of 32: the int8 blocks of whole rows)
@@ -385,8 +399,7 @@ def experts_tiles(c: Config, fl: FastLayer, groups: list, xs: np.ndarray, y: np.
         r1 = min(r0 + TILE_ROWS, D)
         tile = pool.buffer("tile", r1 - r0, I)
         kernels.mxfp4_decode_serial(lw.mlp2_blocks[e, r0:r1], lw.mlp2_scales[e, r0:r1], tile)
-        h = pool.buffer("h", s1 - s0, r1 - r0)
-        np.matmul(a[s0:s1], tile.T, out=h)
+        h = pool.product(a[s0:s1], tile)
         np.add(h, b2[e, r0:r1], out=y[s0:s1, r0:r1])
 
     pool.run([functools.partial(mlp1, *g, r0) for g in groups for r0 in range(0, 2 * I, TILE_ROWS)])
