@@ -5,7 +5,7 @@
 Random MXFP4 experts of the 20b's mlp1 shape (5760 x 2880), 4 at a time as a decoded token takes
 them: the exact kernel (float32 inputs, `f32_mf4w_moe_matvec`) and the int8-input one
 (`f32_mf4w_q8x_moe_matvec`), taking turns in one process. GB/s counts the blocks and scales read.
-"L2": one small expert again and again; "L3": 4 experts of 2048 rows (~6 MB); "RAM": 4 new
+"L2": one small expert again and again; "L3": 4 experts of 2048 rows (12.5 MB); "RAM": 4 new
 experts each call, from 32 (282 MB). A kernel as fast from RAM as from L3 is held by its
 arithmetic; one slower from RAM, by how it asks for memory (prefetching).
 """

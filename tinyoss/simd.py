@@ -425,16 +425,18 @@ def l1d_bytes(cache: str = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
 # the memory's speed moving ~20 % between runs). So it is asked for only where L1D holds 48 KB
 # or more. Not measured on a Zen 3 (32 KB: no prefetch there now).
 _L1D = l1d_bytes()
-BF16_PREFETCH = _L1D is None or _L1D >= 48 << 10
+_L1D_HOLDS_AHEAD = _L1D is None or _L1D >= 48 << 10
+BF16_PREFETCH = _L1D_HOLDS_AHEAD
 
-# The same small L1D decides where the other matvecs' prefetches (PREFETCH_ROWS ahead: the MXFP4
-# experts, the int8 dense rows) put their line: every cache level (x86 prefetcht0, locality 3),
-# or L2 and L3 only (prefetcht1, 2), where it waits without evicting the lines in use. On the Zen
+# The same decides where the other prefetches PREFETCH_ROWS ahead (the MXFP4 experts, the int8
+# dense rows; also the bench probe's xor_lines) put their line: every cache level (x86
+# prefetcht0, locality 3), or L2 and L3 only (prefetcht1, 2), where it waits without evicting the
+# lines in use. On the Zen
 # 4 (32 KB, 2026-12-06; `benchmarks/ab_decode.py`, 30 alternating tokens each, against
 # prefetcht0): the exact MXFP4 expert matvec read 1.2-1.3x faster from RAM, whole tokens 1.10x
 # (bf16), 1.22x (q8 dense, float expert inputs), 1.05x (q8 + int8 expert inputs). Where L1D
 # holds 48 KB (Zen 5, the Intel machines) prefetcht0 stays, as measured there.
-PREFETCH_LOCALITY = 3 if BF16_PREFETCH else 2
+PREFETCH_LOCALITY = 3 if _L1D_HOLDS_AHEAD else 2
 
 
 def _block_steps(builder, count, first, per_step, run) -> None:
