@@ -83,8 +83,8 @@ def install(timer: Timer) -> list:
 
     for name in dir(kernels):
         fn = getattr(kernels, name)
-        if hasattr(fn, "py_func"):
-            patch(kernels, name, timer.wrap(name, fn))
+        if hasattr(fn, "py_func") and not name.startswith("_"):  # (helpers called from other
+            patch(kernels, name, timer.wrap(name, fn))  # kernels must stay numba functions)
     for name in FAST_STEPS:
         if hasattr(fast, name):
             label = "(forward)" if name == "_forward" else f"fast.{name}"

@@ -907,3 +907,75 @@ def test_tile_pool_products_equal_numpy(n):
         out = np.full((n, R), np.nan, np.float32)
         pool.run(pool.tasks(x, R, C, fill, out, bias=b, add=a))
         np.testing.assert_allclose(out, expect, rtol=1e-4, atol=1e-4)
+
+
+@SETTINGS
+@given(moe_case(), st.integers(1, 9), st.integers(0, 5), st.booleans())
+def test_x8_tile_matmul_equals_rounded_x_then_matmul(case, m, skip, specials):
+    """Prefill's int8 expert matmul (mxfp4_q8_matmul_rows: AVX-512 VNNI four rows and up to four
+    tokens a call, the rest row by row) against the float matmul of the int8-rounded x, rows
+    r0..r1 of one expert into a column slice of a wider output. Its inputs from
+    x8_quantize_blocks, which equals x8_quantize_lanes and, per lane, -12 * the sum of the
+    bytes the VNNI lanes meet. specials: a zero block, a NaN."""
+    blocks, scales, bias, experts, _ = case
+    E, R, nb, _ = blocks.shape
+    rng = np.random.default_rng(m * 7 + skip)
+    x = (rng.standard_normal((m, nb * 32)) * 10.0 ** rng.uniform(-3, 3)).astype(np.float32)
+    if specials:
+        x[0, :32] = 0.0
+        x[-1, -1] = np.nan
+    q, d = np.empty(x.shape, np.int8), np.empty((m, nb), np.float32)
+    c = np.empty((m, kernels.x8_lane_slots(nb)), np.int32)
+    kernels.x8_quantize_blocks(x, q, d, c, 0)
+    want_q, want_d = np.empty_like(q), np.empty_like(d)
+    kernels.x8_quantize_lanes(x, want_q, want_d)
+    assert np.array_equal(q, want_q) and np.array_equal(d, want_d, equal_nan=True)
+    groups = 4 * (nb // 4)  # lanes: 16 a group of four blocks (evens then odds), 8 a last block
+    lanes = np.concatenate([
+        (q[:, :32 * groups].reshape(m, -1, 2, 16, 4).sum(axis=(2, 4), dtype=np.int32)
+         .reshape(m, -1)), q[:, 32 * groups:].reshape(m, -1, 4).sum(axis=2, dtype=np.int32)],
+        axis=1)
+    if simd.X8_TILES:  # (elsewhere the plain rows read no lane offsets)
+        assert np.array_equal(c, -12 * lanes)
+    e = int(experts[0])
+    r0 = min(skip, R - 1)
+    r1 = R
+    out = np.full((m, R + 3), np.nan, np.float32)
+    kernels.mxfp4_q8_matmul_rows(blocks, scales, bias, e, r0, r1, q, d, c, out[:, 2:2 + r1 - r0])
+    w = mxfp4.decode(blocks[e, r0:r1], scales[e, r0:r1]).astype(np.float64)
+    xr = quant.x8_round_trip(x).astype(np.float64)
+    b = bf16_to_f32(bias[e, r0:r1])
+    want, scale = xr @ w.T + b, np.abs(xr) @ np.abs(w).T + np.abs(b)
+    got = out[:, 2:2 + r1 - r0]
+    assert np.isnan(out[:, :2]).all() and np.isnan(out[:, 2 + r1 - r0:]).all()  # only its columns
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    _close(np.where(nan, 0, got), np.where(nan, 0, want).astype(np.float32), np.where(nan, 0, scale))
+
+
+def test_x8_tile_matmul_at_the_real_width():
+    """The 20b's expert rows (90 blocks: 22 groups of four, two alone), 64 tokens (sixteen calls
+    of four), a tile of 512 rows of mlp1's 5760, and blocks b0.. of a row quantized apart (a tile
+    pool task's SwiGLU columns) landing where the whole row's would."""
+    rng = np.random.default_rng(11)
+    R, nb, m = 5760, 90, 64
+    blocks = rng.integers(0, 256, (2, R, nb, 16), dtype=np.uint8)
+    scales = rng.integers(110, 135, (2, R, nb), dtype=np.uint8)
+    bias = f32_to_bf16(rng.standard_normal((2, R)).astype(np.float32))
+    x = rng.standard_normal((m, nb * 32)).astype(np.float32)
+    q, d = np.empty(x.shape, np.int8), np.empty((m, nb), np.float32)
+    c = np.empty((m, kernels.x8_lane_slots(nb)), np.int32)
+    for b0 in range(0, nb, 8):  # as experts_x8's mlp1 tasks: 256 columns a tile
+        kernels.x8_quantize_blocks(x[:, 32 * b0:32 * b0 + 256], q, d, c, b0)
+    whole_q, whole_d = np.empty_like(q), np.empty_like(d)
+    whole_c = np.empty_like(c)
+    kernels.x8_quantize_blocks(x, whole_q, whole_d, whole_c, 0)
+    assert np.array_equal(q, whole_q) and np.array_equal(d, whole_d)
+    assert np.array_equal(c, whole_c) or not simd.X8_TILES
+    r0, r1 = 1024, 1536
+    out = np.empty((m, r1 - r0), np.float32)
+    kernels.mxfp4_q8_matmul_rows(blocks, scales, bias, 1, r0, r1, q, d, c, out)
+    w = mxfp4.decode(blocks[1, r0:r1], scales[1, r0:r1]).astype(np.float64)
+    xr = quant.x8_round_trip(x).astype(np.float64)
+    b = bf16_to_f32(bias[1, r0:r1])
+    _close(out, (xr @ w.T + b).astype(np.float32), np.abs(xr) @ np.abs(w).T + np.abs(b))

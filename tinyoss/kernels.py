@@ -23,7 +23,7 @@ from .simd import (HAVE_AVX2, HAVE_AVX512, HAVE_SIMD, KERNELS, MAX_GROUP, MXFP4_
                    MXFP4_PAIR_ORDER, MXFP4_Q8_GROUP, MXFP4_Q8_ROWS, MXFP4_QUAD_ORDER, MXFP4_ROWS,
                    QK_DIM, QK_HEADS, as_float32, bf16_row_dots, bf16_row_pair_dots, exp_shifted_sum, kv_float,
                    max_nan, mxfp4_block_decode_simd, mxfp4_matvec_rows, mxfp4_matvec_rows_two,
-                   mxfp4_q8_row_dots,
+                   Q8_TILE_ROWS, X8_TILES, mxfp4_q8_row_dots, mxfp4_q8_tile_dots,
                    mxfp4_row_dots, q8_row_dot, qk8_scores, weighted_rows64, xor_lines)
 
 # a forced kernel path (simd.KERNELS) compiles afresh: the disk cache can't tell the builds apart
@@ -520,6 +520,83 @@ def f32_mf4w_q8x_moe_matvec(blocks, scales, bias, experts, xq, xd, out):
                     flat_d, xk * nb, nb)
         for r in range(r0, r1):  # through the view the intrinsics wrote (see NOALIAS)
             flat_out[k * R + r] += as_float32(np.uint32(bias[e, r]) << np.uint32(16))
+
+
+# --- prefill's int8 expert matmul (simd.mxfp4_q8_tile_dots: AVX-512 VNNI) ----------------------
+def x8_lane_slots(nb):
+    """Lane offsets a token of nb blocks has (x8_lane_offsets): 16 a group of 4 blocks, 8 a block
+    of the nb % 4 last."""
+    return 16 * (nb // 4) + 8 * (nb % 4)
+
+
+@jit()
+def _x8_block_offsets(q, c, k, b, nb):
+    """Block b's lane offsets of row k: -12 * the sum of the int8 x bytes each 32-bit lane of
+    the VNNI kernel meets in it (simd._x8_tile: in a group of 4 blocks, lane L of 16 meets bytes
+    4L..4L+3 of the group's evens and of its odds, and block b % 4 owns lanes 4 (b % 4)..+3; a
+    block of the nb % 4 last alone: lane L of 8 meets its bytes 4L..4L+3)."""
+    quads = nb // 4
+    if b < 4 * quads:
+        base, slot = 128 * (b // 4), 16 * (b // 4)
+        for L in range(4 * (b % 4), 4 * (b % 4) + 4):
+            total = np.int32(0)
+            for i in range(4):
+                total += np.int32(q[k, base + 4 * L + i]) + np.int32(q[k, base + 64 + 4 * L + i])
+            c[k, slot + L] = np.int32(-12) * total
+    else:
+        slot = 16 * quads + 8 * (b - 4 * quads)
+        for L in range(8):
+            total = np.int32(0)
+            for i in range(4):
+                total += np.int32(q[k, 32 * b + 4 * L + i])
+            c[k, slot + L] = np.int32(-12) * total
+
+
+@jit()
+def x8_quantize_blocks(x, q, d, c, b0):
+    """x [n, 32 m] f32 -> blocks b0 .. b0 + m of q [n, C] int8 (x8_position order), d [n, C/32]
+    (halved scales) and c [n, x8_lane_slots(C/32)] (lane offsets, where X8_TILES): x8_quantize_lanes
+    of those columns, written where the whole row's would go (a tile pool task quantizes its
+    columns)."""
+    n, nb = x.shape[0], q.shape[1] // 32
+    for k in range(n):
+        for b in range(x.shape[1] // 32):
+            _x8_block(x[k, 32 * b:32 * b + 32], q, d, k, b0 + b, nb)
+            if X8_TILES:  # (only the VNNI kernel reads them; the lanes are those of its order)
+                _x8_block_offsets(q, c, k, b0 + b, nb)
+
+
+@jit()
+def mxfp4_q8_matmul_rows(blocks, scales, bias, e, r0, r1, q, d, c, out):
+    """out[t, r - r0] = expert e's MXFP4 row r . token t's int8 x + bias[e, r] (bf16 bits), for
+    r0 <= r < r1 and the tokens of q [m, 32 nb] (int8, x8_position order), d [m, nb] (halved
+    scales), c [m, x8_lane_slots(nb)] (lane offsets): x8_quantize_blocks'. Serial (a task of the
+    tile pool). With AVX-512 VNNI four rows and up to four tokens a call, each block decoded
+    once for them (simd.mxfp4_q8_tile_dots); else, and for the r1 - r0 % 4 last rows, one row
+    and token at a time. Twin: quant.x8_round_trip(x) @ mxfp4.decode(...)[e, r0:r1].T + bias."""
+    E, R, nb, _ = blocks.shape
+    m = q.shape[0]
+    flat_b, flat_s = blocks.reshape(-1), scales.reshape(-1)
+    flat_q, flat_d, flat_c = q.reshape(-1), d.reshape(-1), c.reshape(-1)
+    slots = c.shape[1]
+    o_tok, o_row = out.strides[0] // 4, out.strides[1] // 4
+    tiled = r0 + (r1 - r0) // Q8_TILE_ROWS * Q8_TILE_ROWS if X8_TILES else r0
+    for r in range(r0, tiled, Q8_TILE_ROWS):
+        row = e * R + r
+        for t0 in range(0, m, MAX_GROUP):
+            mxfp4_q8_tile_dots(min(MAX_GROUP, m - t0), flat_b, row * nb * 16, flat_s, row * nb,
+                               _E8M0, flat_q, t0 * nb * 32, nb * 32, flat_d, t0 * nb, nb, flat_c,
+                               t0 * slots, slots, nb, out, t0 * o_tok + (r - r0) * o_row, o_row,
+                               o_tok)
+    for r in range(tiled, r1):
+        row = e * R + r
+        for t in range(m):
+            out[t, r - r0] = mxfp4_q8_row_dot_plain(flat_b, row * nb * 16, flat_s, row * nb, _E8M0,
+                                                    flat_q, t * nb * 32, flat_d, t * nb, nb)
+    for r in range(r0, r1):
+        b = as_float32(np.uint32(bias[e, r]) << np.uint32(16))
+        for t in range(m):
+            out[t, r - r0] += b
 
 
 @jit(parallel=True)

@@ -893,6 +893,143 @@ def mxfp4_q8_row_dots(typingctx, blocks, b_off, scales, s_off, scale_table, q, q
     return sig, codegen
 
 
+# --- prefill's int8 expert matmul (expert_input="q8", AVX-512 VNNI) ---------------------------
+# The matvec above decodes each block for one x; prefill's experts see ~64 tokens each, and the
+# float path decodes a tile to float32 for BLAS (FP32 FMAs: 16 products a cycle-slot, where
+# vpdpbusd does 64). Here a block's 4 rows are decoded once into registers (pshufb, as
+# `_q8_group`) and met by 1-4 tokens' int8 values; each (row, token) keeps its own float sums.
+# The u8 x s8 offset (E2M1 doubled + 12) is undone by each token's lane offsets, -12 * the sum of
+# the x bytes a 32-bit lane meets (kernels.x8_lane_offsets), computed once per token, not per row.
+X8_TILES = HAVE_VNNI512 and "+avx512vl" in _FEATURES  # (the nb % 4 last blocks: 256-bit VNNI)
+Q8_TILE_ROWS = 4  # weight rows a call of mxfp4_q8_tile_dots takes (4 x 4 sums: 16 of the 32
+# vector registers; with the 8 decoded rows, their 4 scales and a token's 4 vectors, all 32)
+
+
+def _x8_tile(builder, bptr, sptr, tptr, qptr, q_len, dptr, d_len, cptr, c_len, nb, optr, o_row,
+             o_tok, tokens: int) -> None:
+    """out[r * o_row + t * o_tok] = sum_b 2**(s[r, b]-127) * d[t, b] * sum_i 2 E2M1[r, b, i] *
+    q[t, b, i] for Q8_TILE_ROWS adjacent MXFP4 rows (nb * 16 bytes apart) and `tokens` tokens
+    (q int8 in kernels.x8_position order, q_len apart; d float32, d_len apart; c int32 lane
+    offsets, c_len apart). Groups of 4 blocks with 512-bit vpdpbusd, then the nb % 4 last blocks
+    one by one with 256-bit ones (AVX512-VL); exact integer sums, one float scale a block."""
+    R = Q8_TILE_ROWS
+    v64, v16i, v8i64, v16f = (ir.VectorType(_i8, 64), ir.VectorType(_i32, 16),
+                              ir.VectorType(_i64, 8), ir.VectorType(_f32, 16))
+    v32, v8i, v8f, v2i64 = (ir.VectorType(_i8, 32), ir.VectorType(_i32, 8), ir.VectorType(_f32, 8),
+                            ir.VectorType(_i64, 2))
+    mod = builder.module
+
+    def declare(name, ret, *args):
+        return mod.declare_intrinsic(name, fnty=ir.FunctionType(ret, list(args)))
+
+    pshufb = declare("llvm.x86.avx512.pshuf.b.512", v64, v64, v64)
+    dpbusd = declare("llvm.x86.avx512.vpdpbusd.512", v16i, v16i, v16i, v16i)
+    pshufb256 = declare("llvm.x86.avx2.pshuf.b", v32, v32, v32)
+    dpbusd256 = declare("llvm.x86.avx512.vpdpbusd.256", v8i, v8i, v8i, v8i)
+    accs = [[cgutils.alloca_once_value(builder, ir.Constant(v16f, [0.0] * 16))
+             for _ in range(tokens)] for _ in range(R)]
+
+    def load(ptr, vec, index, align=1):
+        return builder.load(builder.bitcast(builder.gep(ptr, [index]), vec.as_pointer()),
+                            align=align)
+
+    def group(b, _):  # blocks b .. b + 3 of every row, against every token
+        rows = []
+        for r in range(R):
+            rb = builder.add(b, builder.mul(nb, _const(r)))
+            packed = load(bptr, v64, builder.mul(rb, _const(16)))
+            high = builder.bitcast(builder.lshr(builder.bitcast(packed, v8i64),
+                                                ir.Constant(v8i64, [4] * 8)), v64)
+            table, low = ir.Constant(v64, _E2M1_TWICE_U8 * 4), ir.Constant(v64, [15] * 64)
+            rows.append((builder.call(pshufb, [table, builder.and_(packed, low)]),
+                         builder.call(pshufb, [table, builder.and_(high, low)]),
+                         _spread_quad(builder, _e8m0_floats(builder, load(
+                             sptr, ir.VectorType(_i8, 4), rb)), 0)))
+        g = builder.udiv(b, _const(4))
+        for t in range(tokens):
+            x0 = builder.add(builder.mul(_const(t), q_len), builder.mul(b, _const(32)))
+            evens, odds = load(qptr, v64, x0), load(qptr, v64, builder.add(x0, _const(64)))
+            offsets = load(cptr, v16i, builder.add(builder.mul(_const(t), c_len),
+                                                   builder.mul(g, _const(16))), 4)
+            d = _spread_quad(builder, load(dptr, ir.VectorType(_f32, 4), builder.add(
+                builder.mul(_const(t), d_len), b), 4), 0)
+            for r, (w_even, w_odd, scale) in enumerate(rows):
+                sums = builder.call(dpbusd, [builder.call(dpbusd, [
+                    offsets, builder.bitcast(w_even, v16i), builder.bitcast(evens, v16i)]),
+                    builder.bitcast(w_odd, v16i), builder.bitcast(odds, v16i)])
+                _add_product(builder, accs[r][t], builder.sitofp(sums, v16f),
+                             builder.fmul(scale, d))
+
+    def single(b, _):  # block b alone (32 bytes of x: its evens, then its odds)
+        first = builder.mul(builder.udiv(nb, _const(4)), _const(4))
+        table, low = ir.Constant(v32, _E2M1_TWICE_U8 * 2), ir.Constant(v32, [15] * 32)
+        rows = []
+        for r in range(R):
+            rb = builder.add(b, builder.mul(nb, _const(r)))
+            packed = load(bptr, _V16i8, builder.mul(rb, _const(16)))
+            high = builder.bitcast(builder.lshr(builder.bitcast(packed, v2i64),
+                                                ir.Constant(v2i64, [4] * 2)), _V16i8)
+            both = builder.shuffle_vector(packed, high, ir.Constant(ir.VectorType(_i32, 32),
+                                                                    list(range(32))))
+            scale = builder.load(builder.gep(tptr, [builder.zext(builder.load(
+                builder.gep(sptr, [rb])), _i64)]))
+            rows.append((builder.call(pshufb256, [table, builder.and_(both, low)]), scale))
+        slot = builder.add(builder.mul(builder.udiv(nb, _const(4)), _const(16)),
+                           builder.mul(builder.sub(b, first), _const(8)))
+        for t in range(tokens):
+            x = load(qptr, v32, builder.add(builder.mul(_const(t), q_len),
+                                            builder.mul(b, _const(32))))
+            offsets = load(cptr, v8i, builder.add(builder.mul(_const(t), c_len), slot), 4)
+            d = builder.load(builder.gep(dptr, [builder.add(builder.mul(_const(t), d_len), b)]))
+            for r, (w, scale) in enumerate(rows):
+                sums = builder.sitofp(builder.call(dpbusd256, [
+                    offsets, builder.bitcast(w, v8i), builder.bitcast(x, v8i)]), v8f)
+                wide = builder.shuffle_vector(sums, ir.Constant(v8f, [0.0] * 8), ir.Constant(
+                    ir.VectorType(_i32, 16), list(range(16))))
+                _add_product(builder, accs[r][t], wide,
+                             _splat(builder, builder.fmul(scale, d), 16))
+
+    quads = builder.udiv(nb, _const(4))
+    _block_steps(builder, quads, _const(0), 4, group)
+    first = builder.mul(quads, _const(4))
+    _block_steps(builder, builder.sub(nb, first), first, 1, single)
+    for r in range(R):
+        for t in range(tokens):
+            builder.store(_sum_lanes(builder, builder.load(accs[r][t]), 16), builder.gep(
+                optr, [builder.add(builder.mul(_const(r), o_row), builder.mul(_const(t), o_tok))]))
+
+
+@intrinsic
+def mxfp4_q8_tile_dots(typingctx, g, blocks, b_off, scales, s_off, scale_table, q, q_off, q_len,
+                       d, d_off, d_len, c, c_off, c_len, nb, out, o_off, o_row, o_tok):
+    """Q8_TILE_ROWS adjacent MXFP4 rows against g <= MAX_GROUP tokens' int8 x (`_x8_tile`, AVX-512
+    VNNI only): out[o_off + r * o_row + t * o_tok]. The rows' blocks from blocks[b_off], scales
+    from scales[s_off] (flat uint8); scale_table float32 byte -> 2**(s-127); token t's q int8
+    from q[q_off + t * q_len], halved scales d from d[d_off + t * d_len], lane offsets c from
+    c[c_off + t * c_len] (kernels.x8_quantize_lanes, kernels.x8_lane_offsets)."""
+    ip = types.intp
+    sig = types.void(ip, blocks, ip, scales, ip, scale_table, q, ip, ip, d, ip, ip, c, ip, ip, ip,
+                     out, ip, ip, ip)
+
+    def codegen(context, builder, signature, args):
+        a = signature.args
+        (g, blocks_a, b_off, scales_a, s_off, table_a, q_a, q_off, q_len, d_a, d_off, d_len, c_a,
+         c_off, c_len, nb, out_a, o_off, o_row, o_tok) = args
+        ptrs = (_data(context, builder, a[1], blocks_a, b_off),
+                _data(context, builder, a[3], scales_a, s_off),
+                _data(context, builder, a[5], table_a),
+                _data(context, builder, a[6], q_a, q_off))
+        dptr = _data(context, builder, a[9], d_a, d_off)
+        cptr = _data(context, builder, a[12], c_a, c_off)
+        optr = _data(context, builder, a[16], out_a, o_off)
+        if X8_TILES:  # (elsewhere never called: kernels.mxfp4_q8_matmul_rows)
+            _for_group(builder, g, lambda tokens: _x8_tile(
+                builder, *ptrs, q_len, dptr, d_len, cptr, c_len, nb, optr, o_row, o_tok, tokens))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @intrinsic
 def q8_row_dot(typingctx, q, q_off, scales, s_off, x, nb):
     """sum over one int8 row of scale[b] * q[32b + j] * x[32b + j] (float32), 32 values a step.
