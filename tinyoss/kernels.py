@@ -23,7 +23,7 @@ from .simd import (HAVE_AVX2, HAVE_AVX512, HAVE_SIMD, KERNELS, MAX_GROUP, MXFP4_
                    MXFP4_PAIR_ORDER, MXFP4_Q8_GROUP, MXFP4_Q8_ROWS, MXFP4_QUAD_ORDER, MXFP4_ROWS,
                    QK_DIM, QK_HEADS, as_float32, bf16_row_dots, bf16_row_pair_dots, exp_shifted_sum, kv_float,
                    max_nan, mxfp4_block_decode_simd, mxfp4_matvec_rows, mxfp4_matvec_rows_two,
-                   Q8_TILE_ROWS, X8_TILES, mxfp4_q8_row_dots, mxfp4_q8_tile_dots,
+                   Q8_TILE_ROWS, Q8_TILE_TOKENS, X8_TILES, mxfp4_q8_row_dots, mxfp4_q8_tile_dots,
                    mxfp4_row_dots, q8_row_dot, qk8_scores, weighted_rows64, xor_lines)
 
 # a forced kernel path (simd.KERNELS) compiles afresh: the disk cache can't tell the builds apart
@@ -524,7 +524,7 @@ def f32_mf4w_q8x_moe_matvec(blocks, scales, bias, experts, xq, xd, out):
 
 # --- prefill's int8 expert matmul (simd.mxfp4_q8_tile_dots: AVX-512 VNNI) ----------------------
 def x8_lane_slots(nb):
-    """Lane offsets a token of nb blocks has (x8_lane_offsets): 16 a group of 4 blocks, 8 a block
+    """Lane offsets a token of nb blocks has (x8_quantize_blocks): 16 a group of 4 blocks, 8 a block
     of the nb % 4 last."""
     return 16 * (nb // 4) + 8 * (nb % 4)
 
@@ -583,8 +583,8 @@ def mxfp4_q8_matmul_rows(blocks, scales, bias, e, r0, r1, q, d, c, out):
     tiled = r0 + (r1 - r0) // Q8_TILE_ROWS * Q8_TILE_ROWS if X8_TILES else r0
     for r in range(r0, tiled, Q8_TILE_ROWS):
         row = e * R + r
-        for t0 in range(0, m, MAX_GROUP):
-            mxfp4_q8_tile_dots(min(MAX_GROUP, m - t0), flat_b, row * nb * 16, flat_s, row * nb,
+        for t0 in range(0, m, Q8_TILE_TOKENS):
+            mxfp4_q8_tile_dots(min(Q8_TILE_TOKENS, m - t0), flat_b, row * nb * 16, flat_s, row * nb,
                                _E8M0, flat_q, t0 * nb * 32, nb * 32, flat_d, t0 * nb, nb, flat_c,
                                t0 * slots, slots, nb, out, t0 * o_tok + (r - r0) * o_row, o_row,
                                o_tok)
