@@ -148,6 +148,14 @@ def test_q8_kernels_equal_numpy(seed, R, nb):
     out = np.full((xs.shape[0], R), np.nan, np.float32)
     kernels.f32_q8w_matmul(q, s, xs, bias, out)
     _close(out, xs @ deq.T + bf16_to_f32(bias), np.abs(xs) @ np.abs(deq).T + np.abs(bf16_to_f32(bias)))
+    # decode's q, k, v in one launch: three matvecs (rows 0.., 1.., 2.. of the same copy here)
+    parts = [(q[i:], s[i:], b, np.full(R - i, np.nan, np.float32))
+             for i, b in ((0, bias), (R // 2, np.zeros(0, np.uint16)), (R - 1, bias[R - 1:]))]
+    kernels.f32_q8w_qkv_matvec(*parts[0], *parts[1], *parts[2], x)
+    for qi, si, b, o in parts:
+        bf = bf16_to_f32(b) if len(b) else 0
+        _close(o, quant.q8_dequantize(qi, si) @ x + bf,
+               np.abs(quant.q8_dequantize(qi, si)) @ np.abs(x) + np.abs(bf))
 
 
 @st.composite

@@ -206,6 +206,11 @@ class FastLayer:
             q, k, v = (np.empty((n, d.rows), np.float32) for d in (self.q, self.k, self.v))
             TILE_MATMUL.run(self.q.tasks(t, q) + self.k.tasks(t, k) + self.v.tasks(t, v))
             return q, k, v
+        if self.q.q8 and n == 1:  # decode: one launch for the three int8 matvecs
+            q, k, v = (np.empty((1, d.rows), np.float32) for d in (self.q, self.k, self.v))
+            kernels.f32_q8w_qkv_matvec(*self.q.q8, self.q.bias, q[0], *self.k.q8, self.k.bias, k[0],
+                                       *self.v.q8, self.v.bias, v[0], t[0])
+            return q, k, v
         if self.q.q8:
             return self.q(t), self.k(t), self.v(t)
         q = np.empty((n, self.q.rows), np.float32)
