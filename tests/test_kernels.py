@@ -949,7 +949,8 @@ def test_x8_tile_matmul_equals_rounded_x_then_matmul(case, m, skip, specials):
     r0 = min(skip, R - 1)
     r1 = R
     out = np.full((m, R + 3), np.nan, np.float32)
-    kernels.mxfp4_q8_matmul_rows(blocks, scales, bias, e, r0, r1, q, d, c, out[:, 2:2 + r1 - r0])
+    kernels.mxfp4_q8_matmul_rows(blocks, scales, bias, e, r0, r1, q, d, c, 0, m,
+                                 out[:, 2:2 + r1 - r0])
     w = mxfp4.decode(blocks[e, r0:r1], scales[e, r0:r1]).astype(np.float64)
     xr = quant.x8_round_trip(x).astype(np.float64)
     b = bf16_to_f32(bias[e, r0:r1])
@@ -982,8 +983,34 @@ def test_x8_tile_matmul_at_the_real_width():
     assert np.array_equal(c, whole_c) or not simd.X8_TILES
     r0, r1 = 1024, 1536
     out = np.empty((m, r1 - r0), np.float32)
-    kernels.mxfp4_q8_matmul_rows(blocks, scales, bias, 1, r0, r1, q, d, c, out)
+    kernels.mxfp4_q8_matmul_rows(blocks, scales, bias, 1, r0, r1, q, d, c, 0, m, out)
     w = mxfp4.decode(blocks[1, r0:r1], scales[1, r0:r1]).astype(np.float64)
     xr = quant.x8_round_trip(x).astype(np.float64)
     b = bf16_to_f32(bias[1, r0:r1])
     _close(out, (xr @ w.T + b).astype(np.float32), np.abs(xr) @ np.abs(w).T + np.abs(b))
+
+
+@SETTINGS
+@given(moe_case(), st.integers(1, 12))
+def test_x8_moe_matmul_equals_rounded_x_then_matmul(case, n):
+    """Batched decode's experts with int8 inputs (f32_mf4w_q8x_moe_matmul: rows in parallel
+    tasks, each through mxfp4_q8_matmul_rows): every routed expert's tokens, grouped as
+    fast.experts_grouped groups them, against the float matmul of the int8-rounded x."""
+    blocks, scales, bias, _, _ = case
+    E, R, nb, _ = blocks.shape
+    rng = np.random.default_rng(n)
+    chosen = np.unique(rng.integers(0, E, 3)).astype(np.int64)  # distinct, ascending
+    counts = rng.integers(1, 5, len(chosen))
+    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    x = rng.standard_normal((starts[-1], nb * 32)).astype(np.float32)
+    q, d = np.empty(x.shape, np.int8), np.empty((len(x), nb), np.float32)
+    c = np.empty((len(x), kernels.x8_lane_slots(nb)), np.int32)
+    kernels.x8_quantize_blocks(x, q, d, c, 0)
+    out = np.full((len(x), R), np.nan, np.float32)
+    kernels.f32_mf4w_q8x_moe_matmul(blocks, scales, bias, chosen, starts, q, d, c, out)
+    xr = quant.x8_round_trip(x).astype(np.float64)
+    for e, t0, t1 in zip(chosen, starts[:-1], starts[1:]):
+        w = mxfp4.decode(blocks[e], scales[e]).astype(np.float64)
+        b = bf16_to_f32(bias[e])
+        _close(out[t0:t1], (xr[t0:t1] @ w.T + b).astype(np.float32),
+               np.abs(xr[t0:t1]) @ np.abs(w).T + np.abs(b))

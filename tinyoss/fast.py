@@ -410,6 +410,13 @@ def experts_tiles(c: Config, fl: FastLayer, groups: list, xs: np.ndarray, y: np.
     pool.run([functools.partial(mlp2, *g, r0) for g in groups for r0 in range(0, D, TILE_ROWS)])
 
 
+def x8_arrays(n: int, cols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Room for n rows of `cols` values as kernels.x8_quantize_blocks writes them: int8 q, halved
+    scales, lane offsets."""
+    return (np.empty((n, cols), np.int8), np.empty((n, cols // 32), np.float32),
+            np.empty((n, kernels.x8_lane_slots(cols // 32)), np.int32))
+
+
 def experts_x8(c: Config, fl: FastLayer, groups: list, xs: np.ndarray, y: np.ndarray) -> None:
     """experts_tiles with int8 inputs multiplied in int8 (expert_input="q8" where the CPU has
     AVX-512 VNNI: kernels.mxfp4_q8_matmul_rows, each block decoded once for four tokens, 1.7x
@@ -422,11 +429,7 @@ def experts_x8(c: Config, fl: FastLayer, groups: list, xs: np.ndarray, y: np.nda
     pool, n = TILE_MATMUL, xs.shape[0]
     groups = sorted(groups, key=lambda g: g[1] - g[2])  # the most tokens first
 
-    def int8(cols: int) -> tuple:  # q, halved scales, lane offsets of n rows of `cols` values
-        return (np.empty((n, cols), np.int8), np.empty((n, cols // 32), np.float32),
-                np.empty((n, kernels.x8_lane_slots(cols // 32)), np.int32))
-
-    xq, aq = int8(D), int8(I)
+    xq, aq = x8_arrays(n, D), x8_arrays(n, I)
 
     def quantize(e: int, s0: int, s1: int) -> None:
         kernels.x8_quantize_blocks(xs[s0:s1], *(v[s0:s1] for v in xq), 0)
@@ -435,7 +438,7 @@ def experts_x8(c: Config, fl: FastLayer, groups: list, xs: np.ndarray, y: np.nda
         r1 = min(r0 + TILE_ROWS, 2 * I)
         h = pool.buffer("h", s1 - s0, r1 - r0)
         kernels.mxfp4_q8_matmul_rows(lw.mlp1_blocks, lw.mlp1_scales, lw.mlp1_bias, e, r0, r1,
-                                     *(v[s0:s1] for v in xq), h)  # bias added
+                                     *xq, s0, s1, h)  # bias added
         a = pool.buffer("a", s1 - s0, (r1 - r0) // 2)
         kernels.f32_bias_swiglu(h, _ZEROS[:r1 - r0], limit, alpha, a)  # gate, up interleaved
         kernels.x8_quantize_blocks(a, *(v[s0:s1] for v in aq), r0 // 64)
@@ -443,7 +446,7 @@ def experts_x8(c: Config, fl: FastLayer, groups: list, xs: np.ndarray, y: np.nda
     def mlp2(e: int, s0: int, s1: int, r0: int) -> None:  # rows r0..r1 of mlp2: aq -> y
         r1 = min(r0 + TILE_ROWS, D)
         kernels.mxfp4_q8_matmul_rows(lw.mlp2_blocks, lw.mlp2_scales, lw.mlp2_bias, e, r0, r1,
-                                     *(v[s0:s1] for v in aq), y[s0:s1, r0:r1])
+                                     *aq, s0, s1, y[s0:s1, r0:r1])
 
     pool.run([functools.partial(quantize, *g) for g in groups])
     pool.run([functools.partial(mlp1, *g, r0) for g in groups for r0 in range(0, 2 * I, TILE_ROWS)])
@@ -455,7 +458,8 @@ def experts_grouped(c: Config, fl: FastLayer, t: np.ndarray, experts: np.ndarray
     """A few tokens' experts, two kernel launches in all: t [n, D], experts/weights [n, k] ->
     [n, D]. The (token, expert) pairs are sorted by expert, so each routed expert is read once
     for every token that chose it (kernels.f32_mf4w_moe_matmul); then weighted and summed per
-    token. x8 (expert_input="q8"): the inputs rounded to int8 blocks first (in float, as prefill)."""
+    token. x8 (expert_input="q8"): the inputs as int8 blocks, multiplied in int8 where the CPU
+    has AVX-512 VNNI (kernels.f32_mf4w_q8x_moe_matmul), else rounded in float first."""
     lw, (n, k) = fl.lw, experts.shape
     order = np.argsort(experts.reshape(-1), kind="stable")  # [n*k] pairs grouped by expert
     tok = order // k  # the token of each pair
@@ -464,16 +468,32 @@ def experts_grouped(c: Config, fl: FastLayer, t: np.ndarray, experts: np.ndarray
     chosen = chosen.astype(np.int64)
     x = t[tok]  # [n*k, D]
     h = np.empty((n * k, 2 * c.intermediate_size), np.float32)
-    kernels.f32_mf4w_moe_matmul(lw.mlp1_blocks, lw.mlp1_scales, lw.mlp1_bias, chosen, starts,
-                                kernels.to_lane_order(x8_round_trip(x) if fl.x8 else x), h)
-    a = kernels.to_lane_order(x8_round_trip(swiglu(h, c.swiglu_limit))) if fl.x8 else \
-        swiglu_lanes(c, h)
     y = np.empty((n * k, c.hidden_size), np.float32)
-    kernels.f32_mf4w_moe_matmul(lw.mlp2_blocks, lw.mlp2_scales, lw.mlp2_bias, chosen, starts, a, y)
+    if fl.x8 and kernels.X8_TILES:  # int8 products (as prefill's experts_x8), one launch each
+        xq, aq = x8_arrays(n * k, c.hidden_size), x8_arrays(n * k, c.intermediate_size)
+        kernels.x8_quantize_blocks(x, *xq, 0)
+        kernels.f32_mf4w_q8x_moe_matmul(lw.mlp1_blocks, lw.mlp1_scales, lw.mlp1_bias, chosen,
+                                        starts, *xq, h)
+        kernels.x8_quantize_blocks(swiglu(h, c.swiglu_limit), *aq, 0)
+        kernels.f32_mf4w_q8x_moe_matmul(lw.mlp2_blocks, lw.mlp2_scales, lw.mlp2_bias, chosen,
+                                        starts, *aq, y)
+    else:
+        _experts_grouped_f32(c, fl, x, chosen, starts, h, y)
     y *= weights.reshape(-1)[order, None]  # router weights
     by_token = np.empty_like(y)
     by_token[order] = y  # back to [n*k] in (token, slot) order
     return by_token.reshape(n, k, c.hidden_size).sum(axis=1)
+
+
+def _experts_grouped_f32(c: Config, fl: FastLayer, x: np.ndarray, chosen: np.ndarray,
+                         starts: np.ndarray, h: np.ndarray, y: np.ndarray) -> None:
+    """experts_grouped's two matmuls in float (x8: the inputs rounded in float first)."""
+    lw = fl.lw
+    kernels.f32_mf4w_moe_matmul(lw.mlp1_blocks, lw.mlp1_scales, lw.mlp1_bias, chosen, starts,
+                                kernels.to_lane_order(x8_round_trip(x) if fl.x8 else x), h)
+    a = kernels.to_lane_order(x8_round_trip(swiglu(h, c.swiglu_limit))) if fl.x8 else \
+        swiglu_lanes(c, h)
+    kernels.f32_mf4w_moe_matmul(lw.mlp2_blocks, lw.mlp2_scales, lw.mlp2_bias, chosen, starts, a, y)
 
 
 def expert_matvec(c: Config, lw: LayerWeights, experts: np.ndarray, x: np.ndarray) -> np.ndarray:

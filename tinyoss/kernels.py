@@ -567,15 +567,15 @@ def x8_quantize_blocks(x, q, d, c, b0):
 
 
 @jit()
-def mxfp4_q8_matmul_rows(blocks, scales, bias, e, r0, r1, q, d, c, out):
-    """out[t, r - r0] = expert e's MXFP4 row r . token t's int8 x + bias[e, r] (bf16 bits), for
-    r0 <= r < r1 and the tokens of q [m, 32 nb] (int8, x8_position order), d [m, nb] (halved
-    scales), c [m, x8_lane_slots(nb)] (lane offsets): x8_quantize_blocks'. Serial (a task of the
+def mxfp4_q8_matmul_rows(blocks, scales, bias, e, r0, r1, q, d, c, t0, t1, out):
+    """out[t - t0, r - r0] = expert e's MXFP4 row r . token t's int8 x + bias[e, r] (bf16 bits),
+    for r0 <= r < r1 and t0 <= t < t1, the tokens' rows of q [T, 32 nb] (int8, x8_position
+    order), d [T, nb] (halved scales), c [T, x8_lane_slots(nb)] (lane offsets):
+    x8_quantize_blocks'. Serial (a task of the
     tile pool). With AVX-512 VNNI four rows and up to four tokens a call, each block decoded
     once for them (simd.mxfp4_q8_tile_dots); else, and for the r1 - r0 % 4 last rows, one row
     and token at a time. Twin: quant.x8_round_trip(x) @ mxfp4.decode(...)[e, r0:r1].T + bias."""
     E, R, nb, _ = blocks.shape
-    m = q.shape[0]
     flat_b, flat_s = blocks.reshape(-1), scales.reshape(-1)
     flat_q, flat_d, flat_c = q.reshape(-1), d.reshape(-1), c.reshape(-1)
     slots = c.shape[1]
@@ -583,20 +583,39 @@ def mxfp4_q8_matmul_rows(blocks, scales, bias, e, r0, r1, q, d, c, out):
     tiled = r0 + (r1 - r0) // Q8_TILE_ROWS * Q8_TILE_ROWS if X8_TILES else r0
     for r in range(r0, tiled, Q8_TILE_ROWS):
         row = e * R + r
-        for t0 in range(0, m, Q8_TILE_TOKENS):
-            mxfp4_q8_tile_dots(min(Q8_TILE_TOKENS, m - t0), flat_b, row * nb * 16, flat_s, row * nb,
-                               _E8M0, flat_q, t0 * nb * 32, nb * 32, flat_d, t0 * nb, nb, flat_c,
-                               t0 * slots, slots, nb, out, t0 * o_tok + (r - r0) * o_row, o_row,
-                               o_tok)
+        for t in range(t0, t1, Q8_TILE_TOKENS):
+            mxfp4_q8_tile_dots(min(Q8_TILE_TOKENS, t1 - t), flat_b, row * nb * 16, flat_s, row * nb,
+                               _E8M0, flat_q, t * nb * 32, nb * 32, flat_d, t * nb, nb, flat_c,
+                               t * slots, slots, nb, out, (t - t0) * o_tok + (r - r0) * o_row,
+                               o_row, o_tok)
     for r in range(tiled, r1):
         row = e * R + r
-        for t in range(m):
-            out[t, r - r0] = mxfp4_q8_row_dot_plain(flat_b, row * nb * 16, flat_s, row * nb, _E8M0,
-                                                    flat_q, t * nb * 32, flat_d, t * nb, nb)
+        for t in range(t0, t1):
+            out[t - t0, r - r0] = mxfp4_q8_row_dot_plain(flat_b, row * nb * 16, flat_s, row * nb,
+                                                         _E8M0, flat_q, t * nb * 32, flat_d, t * nb,
+                                                         nb)
     for r in range(r0, r1):
         b = as_float32(np.uint32(bias[e, r]) << np.uint32(16))
-        for t in range(m):
+        for t in range(t1 - t0):
             out[t, r - r0] += b
+
+
+@jit(parallel=True)
+def f32_mf4w_q8x_moe_matmul(blocks, scales, bias, experts, starts, q, d, c, out):
+    """A few tokens' experts with int8 inputs in one launch (batched decode, expert_input="q8"):
+    out[t] = expert experts[g]'s rows . token t's x + bias for the tokens t in starts[g] ..
+    starts[g+1]-1 that chose it (q, d, c: x8_quantize_blocks of x [T, C]), mxfp4_q8_matmul_rows
+    on tasks of ROWS_PER_TASK rows: each block decoded once for up to four tokens. out [T, R].
+    Twin: per group, quant.x8_round_trip(x[t0:t1]) @ mxfp4.decode(W_e).T + bias[e]."""
+    R = blocks.shape[1]
+    per = (R + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for task in numba.prange(experts.shape[0] * per):
+        g = task // per
+        t0, t1 = starts[g], starts[g + 1]
+        r0 = (task % per) * ROWS_PER_TASK
+        r1 = min(r0 + ROWS_PER_TASK, R)
+        mxfp4_q8_matmul_rows(blocks, scales, bias, experts[g], r0, r1, q, d, c, t0, t1,
+                             out[t0:t1, r0:r1])
 
 
 @jit(parallel=True)

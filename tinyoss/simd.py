@@ -946,6 +946,8 @@ def _x8_tile(builder, bptr, sptr, tptr, qptr, q_len, dptr, d_len, cptr, c_len, n
         rows = []
         for r in range(R):
             rb = builder.add(b, builder.mul(nb, _const(r)))
+            _prefetch(builder, builder.gep(bptr, [builder.mul(builder.add(
+                rb, builder.mul(nb, _const(PREFETCH_ROWS))), _const(16))]))  # (batched decode)
             packed = load(bptr, v64, builder.mul(rb, _const(16)))
             high = builder.bitcast(builder.lshr(builder.bitcast(packed, v8i64),
                                                 ir.Constant(v8i64, [4] * 8)), v64)
