@@ -24,7 +24,7 @@ from .simd import (HAVE_AVX2, HAVE_AVX512, HAVE_SIMD, KERNELS, MAX_GROUP, MXFP4_
                    QK_DIM, QK_HEADS, as_float32, bf16_row_dots, bf16_row_pair_dots, exp_shifted_sum, kv_float,
                    max_nan, mxfp4_block_decode_simd, mxfp4_matvec_rows, mxfp4_matvec_rows_two,
                    Q8_TILE_ROWS, Q8_TILE_TOKENS, X8_TILES, mxfp4_q8_row_dots, mxfp4_q8_tile_dots,
-                   mxfp4_row_dots, q8_row_dot, q8_row_dots, qk8_scores, weighted_rows64, xor_lines)
+                   mxfp4_row_dots, q8_row_dot, q8_row_dots, q8_row_pair_dots, qk8_scores, weighted_rows64, xor_lines)
 
 # a forced kernel path (simd.KERNELS) compiles afresh: the disk cache can't tell the builds apart
 CACHE = os.environ.get("TINYOSS_NUMBA_CACHE", "1") != "0" and KERNELS == "auto"
@@ -580,15 +580,23 @@ def mxfp4_q8_matmul_rows(blocks, scales, bias, e, r0, r1, q, d, c, t0, t1, out):
     flat_q, flat_d, flat_c = q.reshape(-1), d.reshape(-1), c.reshape(-1)
     slots = c.shape[1]
     o_tok, o_row = out.strides[0] // 4, out.strides[1] // 4
-    tiled = r0 + (r1 - r0) // Q8_TILE_ROWS * Q8_TILE_ROWS if X8_TILES else r0
-    for r in range(r0, tiled, Q8_TILE_ROWS):
-        row = e * R + r
-        for t in range(t0, t1, Q8_TILE_TOKENS):
-            mxfp4_q8_tile_dots(min(Q8_TILE_TOKENS, t1 - t), flat_b, row * nb * 16, flat_s, row * nb,
-                               _E8M0, flat_q, t * nb * 32, nb * 32, flat_d, t * nb, nb, flat_c,
-                               t * slots, slots, nb, out, (t - t0) * o_tok + (r - r0) * o_row,
-                               o_row, o_tok)
-    for r in range(tiled, r1):
+    if t1 - t0 == 1 and HAVE_SIMD:  # one token: decode's matvec (batched decode's experts
+        # mostly have one; the tile kernel reads one token's rows slower: on the Zen 4, a 4-stream
+        # step's experts (profile_decode --batch 4) 165-224 ms with the tiles, 172 so)
+        done = r0 + (r1 - r0) // MXFP4_Q8_ROWS * MXFP4_Q8_ROWS
+        for r in range(r0, done, MXFP4_Q8_ROWS):
+            mxfp4_q8_row_dots(flat_b, (e * R + r) * nb * 16, flat_s, (e * R + r) * nb, _E8M0,
+                              flat_q, t0 * nb * 32, flat_d, t0 * nb, nb, out, (r - r0) * o_row)
+    else:
+        done = r0 + (r1 - r0) // Q8_TILE_ROWS * Q8_TILE_ROWS if X8_TILES else r0
+        for r in range(r0, done, Q8_TILE_ROWS):
+            row = e * R + r
+            for t in range(t0, t1, Q8_TILE_TOKENS):
+                mxfp4_q8_tile_dots(min(Q8_TILE_TOKENS, t1 - t), flat_b, row * nb * 16, flat_s,
+                                   row * nb, _E8M0, flat_q, t * nb * 32, nb * 32, flat_d, t * nb,
+                                   nb, flat_c, t * slots, slots, nb, out,
+                                   (t - t0) * o_tok + (r - r0) * o_row, o_row, o_tok)
+    for r in range(done, r1):
         row = e * R + r
         for t in range(t0, t1):
             out[t - t0, r - r0] = mxfp4_q8_row_dot_plain(flat_b, row * nb * 16, flat_s, row * nb,
@@ -901,8 +909,11 @@ def _q8_rows(q, s, bias, out, x, r0):
 @jit(parallel=True, fastmath=True)
 def f32_q8w_matmul(q, s, xs, bias, out):
     """out[j, r] = f32_q8w_matvec's row r against xs[j], for a few tokens j (batched decode): each
-    row read from memory once, each block converted once for four tokens (simd.q8_row_dots), the
-    columns in chunks whose x stays in L1 (X_CHUNK_BYTES). xs [m, C] contiguous.
+    row read from memory once, each block converted once for four tokens and two rows a call
+    (simd.q8_row_pair_dots: each x load serves both). Whole rows, the tokens' x from L2: on the
+    Zen 4, 60000 rows of 2880 from RAM, 4 tokens 8.5 ms (in L1-sized column chunks as
+    _bf16_rows: 16.1; one row a call: 17.6; the kernel before, one token at a time: 19.5; one
+    token's matvec 5.9), 2 tokens 6.9 (10.2 before). xs [m, C], out [m, R] contiguous.
     Twin: xs @ quant.q8_dequantize(q, s).T (rtol 1e-5)."""
     R, C = q.shape
     nb = C // 32
@@ -910,27 +921,25 @@ def f32_q8w_matmul(q, s, xs, bias, out):
     flat_q = q.reshape(-1)
     flat_s = s.reshape(-1)
     n_tasks = (R + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    flat_x = xs.reshape(-1)
-    # blocks a chunk (see _bf16_rows): on the Zen 4, 60000 rows of 2880 from RAM, 4 tokens took
-    # 15.7 ms in chunks, 17.6 ms whole rows (the tree before: 19.5; one token's matvec 5.3-7.0),
-    # but 2 tokens 10.6 in chunks, 7.0 whole rows
-    chunk = nb if m <= 2 else max(1, X_CHUNK_BYTES // (4 * min(m, MAX_GROUP)) // 32)
+    flat_x, flat_out = xs.reshape(-1), out.reshape(-1)
     for task in numba.prange(n_tasks):
         r0, r1 = task * ROWS_PER_TASK, min((task + 1) * ROWS_PER_TASK, R)
-        part = np.empty(MAX_GROUP, np.float32)
-        for r in range(r0, r1):
+        r = r0
+        while r < r1:
+            pair = r + 1 < r1
+            for j0 in range(0, m, MAX_GROUP):  # each block converted once for four tokens
+                g = min(MAX_GROUP, m - j0)
+                if pair:  # two rows a call: each x load serves both
+                    q8_row_pair_dots(g, flat_q, r * C, flat_s, r * nb, flat_x, j0 * C, C, nb,
+                                     flat_out, j0 * R + r, R)
+                else:
+                    q8_row_dots(g, flat_q, r * C, flat_s, r * nb, flat_x, j0 * C, C, nb, flat_out,
+                                j0 * R + r, R)
+            r += 2 if pair else 1
+        for r in range(r0, r1):  # through the view the intrinsics wrote (see NOALIAS)
             b = as_float32(np.uint32(bias[r]) << np.uint32(16)) if bias.shape[0] > 0 else np.float32(0)
             for j in range(m):
-                out[j, r] = b
-        for b0 in range(0, nb, chunk):  # the tokens' x of a chunk stay in L1 for all its rows
-            n = min(chunk, nb - b0)
-            for r in range(r0, r1):
-                for j0 in range(0, m, MAX_GROUP):  # each block converted once for four tokens
-                    g = min(MAX_GROUP, m - j0)
-                    q8_row_dots(g, flat_q, r * C + 32 * b0, flat_s, r * nb + b0, flat_x,
-                                j0 * C + 32 * b0, C, n, part, 0, 1)
-                    for j in range(g):
-                        out[j0 + j, r] += part[j]
+                flat_out[j * R + r] += b
 
 
 @jit()

@@ -1076,14 +1076,8 @@ def q8_row_dot(typingctx, q, q_off, scales, s_off, x, nb):
     return sig, codegen
 
 
-@intrinsic
-def q8_row_dots(typingctx, g, q, q_off, scales, s_off, x, x_off, x_len, nb, out, o_off, o_stride):
-    """`q8_row_dot` of nb blocks of an int8 row against g <= MAX_GROUP float32 vectors (x_j =
-    x[x_off + j * x_len:]): out[o_off + j * o_stride]. Each block is converted and scaled once
-    for the g vectors (a few tokens: batched decode); the line FEW_PREFETCH_ROWS rows ahead is
-    asked into L2 (q's rows x_len bytes apart), as the few-token bf16 rows do."""
-    ip = types.intp
-    sig = types.void(ip, q, ip, scales, ip, x, ip, ip, ip, out, ip, ip)
+def _q8_dots(rows: int):
+    """The codegen of q8_row_dots (rows=1) and q8_row_pair_dots (rows=2)."""
 
     def codegen(context, builder, signature, args):
         g, q_a, q_off, s_a, s_off, x_a, x_off, x_len, nb, out_a, o_off, o_stride = args
@@ -1095,28 +1089,57 @@ def q8_row_dots(typingctx, g, q, q_off, scales, s_off, x, x_off, x_len, nb, out,
         optr = _data(context, builder, a[9], out_a, o_off)
 
         def tokens(group):
-            accs = [cgutils.alloca_once_value(builder, ir.Constant(v32f, [0.0] * 32))
-                    for _ in range(group)]
+            accs = [[cgutils.alloca_once_value(builder, ir.Constant(v32f, [0.0] * 32))
+                     for _ in range(group)] for _ in range(rows)]
             with cgutils.for_range(builder, nb) as loop:
                 off = builder.mul(loop.index, _const(32))
-                with builder.if_then(builder.icmp_unsigned(
-                        "==", builder.and_(loop.index, _const(1)), _const(0))):
-                    _prefetch(builder, builder.gep(qptr, [builder.add(off, builder.mul(
-                        x_len, _const(FEW_PREFETCH_ROWS)))]), 2)
-                qv = builder.load(builder.bitcast(builder.gep(qptr, [off]), v32i8.as_pointer()),
-                                  align=1)
-                w = builder.fmul(builder.sitofp(builder.sext(qv, v32i32), v32f), _splat(
-                    builder, builder.load(builder.gep(sptr, [loop.index])), 32), flags=_FAST)
+                ws = []
+                for rr in range(rows):  # row rr: x_len bytes of q, x_len / 32 scales after
+                    roff = builder.add(off, builder.mul(x_len, _const(rr)))
+                    with builder.if_then(builder.icmp_unsigned(
+                            "==", builder.and_(loop.index, _const(1)), _const(0))):
+                        _prefetch(builder, builder.gep(qptr, [builder.add(roff, builder.mul(
+                            x_len, _const(FEW_PREFETCH_ROWS)))]), 2)
+                    qv = builder.load(builder.bitcast(builder.gep(qptr, [roff]),
+                                                      v32i8.as_pointer()), align=1)
+                    scale = builder.load(builder.gep(sptr, [builder.add(loop.index, builder.mul(
+                        builder.udiv(x_len, _const(32)), _const(rr)))]))
+                    ws.append(builder.fmul(builder.sitofp(builder.sext(qv, v32i32), v32f),
+                                           _splat(builder, scale, 32), flags=_FAST))
                 for j in range(group):
                     xj = builder.gep(xptr, [builder.add(builder.mul(_const(j), x_len), off)])
-                    _add_product(builder, accs[j], w, builder.load(
-                        builder.bitcast(xj, v32f.as_pointer()), align=4))
-            _store_sums(builder, accs, 32, optr, o_stride)
+                    xv = builder.load(builder.bitcast(xj, v32f.as_pointer()), align=4)
+                    for rr in range(rows):  # x's loads serve both rows
+                        _add_product(builder, accs[rr][j], ws[rr], xv)
+            for rr in range(rows):
+                _store_sums(builder, accs[rr], 32, builder.gep(optr, [_const(rr)]), o_stride)
 
         _for_group(builder, g, tokens)
         return context.get_dummy_value()
 
-    return sig, codegen
+    return codegen
+
+
+def _q8_dots_signature(q, scales, x, out):
+    ip = types.intp
+    return types.void(ip, q, ip, scales, ip, x, ip, ip, ip, out, ip, ip)
+
+
+@intrinsic
+def q8_row_dots(typingctx, g, q, q_off, scales, s_off, x, x_off, x_len, nb, out, o_off, o_stride):
+    """`q8_row_dot` of nb blocks of an int8 row against g <= MAX_GROUP float32 vectors (x_j =
+    x[x_off + j * x_len:]): out[o_off + j * o_stride]. Each block is converted and scaled once
+    for the g vectors (a few tokens: batched decode); the line FEW_PREFETCH_ROWS rows ahead is
+    asked into L2 (q's rows x_len bytes apart), as the few-token bf16 rows do."""
+    return _q8_dots_signature(q, scales, x, out), _q8_dots(1)
+
+
+@intrinsic
+def q8_row_pair_dots(typingctx, g, q, q_off, scales, s_off, x, x_off, x_len, nb, out, o_off,
+                     o_stride):
+    """`q8_row_dots` of two rows at once, q_off's and the one x_len after it (scales x_len / 32
+    after): out[o_off + j * o_stride + rr] for row rr in 0, 1; each x load serves both rows."""
+    return _q8_dots_signature(q, scales, x, out), _q8_dots(2)
 
 
 def _bf16_dots(rows: int):
