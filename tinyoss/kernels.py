@@ -383,8 +383,10 @@ def _x8_block(vals, q, d, k, b, nb):
     q[k, x8_position(32b + i, nb)] = round(vals[i] * (1 / scale)), d[k, b] = scale / 2 (the
     kernel's products are of doubled E2M1 values)."""
     scale, inv, ok = _x8_scale(vals)
+    base = x8_position(32 * b, nb)  # element 2j at base + j, 2j + 1 at base + odd + j
+    odd = x8_position(32 * b + 1, nb) - base
     for i in range(32):
-        q[k, x8_position(32 * b + i, nb)] = np.int8(np.rint(vals[i] * inv)) if ok else np.int8(0)
+        q[k, base + (i % 2) * odd + i // 2] = np.int8(np.rint(vals[i] * inv)) if ok else np.int8(0)
     d[k, b] = scale * np.float32(0.5)
 
 
