@@ -999,18 +999,15 @@ def f32_attention(q, k_buf, v_buf, sinks, q_pos0, first_pos, ring, k_pos0, windo
                     s += q[i, h * q_mult + m, d] * kv_float(k_buf[h, row, d])
                 scores[m, t] = s * scale
         acc = np.empty(dh, np.float32)
+        flat = scores.reshape(-1)
         for m in range(q_mult):
             hq = h * q_mult + m
-            top = sinks[hq]  # the sink is one more softmax column
-            for t in range(T):
-                top = max(top, scores[m, t])
-            denom = np.exp(sinks[hq] - top)
+            denom = _softmax_row(flat, m * T, T, sinks[hq])  # the exps 16 lanes a step
             acc[:] = 0.0
             for t in range(T):
                 p = lo + t
                 row = p % ring if ring > 0 else p - k_pos0
-                w = np.exp(scores[m, t] - top)
-                denom += w
+                w = flat[m * T + t]  # (read through the view the intrinsic wrote)
                 for d in range(dh):
                     acc[d] += w * kv_float(v_buf[h, row, d])
             for d in range(dh):
@@ -1102,6 +1099,16 @@ def f32_decode_values(w, v_buf, count, denom, out):
             out[h, m, d] = acc / denom[task]
 
 
+@jit()  # not fastmath (nor is what it inlines, called from a fastmath kernel): see below
+def _softmax_row(flat, off, T, sink):
+    """One row of f32_softmax_rows: flat[off:off + T] <- exp(score - top) in place; returns the
+    denominator (their sum + the sink's exp)."""
+    top = max_nan(flat, off, T)  # NaN if a score is: as numpy, the whole row is NaN then
+    if top == top:  # (a NaN top must stay NaN: the exp's clamp would drop it)
+        top = max(top, sink)  # the sink is one more column
+    return exp_shifted_sum(flat, off, T, top) + np.exp(sink - top)
+
+
 @jit(parallel=True)  # not fastmath: the exp's range reduction must keep its order
 def f32_softmax_rows(scores, sinks, denom):
     """Softmax with a sink, unnormalized, in place: with top = max(sinks[r], max scores[r]),
@@ -1113,10 +1120,7 @@ def f32_softmax_rows(scores, sinks, denom):
     R, T = scores.shape
     flat = scores.reshape(-1)
     for r in numba.prange(R):
-        top = max_nan(flat, r * T, T)  # NaN if a score is: as numpy, the whole row is NaN then
-        if top == top:  # (a NaN top must stay NaN: the exp's clamp would drop it)
-            top = max(top, sinks[r])  # the sink is one more column
-        denom[r] = exp_shifted_sum(flat, r * T, T, top) + np.exp(sinks[r] - top)
+        denom[r] = _softmax_row(flat, r * T, T, sinks[r])
 
 
 # ---------------------------------------------------------------------------------------------
