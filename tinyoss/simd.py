@@ -1076,6 +1076,26 @@ def q8_row_dot(typingctx, q, q_off, scales, s_off, x, nb):
     return sig, codegen
 
 
+def _few_token_dots(builder, rows: int, group: int, steps, x_len, xptr, optr, o_stride,
+                    row_values) -> None:
+    """The loop of the few-token row dots (bf16 and int8 rows): `steps` steps of 32 columns;
+    row_values(index, off, rr) gives row rr's 32 values of step `index` (column `off`) as
+    <32 x float>; each x load serves every row; optr[j * o_stride + rr] = the sums."""
+    v32f = ir.VectorType(_f32, 32)
+    accs = [[cgutils.alloca_once_value(builder, ir.Constant(v32f, [0.0] * 32))
+             for _ in range(group)] for _ in range(rows)]
+    with cgutils.for_range(builder, steps) as loop:
+        off = builder.mul(loop.index, _const(32))
+        ws = [row_values(loop.index, off, rr) for rr in range(rows)]
+        for j in range(group):
+            xj = builder.gep(xptr, [builder.add(builder.mul(_const(j), x_len), off)])
+            xv = builder.load(builder.bitcast(xj, v32f.as_pointer()), align=4)
+            for rr in range(rows):  # x's loads serve both rows
+                _add_product(builder, accs[rr][j], ws[rr], xv)
+    for rr in range(rows):
+        _store_sums(builder, accs[rr], 32, builder.gep(optr, [_const(rr)]), o_stride)
+
+
 def _q8_dots(rows: int):
     """The codegen of q8_row_dots (rows=1) and q8_row_pair_dots (rows=2)."""
 
@@ -1088,31 +1108,21 @@ def _q8_dots(rows: int):
         xptr = _data(context, builder, a[5], x_a, x_off)
         optr = _data(context, builder, a[9], out_a, o_off)
 
+        def row_values(index, off, rr):  # row rr: x_len bytes of q, x_len / 32 scales after
+            roff = builder.add(off, builder.mul(x_len, _const(rr)))
+            with builder.if_then(builder.icmp_unsigned("==", builder.and_(index, _const(1)),
+                                                       _const(0))):
+                _prefetch(builder, builder.gep(qptr, [builder.add(roff, builder.mul(
+                    x_len, _const(FEW_PREFETCH_ROWS)))]), 2)
+            qv = builder.load(builder.bitcast(builder.gep(qptr, [roff]), v32i8.as_pointer()),
+                              align=1)
+            scale = builder.load(builder.gep(sptr, [builder.add(index, builder.mul(
+                builder.udiv(x_len, _const(32)), _const(rr)))]))
+            return builder.fmul(builder.sitofp(builder.sext(qv, v32i32), v32f),
+                                _splat(builder, scale, 32), flags=_FAST)
+
         def tokens(group):
-            accs = [[cgutils.alloca_once_value(builder, ir.Constant(v32f, [0.0] * 32))
-                     for _ in range(group)] for _ in range(rows)]
-            with cgutils.for_range(builder, nb) as loop:
-                off = builder.mul(loop.index, _const(32))
-                ws = []
-                for rr in range(rows):  # row rr: x_len bytes of q, x_len / 32 scales after
-                    roff = builder.add(off, builder.mul(x_len, _const(rr)))
-                    with builder.if_then(builder.icmp_unsigned(
-                            "==", builder.and_(loop.index, _const(1)), _const(0))):
-                        _prefetch(builder, builder.gep(qptr, [builder.add(roff, builder.mul(
-                            x_len, _const(FEW_PREFETCH_ROWS)))]), 2)
-                    qv = builder.load(builder.bitcast(builder.gep(qptr, [roff]),
-                                                      v32i8.as_pointer()), align=1)
-                    scale = builder.load(builder.gep(sptr, [builder.add(loop.index, builder.mul(
-                        builder.udiv(x_len, _const(32)), _const(rr)))]))
-                    ws.append(builder.fmul(builder.sitofp(builder.sext(qv, v32i32), v32f),
-                                           _splat(builder, scale, 32), flags=_FAST))
-                for j in range(group):
-                    xj = builder.gep(xptr, [builder.add(builder.mul(_const(j), x_len), off)])
-                    xv = builder.load(builder.bitcast(xj, v32f.as_pointer()), align=4)
-                    for rr in range(rows):  # x's loads serve both rows
-                        _add_product(builder, accs[rr][j], ws[rr], xv)
-            for rr in range(rows):
-                _store_sums(builder, accs[rr], 32, builder.gep(optr, [_const(rr)]), o_stride)
+            _few_token_dots(builder, rows, group, nb, x_len, xptr, optr, o_stride, row_values)
 
         _for_group(builder, g, tokens)
         return context.get_dummy_value()
@@ -1148,35 +1158,25 @@ def _bf16_dots(rows: int):
     def codegen(context, builder, signature, args):
         g, w_a, w_off, x_a, x_off, x_len, n, out_a, o_off, o_stride = args
         a = signature.args
-        v32i16, v32f = ir.VectorType(ir.IntType(16), 32), ir.VectorType(_f32, 32)
+        v32i16 = ir.VectorType(ir.IntType(16), 32)
         wptr = _data(context, builder, a[1], w_a, w_off)
         xptr = _data(context, builder, a[3], x_a, x_off)
         optr = _data(context, builder, a[7], out_a, o_off)
 
         def row(group):
-            accs = [[cgutils.alloca_once_value(builder, ir.Constant(v32f, [0.0] * 32))
-                     for _ in range(group)] for _ in range(rows)]
-            with cgutils.for_range(builder, builder.udiv(n, _const(32))) as loop:
-                off = builder.mul(loop.index, _const(32))
-                wfs = []
-                for rr in range(rows):  # row rr starts x_len after the row before it
-                    roff = builder.add(off, builder.mul(x_len, _const(rr)))
-                    if BF16_PREFETCH:  # (64 bytes a step: a line)
-                        _prefetch(builder, builder.gep(wptr, [builder.add(roff, builder.mul(
-                            x_len, _const(PREFETCH_ROWS)))]))
-                    elif group > 1:  # a few tokens: their column chunks jump from row to row
-                        _prefetch(builder, builder.gep(wptr, [builder.add(roff, builder.mul(
-                            x_len, _const(FEW_PREFETCH_ROWS)))]), 2)
-                    wv = builder.load(builder.bitcast(builder.gep(wptr, [roff]),
-                                                      v32i16.as_pointer()), align=2)
-                    wfs.append(_widen(builder, wv))
-                for j in range(group):
-                    xj = builder.gep(xptr, [builder.add(builder.mul(_const(j), x_len), off)])
-                    xv = builder.load(builder.bitcast(xj, v32f.as_pointer()), align=4)
-                    for rr in range(rows):  # x's loads serve both rows
-                        _add_product(builder, accs[rr][j], wfs[rr], xv)
-            for rr in range(rows):
-                _store_sums(builder, accs[rr], 32, builder.gep(optr, [_const(rr)]), o_stride)
+            def row_values(index, off, rr):  # row rr starts x_len after the row before it
+                roff = builder.add(off, builder.mul(x_len, _const(rr)))
+                if BF16_PREFETCH:  # (64 bytes a step: a line)
+                    _prefetch(builder, builder.gep(wptr, [builder.add(roff, builder.mul(
+                        x_len, _const(PREFETCH_ROWS)))]))
+                elif group > 1:  # a few tokens: their column chunks jump from row to row
+                    _prefetch(builder, builder.gep(wptr, [builder.add(roff, builder.mul(
+                        x_len, _const(FEW_PREFETCH_ROWS)))]), 2)
+                return _widen(builder, builder.load(builder.bitcast(
+                    builder.gep(wptr, [roff]), v32i16.as_pointer()), align=2))
+
+            _few_token_dots(builder, rows, group, builder.udiv(n, _const(32)), x_len, xptr,
+                            optr, o_stride, row_values)
 
         _for_group(builder, g, row)
         return context.get_dummy_value()
