@@ -918,13 +918,13 @@ def test_tile_pool_products_equal_numpy(n):
 
 
 @SETTINGS
-@given(moe_case(), st.integers(1, 9), st.integers(0, 5), st.booleans())
-def test_x8_tile_matmul_equals_rounded_x_then_matmul(case, m, skip, specials):
+@given(moe_case(), st.integers(1, 9), st.integers(0, 5), st.booleans(), st.booleans())
+def test_x8_tile_matmul_equals_rounded_x_then_matmul(case, m, skip, specials, no_bias):
     """Prefill's int8 expert matmul (mxfp4_q8_matmul_rows: AVX-512 VNNI four rows and up to four
     tokens a call, the rest row by row) against the float matmul of the int8-rounded x, rows
     r0..r1 of one expert into a column slice of a wider output. Its inputs from
     x8_quantize_blocks, which equals x8_quantize_lanes and, per lane, -12 * the sum of the
-    bytes the VNNI lanes meet. specials: a zero block, a NaN."""
+    bytes the VNNI lanes meet. specials: a zero block, a NaN. no_bias: a [0, 0] bias, none added."""
     blocks, scales, bias, experts, _ = case
     E, R, nb, _ = blocks.shape
     rng = np.random.default_rng(m * 7 + skip)
@@ -949,11 +949,11 @@ def test_x8_tile_matmul_equals_rounded_x_then_matmul(case, m, skip, specials):
     r0 = min(skip, R - 1)
     r1 = R
     out = np.full((m, R + 3), np.nan, np.float32)
-    kernels.mxfp4_q8_matmul_rows(blocks, scales, bias, e, r0, r1, q, d, c, 0, m,
-                                 out[:, 2:2 + r1 - r0])
+    kernels.mxfp4_q8_matmul_rows(blocks, scales, np.zeros((0, 0), np.uint16) if no_bias else bias,
+                                 e, r0, r1, q, d, c, 0, m, out[:, 2:2 + r1 - r0])
     w = mxfp4.decode(blocks[e, r0:r1], scales[e, r0:r1]).astype(np.float64)
     xr = quant.x8_round_trip(x).astype(np.float64)
-    b = bf16_to_f32(bias[e, r0:r1])
+    b = np.zeros(r1 - r0, np.float32) if no_bias else bf16_to_f32(bias[e, r0:r1])
     want, scale = xr @ w.T + b, np.abs(xr) @ np.abs(w).T + np.abs(b)
     got = out[:, 2:2 + r1 - r0]
     assert np.isnan(out[:, :2]).all() and np.isnan(out[:, 2 + r1 - r0:]).all()  # only its columns

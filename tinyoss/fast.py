@@ -40,7 +40,8 @@ FEW_TOKENS = 256
 _NO_BIAS = np.zeros(0, np.uint16)
 _NO_BIAS.flags.writeable = False  # read-only, as a checkpoint's biases: one compiled kernel
 # serves the matrices with and without a bias (numba compiles each array type apart)
-_ZEROS = np.zeros(TILE_ROWS, np.float32)  # (f32_bias_swiglu's bias where it is already added)
+_NO_EXPERT_BIAS = np.zeros((0, 0), np.uint16)  # (the int8 expert matmul's: bias added later)
+_NO_EXPERT_BIAS.flags.writeable = False
 
 
 class TileMatmul:
@@ -352,14 +353,14 @@ def experts_prefill(c: Config, fl: FastLayer, t: np.ndarray, experts: np.ndarray
     kernels.f32_gather_rows(t, order // k, xs)  # [n*k, D], each pair's token
     y = np.empty_like(xs)  # [n*k, D], each pair's expert output
     many = []
+    int8 = fl.x8 and kernels.X8_TILES  # int8 products (VNNI) for every expert, however few
     for e, s0, m in zip(chosen.tolist(), starts.tolist(), counts.tolist()):
-        if m <= FUSED_MAX_TOKENS and not (fl.x8 and kernels.X8_TILES):  # few tokens: decoded
-            # block by block, in registers (int8 inputs with VNNI: so are all, experts_x8)
+        if m <= FUSED_MAX_TOKENS and not int8:  # few tokens: decoded block by block, in registers
             y[s0:s0 + m] = expert_few(c, lw, e, xs[s0:s0 + m], fl.x8)
         else:
             many.append((e, s0, s0 + m))
     if many:
-        (experts_x8 if fl.x8 and kernels.X8_TILES else experts_tiles)(c, fl, many, xs, y)
+        (experts_x8 if int8 else experts_tiles)(c, fl, many, xs, y)
     pairs = np.empty(n * k, np.int64)
     pairs[order] = np.arange(n * k)  # the row of y of each (token, slot)
     out = np.empty_like(x)
@@ -428,7 +429,7 @@ def experts_x8(c: Config, fl: FastLayer, groups: list, xs: np.ndarray, y: np.nda
     limit, alpha = np.float32(c.swiglu_limit), np.float32(SWIGLU_ALPHA)
     pool, n = TILE_MATMUL, xs.shape[0]
     groups = sorted(groups, key=lambda g: g[1] - g[2])  # the most tokens first
-
+    b1 = bf16_to_f32(lw.mlp1_bias)  # [E, 2I]
     xq, aq = x8_arrays(n, D), x8_arrays(n, I)
 
     def quantize(e: int, s0: int, s1: int) -> None:
@@ -437,10 +438,10 @@ def experts_x8(c: Config, fl: FastLayer, groups: list, xs: np.ndarray, y: np.nda
     def mlp1(e: int, s0: int, s1: int, r0: int) -> None:  # rows r0..r1 of mlp1 -> aq's blocks
         r1 = min(r0 + TILE_ROWS, 2 * I)
         h = pool.buffer("h", s1 - s0, r1 - r0)
-        kernels.mxfp4_q8_matmul_rows(lw.mlp1_blocks, lw.mlp1_scales, lw.mlp1_bias, e, r0, r1,
-                                     *xq, s0, s1, h)  # bias added
+        kernels.mxfp4_q8_matmul_rows(lw.mlp1_blocks, lw.mlp1_scales, _NO_EXPERT_BIAS, e, r0, r1,
+                                     *xq, s0, s1, h)
         a = pool.buffer("a", s1 - s0, (r1 - r0) // 2)
-        kernels.f32_bias_swiglu(h, _ZEROS[:r1 - r0], limit, alpha, a)  # gate, up interleaved
+        kernels.f32_bias_swiglu(h, b1[e, r0:r1], limit, alpha, a)  # gate, up interleaved
         kernels.x8_quantize_blocks(a, *(v[s0:s1] for v in aq), r0 // 64)
 
     def mlp2(e: int, s0: int, s1: int, r0: int) -> None:  # rows r0..r1 of mlp2: aq -> y

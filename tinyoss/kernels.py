@@ -570,13 +570,13 @@ def x8_quantize_blocks(x, q, d, c, b0):
 
 @jit()
 def mxfp4_q8_matmul_rows(blocks, scales, bias, e, r0, r1, q, d, c, t0, t1, out):
-    """out[t - t0, r - r0] = expert e's MXFP4 row r . token t's int8 x + bias[e, r] (bf16 bits),
-    for r0 <= r < r1 and t0 <= t < t1, the tokens' rows of q [T, 32 nb] (int8, x8_position
-    order), d [T, nb] (halved scales), c [T, x8_lane_slots(nb)] (lane offsets):
-    x8_quantize_blocks'. Serial (a task of the
-    tile pool). With AVX-512 VNNI four rows and up to four tokens a call, each block decoded
-    once for them (simd.mxfp4_q8_tile_dots); else, and for the r1 - r0 % 4 last rows, one row
-    and token at a time. Twin: quant.x8_round_trip(x) @ mxfp4.decode(...)[e, r0:r1].T + bias."""
+    """out[t - t0, r - r0] = expert e's MXFP4 row r . token t's int8 x (+ bias[e, r], bf16 bits;
+    bias [0, 0]: none), for r0 <= r < r1 and t0 <= t < t1, the tokens' rows of q [T, 32 nb]
+    (int8, x8_position order), d [T, nb] (halved scales), c [T, x8_lane_slots(nb)] (lane
+    offsets): x8_quantize_blocks'. Serial (a task of the tile pool). With AVX-512 VNNI four rows
+    and up to four tokens a call, each block decoded once for them (simd.mxfp4_q8_tile_dots);
+    one token through decode's matvec; else, and for the (r1 - r0) % 4 last rows, one row and
+    token at a time. Twin: quant.x8_round_trip(x) @ mxfp4.decode(...)[e, r0:r1].T + bias."""
     E, R, nb, _ = blocks.shape
     flat_b, flat_s = blocks.reshape(-1), scales.reshape(-1)
     flat_q, flat_d, flat_c = q.reshape(-1), d.reshape(-1), c.reshape(-1)
@@ -604,7 +604,7 @@ def mxfp4_q8_matmul_rows(blocks, scales, bias, e, r0, r1, q, d, c, t0, t1, out):
             out[t - t0, r - r0] = mxfp4_q8_row_dot_plain(flat_b, row * nb * 16, flat_s, row * nb,
                                                          _E8M0, flat_q, t * nb * 32, flat_d, t * nb,
                                                          nb)
-    for r in range(r0, r1):
+    for r in range(r0, r1 if bias.shape[0] > 0 else r0):
         b = as_float32(np.uint32(bias[e, r]) << np.uint32(16))
         for t in range(t1 - t0):
             out[t, r - r0] += b
@@ -915,7 +915,9 @@ def f32_q8w_matmul(q, s, xs, bias, out):
     (simd.q8_row_pair_dots: each x load serves both). Whole rows, the tokens' x from L2: on the
     Zen 4, 60000 rows of 2880 from RAM, 4 tokens 8.5 ms (in L1-sized column chunks as
     _bf16_rows: 16.1; one row a call: 17.6; the kernel before, one token at a time: 19.5; one
-    token's matvec 5.9), 2 tokens 6.9 (10.2 before). xs [m, C], out [m, R] contiguous.
+    token's matvec 5.9), 2 tokens 6.9 (10.2 before); restricted to AVX2 (16 vector registers:
+    the pair's sums spill) 4 tokens 8.9-9.8 ms against 17.2-19.2 before. xs [m, C], out [m, R]
+    contiguous.
     Twin: xs @ quant.q8_dequantize(q, s).T (rtol 1e-5)."""
     R, C = q.shape
     nb = C // 32

@@ -839,18 +839,29 @@ def _q8_block_neon(builder, bptr, sptr, tptr, qptr, dptr, b, nb, accs, prefetch)
                      _splat(builder, scale, 4))
 
 
+def _e2m1_twice_u8(builder, packed):
+    """64 packed MXFP4 bytes (<64 x i8>: four blocks) -> (evens, odds): their low nibbles (even
+    elements) and high nibbles (odd ones) looked up as doubled E2M1 + 12, unsigned (vpdpbusd's
+    u8 side; the +12 is undone by lane offsets)."""
+    v64, v8i64 = ir.VectorType(_i8, 64), ir.VectorType(_i64, 8)
+    pshufb = builder.module.declare_intrinsic("llvm.x86.avx512.pshuf.b.512",
+                                              fnty=ir.FunctionType(v64, [v64, v64]))
+    table, low = ir.Constant(v64, _E2M1_TWICE_U8 * 4), ir.Constant(v64, [15] * 64)
+    high = builder.bitcast(builder.lshr(builder.bitcast(packed, v8i64),
+                                        ir.Constant(v8i64, [4] * 8)), v64)
+    return (builder.call(pshufb, [table, builder.and_(packed, low)]),
+            builder.call(pshufb, [table, builder.and_(high, low)]))
+
+
 def _q8_group(builder, bptr, qptr, b, nb, accs, scales, prefetch) -> None:
     """Blocks b .. b + 3 of each row against their 128 int8 x values (AVX-512 VNNI): the 64
     bytes' low nibbles (even elements) and high nibbles (odd ones) looked up as doubled E2M1 +
     12, unsigned; vpdpbusd against x's evens, then its odds, from 32-bit lanes that start at
     -12 * the x values they will meet; lane i holds block i // 4's partial sums (the lanes of
     `_spread_quad`): converted to float (exact), times scales[r] into accs[r]."""
-    v64, v16i, v8i64 = ir.VectorType(_i8, 64), ir.VectorType(_i32, 16), ir.VectorType(_i64, 8)
-    mod = builder.module
-    pshufb = mod.declare_intrinsic("llvm.x86.avx512.pshuf.b.512",
-                                   fnty=ir.FunctionType(v64, [v64, v64]))
-    dpbusd = mod.declare_intrinsic("llvm.x86.avx512.vpdpbusd.512",
-                                   fnty=ir.FunctionType(v16i, [v16i, v16i, v16i]))
+    v64, v16i = ir.VectorType(_i8, 64), ir.VectorType(_i32, 16)
+    dpbusd = builder.module.declare_intrinsic("llvm.x86.avx512.vpdpbusd.512",
+                                              fnty=ir.FunctionType(v16i, [v16i, v16i, v16i]))
 
     def dot(acc, unsigned, signed):  # acc + four u8 x s8 products a 32-bit lane
         return builder.call(dpbusd, [acc, builder.bitcast(unsigned, v16i),
@@ -862,16 +873,11 @@ def _q8_group(builder, bptr, qptr, b, nb, accs, scales, prefetch) -> None:
     twelve = ir.Constant(v64, [12] * 64)
     bias = builder.sub(ir.Constant(v16i, [0] * 16),
                        dot(dot(ir.Constant(v16i, [0] * 16), twelve, evens), twelve, odds))
-    table, low = ir.Constant(v64, _E2M1_TWICE_U8 * 4), ir.Constant(v64, [15] * 64)
     for r, acc in enumerate(accs):
         rb = builder.add(b, builder.mul(nb, _const(r)))
         prefetch(rb)  # a group is a 64-byte line of each row
-        packed = builder.load(builder.bitcast(builder.gep(bptr, [builder.mul(rb, _const(16))]),
-                                              v64.as_pointer()), align=1)
-        high = builder.bitcast(builder.lshr(builder.bitcast(packed, v8i64),
-                                            ir.Constant(v8i64, [4] * 8)), v64)
-        w_even = builder.call(pshufb, [table, builder.and_(packed, low)])
-        w_odd = builder.call(pshufb, [table, builder.and_(high, low)])
+        w_even, w_odd = _e2m1_twice_u8(builder, builder.load(builder.bitcast(
+            builder.gep(bptr, [builder.mul(rb, _const(16))]), v64.as_pointer()), align=1))
         sums = builder.sitofp(dot(dot(bias, w_even, evens), w_odd, odds), ir.VectorType(_f32, 16))
         _add_product(builder, acc, sums, scales[r])
 
@@ -905,8 +911,8 @@ def mxfp4_q8_row_dots(typingctx, blocks, b_off, scales, s_off, scale_table, q, q
 # float path decodes a tile to float32 for BLAS (FP32 FMAs: 16 products a cycle-slot, where
 # vpdpbusd does 64). Here a block's 4 rows are decoded once into registers (pshufb, as
 # `_q8_group`) and met by 1-4 tokens' int8 values; each (row, token) keeps its own float sums.
-# The u8 x s8 offset (E2M1 doubled + 12) is undone by each token's lane offsets, -12 * the sum of
-# the x bytes a 32-bit lane meets (kernels.x8_quantize_blocks), computed once per token, not per row.
+# The u8 x s8 offset (E2M1 doubled + 12) is undone by each token's lane offsets, -12 * the sum
+# of the x bytes a 32-bit lane meets (kernels.x8_quantize_blocks), once per token, not per row.
 X8_TILES = HAVE_VNNI512 and "+avx512vl" in _FEATURES  # (the nb % 4 last blocks: 256-bit VNNI)
 Q8_TILE_ROWS, Q8_TILE_TOKENS = 4, 4  # rows and tokens (at most) a call of mxfp4_q8_tile_dots
 # takes: 16 sums, 8 decoded rows, their 4 scales and a token's 4 vectors fill the 32 vector
@@ -922,8 +928,7 @@ def _x8_tile(builder, bptr, sptr, tptr, qptr, q_len, dptr, d_len, cptr, c_len, n
     offsets, c_len apart). Groups of 4 blocks with 512-bit vpdpbusd, then the nb % 4 last blocks
     one by one with 256-bit ones (AVX512-VL); exact integer sums, one float scale a block."""
     R = Q8_TILE_ROWS
-    v64, v16i, v8i64, v16f = (ir.VectorType(_i8, 64), ir.VectorType(_i32, 16),
-                              ir.VectorType(_i64, 8), ir.VectorType(_f32, 16))
+    v64, v16i, v16f = ir.VectorType(_i8, 64), ir.VectorType(_i32, 16), ir.VectorType(_f32, 16)
     v32, v8i, v8f, v2i64 = (ir.VectorType(_i8, 32), ir.VectorType(_i32, 8), ir.VectorType(_f32, 8),
                             ir.VectorType(_i64, 2))
     mod = builder.module
@@ -931,7 +936,6 @@ def _x8_tile(builder, bptr, sptr, tptr, qptr, q_len, dptr, d_len, cptr, c_len, n
     def declare(name, ret, *args):
         return mod.declare_intrinsic(name, fnty=ir.FunctionType(ret, list(args)))
 
-    pshufb = declare("llvm.x86.avx512.pshuf.b.512", v64, v64, v64)
     dpbusd = declare("llvm.x86.avx512.vpdpbusd.512", v16i, v16i, v16i, v16i)
     pshufb256 = declare("llvm.x86.avx2.pshuf.b", v32, v32, v32)
     dpbusd256 = declare("llvm.x86.avx512.vpdpbusd.256", v8i, v8i, v8i, v8i)
@@ -948,12 +952,7 @@ def _x8_tile(builder, bptr, sptr, tptr, qptr, q_len, dptr, d_len, cptr, c_len, n
             rb = builder.add(b, builder.mul(nb, _const(r)))
             _prefetch(builder, builder.gep(bptr, [builder.mul(builder.add(
                 rb, builder.mul(nb, _const(PREFETCH_ROWS))), _const(16))]))  # (batched decode)
-            packed = load(bptr, v64, builder.mul(rb, _const(16)))
-            high = builder.bitcast(builder.lshr(builder.bitcast(packed, v8i64),
-                                                ir.Constant(v8i64, [4] * 8)), v64)
-            table, low = ir.Constant(v64, _E2M1_TWICE_U8 * 4), ir.Constant(v64, [15] * 64)
-            rows.append((builder.call(pshufb, [table, builder.and_(packed, low)]),
-                         builder.call(pshufb, [table, builder.and_(high, low)]),
+            rows.append((*_e2m1_twice_u8(builder, load(bptr, v64, builder.mul(rb, _const(16)))),
                          _spread_quad(builder, _e8m0_floats(builder, load(
                              sptr, ir.VectorType(_i8, 4), rb)), 0)))
         g = builder.udiv(b, _const(4))
@@ -971,8 +970,10 @@ def _x8_tile(builder, bptr, sptr, tptr, qptr, q_len, dptr, d_len, cptr, c_len, n
                 _add_product(builder, accs[r][t], builder.sitofp(sums, v16f),
                              builder.fmul(scale, d))
 
+    quads = builder.udiv(nb, _const(4))
+    first = builder.mul(quads, _const(4))  # the first block of the nb % 4 last
+
     def single(b, _):  # block b alone (32 bytes of x: its evens, then its odds)
-        first = builder.mul(builder.udiv(nb, _const(4)), _const(4))
         table, low = ir.Constant(v32, _E2M1_TWICE_U8 * 2), ir.Constant(v32, [15] * 32)
         rows = []
         for r in range(R):
@@ -985,8 +986,8 @@ def _x8_tile(builder, bptr, sptr, tptr, qptr, q_len, dptr, d_len, cptr, c_len, n
             scale = builder.load(builder.gep(tptr, [builder.zext(builder.load(
                 builder.gep(sptr, [rb])), _i64)]))
             rows.append((builder.call(pshufb256, [table, builder.and_(both, low)]), scale))
-        slot = builder.add(builder.mul(builder.udiv(nb, _const(4)), _const(16)),
-                           builder.mul(builder.sub(b, first), _const(8)))
+        slot = builder.add(builder.mul(quads, _const(16)), builder.mul(builder.sub(b, first),
+                                                                         _const(8)))
         for t in range(tokens):
             x = load(qptr, v32, builder.add(builder.mul(_const(t), q_len),
                                             builder.mul(b, _const(32))))
@@ -1000,9 +1001,7 @@ def _x8_tile(builder, bptr, sptr, tptr, qptr, q_len, dptr, d_len, cptr, c_len, n
                 _add_product(builder, accs[r][t], wide,
                              _splat(builder, builder.fmul(scale, d), 16))
 
-    quads = builder.udiv(nb, _const(4))
     _block_steps(builder, quads, _const(0), 4, group)
-    first = builder.mul(quads, _const(4))
     _block_steps(builder, builder.sub(nb, first), first, 1, single)
     for r in range(R):
         for t in range(tokens):
@@ -1014,8 +1013,8 @@ def _x8_tile(builder, bptr, sptr, tptr, qptr, q_len, dptr, d_len, cptr, c_len, n
 def mxfp4_q8_tile_dots(typingctx, g, blocks, b_off, scales, s_off, scale_table, q, q_off, q_len,
                        d, d_off, d_len, c, c_off, c_len, nb, out, o_off, o_row, o_tok):
     """Q8_TILE_ROWS adjacent MXFP4 rows against g <= Q8_TILE_TOKENS tokens' int8 x (`_x8_tile`,
-    AVX-512 VNNI only): out[o_off + r * o_row + t * o_tok]. The rows' blocks from blocks[b_off], scales
-    from scales[s_off] (flat uint8); scale_table float32 byte -> 2**(s-127); token t's q int8
+    AVX-512 VNNI only): out[o_off + r * o_row + t * o_tok]. The rows' blocks from blocks[b_off],
+    scales from scales[s_off] (flat uint8); scale_table float32 byte -> 2**(s-127); token t's q int8
     from q[q_off + t * q_len], halved scales d from d[d_off + t * d_len], lane offsets c from
     c[c_off + t * c_len] (kernels.x8_quantize_blocks)."""
     ip = types.intp
