@@ -134,7 +134,11 @@ def test_q8_kernels_equal_numpy(seed, R, nb):
     deq = quant.q8_dequantize(q, s)
     wf = bf16_to_f32(w)  # half a step, plus float32 rounding of w * (1/s)
     flushed = np.where(np.abs(wf) < 4e-37, np.abs(wf), 0)  # the tiny block's values went to 0
-    assert np.all(np.abs(deq - wf) <= s.repeat(32, axis=1) * 0.5 * (1 + 1e-5) + np.abs(wf) * 1e-6
+    assert s.dtype == np.uint16  # bf16 scales: the rounded max|w| / 127 of each block
+    sf = bf16_to_f32(s)
+    amax = np.abs(wf).reshape(R, nb, 32).max(axis=-1)
+    assert np.all((np.abs(sf - amax / 127) <= amax / 127 * 2**-8) | (amax < 4e-37))
+    assert np.all(np.abs(deq - wf) <= sf.repeat(32, axis=1) * 0.5 * (1 + 1e-5) + np.abs(wf) * 1e-6
                   + flushed)
     out = np.empty_like(deq)
     kernels.q8_dequantize(q, s, out)

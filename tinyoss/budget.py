@@ -37,9 +37,9 @@ PROCESS_BYTES = 600 << 20
 
 
 def q8_nbytes(shape: tuple[int, ...]) -> int:
-    """Bytes of a bf16 [R, C] matrix as int8 blocks of 32 with a float32 scale (quant.py)."""
+    """Bytes of a bf16 [R, C] matrix as int8 blocks of 32 with a bf16 scale (quant.py)."""
     rows, cols = shape
-    return rows * cols + rows * (cols // 32) * 4
+    return rows * cols + rows * (cols // 32) * 2
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,7 @@ import numpy as np
 from . import mxfp4
 from .simd import (HAVE_AVX2, HAVE_AVX512, HAVE_SIMD, KERNELS, MAX_GROUP, MXFP4_LANE_ORDER,
                    MXFP4_PAIR_ORDER, MXFP4_Q8_GROUP, MXFP4_Q8_ROWS, MXFP4_QUAD_ORDER, MXFP4_ROWS,
-                   QK_DIM, QK_HEADS, as_float32, bf16_row_dots, bf16_row_pair_dots, exp_shifted_sum, kv_float,
+                   QK_DIM, QK_HEADS, as_float32, bf16_row_dots, float32_bits, bf16_row_pair_dots, exp_shifted_sum, kv_float,
                    max_nan, mxfp4_block_decode_simd, mxfp4_matvec_rows, mxfp4_matvec_rows_two,
                    Q8_TILE_ROWS, Q8_TILE_TOKENS, X8_TILES, mxfp4_q8_row_dots, mxfp4_q8_tile_dots,
                    mxfp4_row_dots, q8_row_dot, q8_row_dots, q8_row_pair_dots, qk8_scores, weighted_rows64, xor_lines)
@@ -842,17 +842,18 @@ def f32_bf16w_qkv_matmul(wq, bq, oq, wk, bk, ok, wv, bv, ov, xs):
 
 
 def bf16_to_q8(w):
-    """bf16 [R, C] -> (int8 [R, C], float32 scales [R, C/32]): `bf16_to_q8_into` new arrays."""
+    """bf16 [R, C] -> (int8 [R, C], bf16 scales [R, C/32]): `bf16_to_q8_into` new arrays."""
     q = np.empty(w.shape, np.int8)
-    s = np.empty((w.shape[0], w.shape[1] // 32), np.float32)
+    s = np.empty((w.shape[0], w.shape[1] // 32), np.uint16)
     bf16_to_q8_into(w, q, s)
     return q, s
 
 
 @jit(parallel=True)
 def bf16_to_q8_into(w, q, s):
-    """q [R, C] int8, s [R, C/32] float32 <- bf16 w [R, C]: per 32 values, scale = max|w|/127,
-    q = round(w / scale) (llama.cpp's Q8_0). Twin: quant.q8_quantize."""
+    """q [R, C] int8, s [R, C/32] bf16 bits <- bf16 w [R, C]: per 32 values, scale = max|w|/127
+    rounded to bf16, q = round(w / scale) within +-127 (llama.cpp's Q8_0, its float16 scale a
+    bf16 here). Twin: quant.q8_quantize."""
     R, C = w.shape
     nb = C // 32
     for r in numba.prange(R):
@@ -861,19 +862,28 @@ def bf16_to_q8_into(w, q, s):
             for j in range(32):
                 v = abs(as_float32(np.uint32(w[r, b * 32 + j]) << np.uint32(16)))
                 amax = max(amax, v)
-            scale = amax / np.float32(127.0)
-            s[r, b] = scale
-            inv = _q8_inverse(scale)
+            bits = _to_bf16(amax / np.float32(127.0))
+            s[r, b] = bits
+            inv = _q8_inverse(as_float32(np.uint32(bits) << np.uint32(16)))
             for j in range(32):
                 v = as_float32(np.uint32(w[r, b * 32 + j]) << np.uint32(16))
-                q[r, b * 32 + j] = np.int8(np.rint(v * inv))
+                q[r, b * 32 + j] = np.int8(max(-127.0, min(127.0, np.rint(v * inv))))
+
+
+@jit()
+def _to_bf16(v):
+    """float32 -> bf16 bits, rounded to nearest even; NaN stays NaN (store.f32_to_bf16)."""
+    u = np.uint64(float32_bits(v))
+    if v != v:
+        return np.uint16((u >> np.uint64(16)) | np.uint64(0x40))
+    return np.uint16((u + np.uint64(0x7FFF) + ((u >> np.uint64(16)) & np.uint64(1))) >> np.uint64(16))
 
 
 @jit(parallel=True, fastmath=True)
 def f32_q8w_matvec(q, s, x, bias, out):
     """out[r] = sum_b s[r, b] * sum_j q[r, 32b + j] x[32b + j] (+ bf16(bias[r])).
 
-    q [R, C] int8, s [R, C/32] f32. Twin: quant.q8_dequantize(q, s) @ x (rtol 1e-5)."""
+    q [R, C] int8, s [R, C/32] bf16 bits. Twin: quant.q8_dequantize(q, s) @ x (rtol 1e-5)."""
     n_tasks = (q.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in numba.prange(n_tasks):
         _q8_rows(q, s, bias, out, x, task * ROWS_PER_TASK)
@@ -957,11 +967,13 @@ def bf16_widen(w, out):
 
 @jit()
 def q8_dequantize(q, s, out):
-    """int8 [R, C] + scales [R, C/32] -> out float32 [R, C] (for prefill's BLAS tiles; serial,
-    like bf16_widen). Twin: quant.q8_dequantize."""
+    """int8 [R, C] + bf16 scales [R, C/32] -> out float32 [R, C] (for prefill's BLAS tiles;
+    serial, like bf16_widen). Twin: quant.q8_dequantize."""
     for r in range(q.shape[0]):
-        for c in range(q.shape[1]):
-            out[r, c] = np.float32(q[r, c]) * s[r, c // 32]
+        for b in range(q.shape[1] // 32):
+            scale = as_float32(np.uint32(s[r, b]) << np.uint32(16))
+            for c in range(32 * b, 32 * b + 32):
+                out[r, c] = np.float32(q[r, c]) * scale
 
 
 # ---------------------------------------------------------------------------------------------

@@ -148,6 +148,17 @@ def as_float32(typingctx, bits):
 
 
 @intrinsic
+def float32_bits(typingctx, x):
+    """float32 -> uint32 with the same bits (as_float32's inverse)."""
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], _i32)
+
+    return sig, codegen
+
+
+@intrinsic
 def kv_float(typingctx, x):
     """A KV cache element as float32: a float32 as it is, bf16 bits (uint16) widened (exact)."""
     if x not in (types.float32, types.uint16):
@@ -1041,11 +1052,19 @@ def mxfp4_q8_tile_dots(typingctx, g, blocks, b_off, scales, s_off, scale_table, 
     return sig, codegen
 
 
+def _scale_at(builder, aryty, sptr, index):
+    """Scale `index` of an int8 row as float32: bf16 bits (the weights' int8 copies, quant.py)
+    widened, or a float32 as it is."""
+    value = builder.load(builder.gep(sptr, [index]))
+    return _widen(builder, value) if _is_bf16(aryty) else value
+
+
 @intrinsic
 def q8_row_dot(typingctx, q, q_off, scales, s_off, x, nb):
     """sum over one int8 row of scale[b] * q[32b + j] * x[32b + j] (float32), 32 values a step.
 
-    q: flat int8 array (row starts at q_off), scales: flat float32 (row's first at s_off),
+    q: flat int8 array (row starts at q_off), scales: flat bf16 bits (uint16) or float32 (the
+    row's first at s_off),
     x: float32 [nb * 32]. Rows are nb * 32 bytes apart: every other step (a 64-byte line) asks
     for the line PREFETCH_ROWS rows ahead. Plain LLVM vector IR: portable, no CPU-specific
     instruction."""
@@ -1067,7 +1086,7 @@ def q8_row_dot(typingctx, q, q_off, scales, s_off, x, nb):
                     nb, _const(32 * PREFETCH_ROWS)))]))
             qv = builder.load(builder.bitcast(builder.gep(qptr, [off]), v32i8.as_pointer()), align=1)
             xv = builder.load(builder.bitcast(builder.gep(xptr, [off]), v32f.as_pointer()), align=4)
-            splat = _splat(builder, builder.load(builder.gep(sptr, [loop.index])), 32)
+            splat = _splat(builder, _scale_at(builder, a[2], sptr, loop.index), 32)
             prod = builder.fmul(builder.sitofp(builder.sext(qv, v32i32), v32f), xv, flags=_FAST)
             _add_product(builder, acc_slot, prod, splat)
         return _sum_lanes(builder, builder.load(acc_slot), 32)
@@ -1115,8 +1134,8 @@ def _q8_dots(rows: int):
                     x_len, _const(FEW_PREFETCH_ROWS)))]), 2)
             qv = builder.load(builder.bitcast(builder.gep(qptr, [roff]), v32i8.as_pointer()),
                               align=1)
-            scale = builder.load(builder.gep(sptr, [builder.add(index, builder.mul(
-                builder.udiv(x_len, _const(32)), _const(rr)))]))
+            scale = _scale_at(builder, a[3], sptr, builder.add(index, builder.mul(
+                builder.udiv(x_len, _const(32)), _const(rr))))
             return builder.fmul(builder.sitofp(builder.sext(qv, v32i32), v32f),
                                 _splat(builder, scale, 32), flags=_FAST)
 
