@@ -21,10 +21,12 @@ import numpy as np
 from . import mxfp4
 from .simd import (HAVE_AVX2, HAVE_AVX512, HAVE_SIMD, KERNELS, MAX_GROUP, MXFP4_LANE_ORDER,
                    MXFP4_PAIR_ORDER, MXFP4_Q8_GROUP, MXFP4_Q8_ROWS, MXFP4_QUAD_ORDER, MXFP4_ROWS,
-                   QK_DIM, QK_HEADS, as_float32, bf16_row_dots, float32_bits, bf16_row_pair_dots, exp_shifted_sum, kv_float,
-                   max_nan, mxfp4_block_decode_simd, mxfp4_matvec_rows, mxfp4_matvec_rows_two,
-                   Q8_TILE_ROWS, Q8_TILE_TOKENS, X8_TILES, mxfp4_q8_row_dots, mxfp4_q8_tile_dots,
-                   mxfp4_row_dots, q8_row_dot, q8_row_dots, q8_row_pair_dots, qk8_scores, weighted_rows64, xor_lines)
+                   Q8_TILE_ROWS, Q8_TILE_TOKENS, QK_DIM, QK_HEADS, VALUE_QUERIES, X8_TILES,
+                   as_float32, bf16_row_dots, bf16_row_pair_dots, exp_shifted_sum, float32_bits,
+                   kv_float, max_nan, mxfp4_block_decode_simd, mxfp4_matvec_rows,
+                   mxfp4_matvec_rows_two, mxfp4_q8_row_dots, mxfp4_q8_tile_dots, mxfp4_row_dots,
+                   q8_row_dot, q8_row_dots, q8_row_pair_dots, qk8_scores, weighted_rows64,
+                   xor_lines)
 
 # a forced kernel path (simd.KERNELS) compiles afresh: the disk cache can't tell the builds apart
 CACHE = os.environ.get("TINYOSS_NUMBA_CACHE", "1") != "0" and KERNELS == "auto"
@@ -1085,7 +1087,8 @@ def f32_decode_values(w, v_buf, count, denom, out):
     if dh == QK_DIM:
         chunk = 16  # value rows (4 KiB) that stay in L1 while the q_mult queries use them (from L2
         # the 8 loads per FMA step wait on its bandwidth: 256 keys took 1.7x as long)
-        ahead = -(-chunk // qm)  # each query's pass prefetches this many rows of the chunk after
+        passes = -(-qm // VALUE_QUERIES)  # over a chunk: VALUE_QUERIES queries a pass
+        ahead = -(-chunk // passes)  # each pass prefetches this many rows of the chunk after
         # next (memory streams in while the chunk in L1 is summed: 17 % less time at 4096 keys
         # than no prefetch with 64-row chunks and the next one asked for; 16 rows and the one after
         # next, 1.09-1.15x that on the Zen 5, in one process: 32 or 64 rows, 8, or 1 or 3-6 ahead
@@ -1094,11 +1097,12 @@ def f32_decode_values(w, v_buf, count, denom, out):
             flat_out[h * qm * dh:(h + 1) * qm * dh] = 0.0
             for t0 in range(0, count, chunk):
                 n = min(chunk, count - t0)
-                for m in range(qm):
-                    hm = h * qm + m
-                    first = t0 + 2 * chunk + m * ahead
+                for p in range(passes):
+                    hm = h * qm + p * VALUE_QUERIES
+                    first = t0 + 2 * chunk + p * ahead
                     k = max(0, min(ahead, count - first))
-                    weighted_rows64(flat_w, hm * count + t0, 1, flat_v, (h * S + t0) * dh, n,
+                    weighted_rows64(min(VALUE_QUERIES, qm - p * VALUE_QUERIES), flat_w,
+                                    hm * count + t0, 1, count, flat_v, (h * S + t0) * dh, n,
                                     flat_out, hm * dh, (h * S + first) * dh, k)
             for hm in range(h * qm, (h + 1) * qm):
                 for d in range(dh):

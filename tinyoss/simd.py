@@ -1323,42 +1323,57 @@ def qk8_scores(typingctx, qt, q_off, keys, k_off, count, scale, out, o_off, o_st
     return sig, codegen
 
 
+# Queries a call of weighted_rows64 takes: with AVX-512 four (their 4 x 64 sums in 16 of the 32
+# vector registers), so each value row is loaded once for four queries instead of once for each;
+# AVX2 (16 registers: one query's sums fill 8) and NEON keep one.
+VALUE_QUERIES = 4 if HAVE_AVX512 else 1
+
+
 @intrinsic
-def weighted_rows64(typingctx, w, w_off, w_stride, rows, r_off, count, out, o_off, pf_off,
-                    pf_rows):
-    """out[o_off + d] += sum_t w[w_off + t * w_stride] * rows[r_off + 64t + d] for d < 64
-    (float32; rows float32 or bf16 bits, widened as loaded): attention's weighted sum of value
-    rows, the 64 accumulators in registers. While at it, asks the cache for the rows
+def weighted_rows64(typingctx, g, w, w_off, w_stride, w_qstride, rows, r_off, count, out, o_off,
+                    pf_off, pf_rows):
+    """out[o_off + 64j + d] += sum_t w[w_off + j * w_qstride + t * w_stride] * rows[r_off + 64t +
+    d] for d < 64 and each of g <= VALUE_QUERIES queries j (float32; rows float32 or bf16 bits,
+    widened as loaded): attention's weighted sums of value rows, each row loaded once for the g
+    queries, their 64g accumulators in registers. While at it, asks the cache for the rows
     pf_off + 64t, t < pf_rows (the caller's next rows; a hint that never faults): a KV head's
     rows then stream in while the previous ones are summed."""
-    sig = types.void(w, types.intp, types.intp, rows, types.intp, types.intp, out, types.intp,
-                     types.intp, types.intp)
+    sig = types.void(types.intp, w, types.intp, types.intp, types.intp, rows, types.intp,
+                     types.intp, out, types.intp, types.intp, types.intp)
 
     def codegen(context, builder, signature, args):
-        w_a, w_off, w_stride, rows_a, r_off, count, out_a, o_off, pf_off, pf_rows = args
+        g, w_a, w_off, w_stride, w_qstride, rows_a, r_off, count, out_a, o_off, pf_off, pf_rows = args
         a = signature.args
         v64f = ir.VectorType(_f32, QK_DIM)
-        bf16 = _is_bf16(a[3])
+        bf16 = _is_bf16(a[5])
         per_line = 32 if bf16 else 16  # a row's elements a 64-byte line
         row_type = ir.VectorType(ir.IntType(16), QK_DIM) if bf16 else v64f
-        wptr = _data(context, builder, a[0], w_a, w_off)
-        rows_base = _data(context, builder, a[3], rows_a)
+        wptr = _data(context, builder, a[1], w_a, w_off)
+        rows_base = _data(context, builder, a[5], rows_a)
         rptr, pptr = builder.gep(rows_base, [r_off]), builder.gep(rows_base, [pf_off])
-        optr = builder.bitcast(_data(context, builder, a[6], out_a, o_off), v64f.as_pointer())
-        acc_slot = cgutils.alloca_once_value(builder, builder.load(optr, align=4))
-        with cgutils.for_range(builder, count) as loop:
-            with builder.if_then(builder.icmp_signed("<", loop.index, pf_rows)):
-                row0 = builder.mul(loop.index, _const(QK_DIM))
-                for line in range(QK_DIM // per_line):
-                    _prefetch(builder, builder.gep(pptr, [builder.add(
-                        row0, _const(per_line * line))]), ATTENTION_LOCALITY)
-            wt = builder.load(builder.gep(wptr, [builder.mul(loop.index, w_stride)]))
-            row = builder.load(builder.bitcast(builder.gep(
-                rptr, [builder.mul(loop.index, _const(QK_DIM))]), row_type.as_pointer()),
-                align=2 if bf16 else 4)
-            row = _widen(builder, row) if bf16 else row
-            _add_product(builder, acc_slot, _splat(builder, wt, QK_DIM), row)
-        builder.store(builder.load(acc_slot), optr, align=4)
+        optr = builder.bitcast(_data(context, builder, a[8], out_a, o_off), v64f.as_pointer())
+
+        def queries(group):
+            outs = [builder.gep(optr, [_const(j)]) for j in range(group)]
+            accs = [cgutils.alloca_once_value(builder, builder.load(o, align=4)) for o in outs]
+            with cgutils.for_range(builder, count) as loop:
+                with builder.if_then(builder.icmp_signed("<", loop.index, pf_rows)):
+                    row0 = builder.mul(loop.index, _const(QK_DIM))
+                    for line in range(QK_DIM // per_line):
+                        _prefetch(builder, builder.gep(pptr, [builder.add(
+                            row0, _const(per_line * line))]), ATTENTION_LOCALITY)
+                row = builder.load(builder.bitcast(builder.gep(
+                    rptr, [builder.mul(loop.index, _const(QK_DIM))]), row_type.as_pointer()),
+                    align=2 if bf16 else 4)
+                row = _widen(builder, row) if bf16 else row
+                for j, acc in enumerate(accs):
+                    wt = builder.load(builder.gep(wptr, [builder.add(
+                        builder.mul(_const(j), w_qstride), builder.mul(loop.index, w_stride))]))
+                    _add_product(builder, acc, _splat(builder, wt, QK_DIM), row)
+            for acc, o in zip(accs, outs):
+                builder.store(builder.load(acc), o, align=4)
+
+        _for_group(builder, g, queries, VALUE_QUERIES)
         return context.get_dummy_value()
 
     return sig, codegen
