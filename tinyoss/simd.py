@@ -3,7 +3,7 @@ row dot products of the matvec kernels, decode attention's inner loops and a vec
 
 LLVM does not turn a 16-entry table lookup into a SIMD shuffle by itself, and that lookup is the
 whole cost of an MXFP4 matvec. Here we write it out for x86 `pshufb` (`_e2m1_decode`: a block at
-a time with AVX2, two with AVX-512) and, with AVX-512, for `vpermps` (`_e2m1_decode_quad`: four
+a time with AVX2, two with AVX-512) and, with AVX-512, for `vpermw` (`_e2m1_decode_quad`: four
 blocks a step, the matvecs' main loop); for the matvec of one token, the fused matmul of a few
 (`mxfp4_row_dots`) and the block decoder of prefill's tiles (pshufb). On aarch64 the same kernels
 take NEON's `tbl` (`_e2m1_decode_neon`; `sdot` for int8 activations where the CPU has dotprod).
@@ -254,28 +254,41 @@ MXFP4_LANE_ORDER = tuple(_decode_order(2))  # one block (AVX2): 32 elements
 MXFP4_PAIR_ORDER = tuple(_decode_order(4))  # two blocks (AVX-512): 64 elements
 
 # With AVX-512 the matvec's main step takes four blocks (64 bytes, a cache line's worth) and
-# needs no byte table: `vpermps` picks a float32 from a 16-float table by the low 4 bits of
-# each 32-bit lane, and E2M1's 16 codes (sign = bit 3) are such a table. The 64 bytes are read
-# as 16 lanes of 8 nibbles; shifting them right by 4k puts nibble k in the low bits, so eight
-# shifts-and-permutes give the 128 values, already float32 (16 vector instructions per 128
-# weights; the pair step takes ~22: byte tables, interleaves, shifts and masks). Lane i of
-# vector k holds nibble k of bytes 4i..4i+3: element 8 (i % 4) + k of block i // 4. In one
-# process, alternating with the pair step (the 20b's expert matvecs from RAM, 4 experts x 24
-# layers, Zen 4): 1.17-1.26x, 13-15 GB/s -> 18-19 GB/s against a ~20 GB/s probe.
+# needs no byte interleaves: a permute looks each nibble up in a 16-entry table by the low bits of
+# its lane. First (`vpermps`, 16 float32 lanes: 8 shifts-and-permutes per 128 weights, 16
+# instructions; the pair step takes ~22: byte tables, interleaves, shifts and masks), in one
+# process alternating with the pair step (the 20b's expert matvecs from RAM, 4 experts x 24
+# layers, Zen 4): 1.17-1.26x, 13-15 GB/s -> 18-19 GB/s against a ~20 GB/s probe. Now `vpermw`
+# (32 bf16 lanes, `_e2m1_decode_quad`): half the permutes; the kernel is held by its vector
+# instructions (~24 a row per 128 weights with the products), and on the Zen 4 (2026-12-06, one
+# process, `benchmarks/ab_decode.py`, 30 alternating tokens) whole tokens took 0.967x the time
+# with bf16 dense, 0.979x with q8 dense (exact expert inputs). Float lane j of vector k holds
+# element 8j + k of the four blocks: block j // 4's element 8 (j % 4) + k.
 MXFP4_QUAD_ORDER = tuple(32 * (i // 4) + 8 * (i % 4) + k for k in range(8) for i in range(16))
-_E2M1_F32 = [float(v) for v in FP4_VALUES]  # nibble -> E2M1 value (bit 3: the sign)
 
 
 def _e2m1_decode_quad(builder, bptr):
     """The 64 bytes at bptr (four blocks) -> eight <16 x float> E2M1 values (unscaled), in the
-    order MXFP4_QUAD_ORDER (AVX-512F)."""
-    v16f, v16i = ir.VectorType(_f32, 16), ir.VectorType(_i32, 16)
-    permute = builder.module.declare_intrinsic("llvm.x86.avx512.permvar.sf.512",
-                                               fnty=ir.FunctionType(v16f, [v16f, v16i]))
-    lanes = builder.load(builder.bitcast(bptr, v16i.as_pointer()), align=1)
-    table = ir.Constant(v16f, _E2M1_F32)
-    return [builder.call(permute, [table, lanes if k == 0 else builder.lshr(
-        lanes, ir.Constant(v16i, [4 * k] * 16))]) for k in range(8)]
+    order MXFP4_QUAD_ORDER (AVX-512BW). `vpermw` looks up 32 16-bit words at once by the low 5
+    bits of each: the 64 bytes read as 32 words of 4 nibbles, shifted right by 4k, put nibble k
+    in bits 0-3 (bit 4, the next nibble's low bit, picks the table's second copy: the same
+    16 bf16 E2M1 values); the bf16 results widen to float32 by a shift (even words) and a mask
+    (odd words). Word i of lookup k holds element 4i + k, so float lane j of widened vector
+    4p + k holds element 8j + 4p + k: MXFP4_QUAD_ORDER's. Half the permutes of looking up
+    float32s (`vpermps`, 16 a step: 8 permutes, 7 shifts per 128 weights; here 4 permutes, 3
+    shifts, 8 widening steps)."""
+    v32h = ir.VectorType(ir.IntType(16), 32)
+    v16i, v16f = ir.VectorType(_i32, 16), ir.VectorType(_f32, 16)
+    permute = builder.module.declare_intrinsic("llvm.x86.avx512.permvar.hi.512",
+                                               fnty=ir.FunctionType(v32h, [v32h, v32h]))
+    words = builder.load(builder.bitcast(bptr, v32h.as_pointer()), align=1)
+    table = ir.Constant(v32h, [b - (1 << 16) if b >= 1 << 15 else b for b in _E2M1_BF16] * 2)
+    looked = [builder.bitcast(builder.call(permute, [table, words if k == 0 else builder.lshr(
+        words, ir.Constant(v32h, [4 * k] * 32))]), v16i) for k in range(4)]
+    evens = [builder.bitcast(builder.shl(w, ir.Constant(v16i, [16] * 16)), v16f) for w in looked]
+    odds = [builder.bitcast(builder.and_(w, ir.Constant(v16i, [-65536] * 16)), v16f)
+            for w in looked]
+    return evens + odds
 
 
 def _e8m0_floats(builder, scale_bytes):
