@@ -136,26 +136,19 @@ def _const(n: int):
 
 
 
-@intrinsic
-def as_float32(typingctx, bits):
-    """uint32 -> float32 with the same bits (bf16 widening: `as_float32(u << 16)`)."""
-    sig = types.float32(types.uint32)
+def _same_bits(to, frm, ir_to):
+    """An intrinsic that reads a `frm` value's bits as a `to` (LLVM's bitcast)."""
+    def typer(typingctx, x):
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir_to)
 
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], _f32)
+        return to(frm), codegen
 
-    return sig, codegen
+    return intrinsic(typer)
 
 
-@intrinsic
-def float32_bits(typingctx, x):
-    """float32 -> uint32 with the same bits (as_float32's inverse)."""
-    sig = types.uint32(types.float32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], _i32)
-
-    return sig, codegen
+as_float32 = _same_bits(types.float32, types.uint32, _f32)  # bf16 widening: as_float32(u << 16)
+float32_bits = _same_bits(types.uint32, types.float32, _i32)  # as_float32's inverse
 
 
 @intrinsic
