@@ -119,6 +119,21 @@ def q_of(pair):
     return pair[0]
 
 
+@pytest.mark.parametrize("bad", [0x7FC0, 0x7F80, 0xFF80])  # NaN, inf, -inf
+def test_q8_block_holding_nan_or_inf_quantizes_to_zeros(bad):
+    """Such a block's scale is NaN or inf and its q are 0, in the kernel as in the numpy twin
+    (rounding NaN to int8 is undefined); the other blocks are untouched."""
+    w = f32_to_bf16(np.linspace(-1, 1, 96, dtype=np.float32)).reshape(1, 96)
+    w[0, 40] = bad
+    q, s = kernels.bf16_to_q8(w)
+    q_np, s_np = quant.q8_quantize(w)
+    np.testing.assert_array_equal(s, s_np)
+    assert not q[0, 32:64].any() and not q_np[0, 32:64].any()
+    assert np.isnan(bf16_to_f32(s[0, 1])) or np.isinf(bf16_to_f32(s[0, 1]))
+    np.testing.assert_array_equal(q[0, :32], q_np[0, :32])
+    np.testing.assert_array_equal(q[0, 64:], q_np[0, 64:])
+
+
 @SETTINGS
 @given(st.integers(0, 2**32 - 1), st.integers(1, 30), st.integers(1, 4))
 def test_q8_kernels_equal_numpy(seed, R, nb):

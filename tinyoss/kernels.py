@@ -863,13 +863,15 @@ def bf16_to_q8_into(w, q, s):
             amax = np.float32(0.0)
             for j in range(32):
                 v = abs(as_float32(np.uint32(w[r, b * 32 + j]) << np.uint32(16)))
-                amax = max(amax, v)
+                if v > amax or v != v:  # a NaN stays (numpy's max; the builtin drops it)
+                    amax = v
             bits = _to_bf16(amax / np.float32(127.0))
             s[r, b] = bits
             inv = _q8_inverse(as_float32(np.uint32(bits) << np.uint32(16)))
             for j in range(32):
                 v = as_float32(np.uint32(w[r, b * 32 + j]) << np.uint32(16))
-                q[r, b * 32 + j] = np.int8(max(-127.0, min(127.0, np.rint(v * inv))))
+                # (inv 0: a block of NaN / inf or too small: q = 0, as quant._q8_blocks)
+                q[r, b * 32 + j] = np.int8(max(-127.0, min(127.0, np.rint(v * inv)))) if inv > 0 else 0
 
 
 @jit()

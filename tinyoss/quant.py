@@ -147,6 +147,7 @@ def _write_cache(path: Path, key: str, mats: dict[str, np.ndarray]) -> None:
     """Quantize straight into a new file's memory map (no second copy of 1.4 GB to write out),
     flushed to disk and only then renamed into place: a crash leaves a temporary file, never a
     cache of zeros. Then older copies of the same checkpoint are deleted."""
+    from .budget import q8_nbytes  # (budget imports model, which imports this module)
     from .kernels import bf16_to_q8_into
 
     entries, places, size = [], [], 0
@@ -154,7 +155,7 @@ def _write_cache(path: Path, key: str, mats: dict[str, np.ndarray]) -> None:
         R, C = w.shape
         entries += [(f"{name}.q8", "I8", (R, C)), (f"{name}.scales", "BF16", (R, C // 32))]
         places.append((w, size, size + R * C))  # where its int8 values and scales start
-        size += R * C + R * (C // 32) * 2
+        size += q8_nbytes((R, C))
     header = safetensors_header(entries, {"format": CACHE_FORMAT, "source": key})
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove(p for p in path.parent.glob(".q8-*.tmp")  # left by a killed process

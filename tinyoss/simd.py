@@ -1058,22 +1058,22 @@ def mxfp4_q8_tile_dots(typingctx, g, blocks, b_off, scales, s_off, scale_table, 
     return sig, codegen
 
 
-def _scale_at(builder, aryty, sptr, index):
-    """Scale `index` of an int8 row as float32: bf16 bits (the weights' int8 copies, quant.py)
-    widened, or a float32 as it is."""
-    value = builder.load(builder.gep(sptr, [index]))
-    return _widen(builder, value) if _is_bf16(aryty) else value
+def _scale_at(builder, sptr, index):
+    """Scale `index` of an int8 weight row (bf16 bits, quant.py) as float32."""
+    return _widen(builder, builder.load(builder.gep(sptr, [index])))
 
 
 @intrinsic
 def q8_row_dot(typingctx, q, q_off, scales, s_off, x, nb):
     """sum over one int8 row of scale[b] * q[32b + j] * x[32b + j] (float32), 32 values a step.
 
-    q: flat int8 array (row starts at q_off), scales: flat bf16 bits (uint16) or float32 (the
-    row's first at s_off),
+    q: flat int8 array (row starts at q_off), scales: flat bf16 bits (uint16; the row's first at
+    s_off),
     x: float32 [nb * 32]. Rows are nb * 32 bytes apart: every other step (a 64-byte line) asks
     for the line PREFETCH_ROWS rows ahead. Plain LLVM vector IR: portable, no CPU-specific
     instruction."""
+    if not _is_bf16(scales):
+        return None  # the weights' copies keep bf16 scales
     sig = types.float32(q, types.intp, scales, types.intp, x, types.intp)
 
     def codegen(context, builder, signature, args):
@@ -1092,7 +1092,7 @@ def q8_row_dot(typingctx, q, q_off, scales, s_off, x, nb):
                     nb, _const(32 * PREFETCH_ROWS)))]))
             qv = builder.load(builder.bitcast(builder.gep(qptr, [off]), v32i8.as_pointer()), align=1)
             xv = builder.load(builder.bitcast(builder.gep(xptr, [off]), v32f.as_pointer()), align=4)
-            splat = _splat(builder, _scale_at(builder, a[2], sptr, loop.index), 32)
+            splat = _splat(builder, _scale_at(builder, sptr, loop.index), 32)
             prod = builder.fmul(builder.sitofp(builder.sext(qv, v32i32), v32f), xv, flags=_FAST)
             _add_product(builder, acc_slot, prod, splat)
         return _sum_lanes(builder, builder.load(acc_slot), 32)
@@ -1140,7 +1140,7 @@ def _q8_dots(rows: int):
                     x_len, _const(FEW_PREFETCH_ROWS)))]), 2)
             qv = builder.load(builder.bitcast(builder.gep(qptr, [roff]), v32i8.as_pointer()),
                               align=1)
-            scale = _scale_at(builder, a[3], sptr, builder.add(index, builder.mul(
+            scale = _scale_at(builder, sptr, builder.add(index, builder.mul(
                 builder.udiv(x_len, _const(32)), _const(rr))))
             return builder.fmul(builder.sitofp(builder.sext(qv, v32i32), v32f),
                                 _splat(builder, scale, 32), flags=_FAST)
@@ -1155,6 +1155,8 @@ def _q8_dots(rows: int):
 
 
 def _q8_dots_signature(q, scales, x, out):
+    if not _is_bf16(scales):
+        return None  # the weights' copies keep bf16 scales
     ip = types.intp
     return types.void(ip, q, ip, scales, ip, x, ip, ip, ip, out, ip, ip)
 
@@ -1165,7 +1167,8 @@ def q8_row_dots(typingctx, g, q, q_off, scales, s_off, x, x_off, x_len, nb, out,
     x[x_off + j * x_len:]): out[o_off + j * o_stride]. Each block is converted and scaled once
     for the g vectors (a few tokens: batched decode); the line FEW_PREFETCH_ROWS rows ahead is
     asked into L2 (q's rows x_len bytes apart), as the few-token bf16 rows do."""
-    return _q8_dots_signature(q, scales, x, out), _q8_dots(1)
+    sig = _q8_dots_signature(q, scales, x, out)
+    return None if sig is None else (sig, _q8_dots(1))
 
 
 @intrinsic
@@ -1173,7 +1176,8 @@ def q8_row_pair_dots(typingctx, g, q, q_off, scales, s_off, x, x_off, x_len, nb,
                      o_stride):
     """`q8_row_dots` of two rows at once, q_off's and the one x_len after it (scales x_len / 32
     after): out[o_off + j * o_stride + rr] for row rr in 0, 1; each x load serves both rows."""
-    return _q8_dots_signature(q, scales, x, out), _q8_dots(2)
+    sig = _q8_dots_signature(q, scales, x, out)
+    return None if sig is None else (sig, _q8_dots(2))
 
 
 def _bf16_dots(rows: int):
