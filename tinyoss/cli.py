@@ -565,6 +565,32 @@ def _warm_up(dense: Dense, kv: Kv, expert_input: ExpertInput, scope: str) -> Non
     status.report()
 
 
+def _in_a_passing_thread(fn, name: str):
+    """fn() in a thread that ends with it. -> its result; its exception is raised here.
+
+    For work that runs parallel kernels before a long-lived thread of this process (the serving
+    engine's) runs them for good. numba's usual threading layer, OpenMP, keeps a team of workers
+    for every thread that ran a parallel loop, as long as that thread lives. Beside the engine's
+    team, an idle one of the main thread's (from loading and compiling) had GNU OpenMP count more
+    threads than cores, and so cut its spinning at each barrier to ~100 turns: the engine's
+    threads went to sleep and were woken again ~150 times a token, off the CPU 6-10 % of the time
+    (PERFORMANCE.md, "Serving: one OpenMP team"). A thread that ends takes its team with it."""
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["value"] = fn()
+        except BaseException as err:  # noqa: BLE001  (re-raised in the caller's thread)
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, name=name, daemon=True)  # Ctrl-C: dies with the process
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
 def _prefault_quietly(model) -> None:
     try:
         model.prefault()
@@ -993,7 +1019,17 @@ def serve(
     from .tokenizer import get_tokenizer
 
     get_tokenizer()
-    loaded = _open_model(model, dense, threads, kv, expert_input)
+    _set_threads(threads)  # here too: the engine's thread takes this thread's count
+
+    def load_and_compile():
+        loaded = _open_model(model, dense, threads, kv, expert_input)
+        # every kernel compiled (or loaded from numba's disk cache) before the first request: the
+        # engine compiles in its thread holding the GIL, and the server would not answer meanwhile
+        _warm_up(dense, kv, expert_input, "all")
+        return loaded
+
+    # not in this thread: see _in_a_passing_thread
+    loaded = _in_a_passing_thread(load_and_compile, "tinyoss-load")
     limit = loaded.config.max_position_embeddings
     if ctx > limit:
         fail(f"--ctx {ctx}: the model's context limit is {limit}")
@@ -1001,9 +1037,6 @@ def serve(
         per_slot = srv.kv_bytes_per_slot(loaded, ctx)
         free = available_memory() or 4 * per_slot
         parallel = max(1, min(4, int(free // 2 // per_slot)))
-    # every kernel compiled (or loaded from numba's disk cache) before the first request: the
-    # engine compiles in its thread holding the GIL, and the server would not answer meanwhile
-    _warm_up(dense, kv, expert_input, "all")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     server = srv.Server(loaded, srv.model_id_for(str(loaded.checkpoint.path)), parallel=parallel,
                         ctx=ctx, max_queue=queue, api_key=api_key)
