@@ -2,7 +2,7 @@
 VM's speed moves by 2x within seconds, so only variants timed side by side compare).
 
     python benchmarks/ab_decode.py MODEL [--a dense=q8] [--b dense=q8,expert_input=q8]
-                                         [--b-tree ../old] [--tokens 40] [--depth 0]
+                                         [--b-tree ../old] [--tokens 40] [--depth 0] [--batch 1]
 
 --a / --b: keyword arguments of tinyoss.load for each side (dense, kv, expert_input).
 --b-tree: side b imports tinyoss from another checkout (`git worktree add ../old HEAD~1`), to
@@ -10,7 +10,9 @@ time a kernel change against the code before it; its kernels are compiled afresh
 cache: ~20 s).
 Each side decodes `--tokens` tokens after `--depth` cached ones (random keys and values, as
 `tinyoss bench` fills them); the order within a pair of tokens alternates. Prints each side's
-median ms a token and the median and quartiles of the per-pair ratio a/b.
+median ms a token and the median and quartiles of the per-pair ratio a/b. --batch B: each side
+decodes B sequences a step through Model.forward_batch (what `tinyoss serve` does with B streams);
+the times are per step.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ def main() -> None:
     ap.add_argument("--b-tree", help="import side b's tinyoss from this checkout")
     ap.add_argument("--tokens", type=int, default=40)
     ap.add_argument("--depth", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=1, help="sequences decoded together a step")
     args = ap.parse_args()
 
     sides = {}
@@ -81,10 +84,12 @@ def main() -> None:
         fast.warm_up(opts.get("dense", "bf16"), opts.get("kv", "f32"),
                      opts.get("expert_input", "f32"))
         model.prefault()
-        cache = model.new_cache(args.depth + args.tokens + 2)
-        bench.fill_cache(model, cache, args.depth)
-        token = [int(np.argmax(model.forward([1], cache, last_only=True)[-1]))]  # untimed
-        sides[name] = {"model": model, "cache": cache, "token": token, "times": [],
+        caches = [model.new_cache(args.depth + args.tokens + 2) for _ in range(args.batch)]
+        for i, cache in enumerate(caches):
+            bench.fill_cache(model, cache, args.depth, seed=i)
+        token = [int(np.argmax(model.forward([1 + i], cache, last_only=True)[-1]))  # untimed
+                 for i, cache in enumerate(caches)]
+        sides[name] = {"model": model, "caches": caches, "token": token, "times": [],
                        "label": ",".join(f"{k}={v}" for k, v in opts.items()) or "defaults"}
         if tree:
             sides[name]["label"] += f" ({tree})"
@@ -93,17 +98,20 @@ def main() -> None:
         for name in ("ab" if i % 2 == 0 else "ba"):
             s = sides[name]
             t = time.perf_counter()
-            logits = s["model"].forward(s["token"], s["cache"], last_only=True)
+            if args.batch == 1:
+                logits = s["model"].forward(s["token"], s["caches"][0], last_only=True)
+            else:
+                logits = s["model"].forward_batch(s["token"], s["caches"])
             s["times"].append(time.perf_counter() - t)
-            s["token"] = [int(np.argmax(logits[-1]))]
+            s["token"] = [int(t) for t in np.argmax(logits, axis=-1)]
 
     for name, s in sides.items():
         ms = 1e3 * float(np.median(s["times"]))
-        print(f"{name}: {s['label']}: {ms:.1f} ms a token ({1e3 / ms:.2f} tok/s)")
+        print(f"{name}: {s['label']}: {ms:.1f} ms a step of {args.batch} ({1e3 * args.batch / ms:.2f} tok/s)")
     ratio = np.array(sides["a"]["times"]) / np.array(sides["b"]["times"])
     q1, q3 = np.percentile(ratio, [25, 75])
     print(f"a/b time per token: median {np.median(ratio):.3f} (quartiles {q1:.3f}-{q3:.3f}, "
-          f"{args.tokens} pairs at depth {args.depth}): b is {np.median(ratio):.3f}x as fast")
+          f"{args.tokens} pairs at depth {args.depth}, batch {args.batch}): b is {np.median(ratio):.3f}x as fast")
 
 
 if __name__ == "__main__":

@@ -561,7 +561,8 @@ def test_x8_moe_matvec_equals_rounded_x_then_matmul(case, one_x, specials):
 @given(st.integers(0, 2**32 - 1), st.integers(1, 3), st.integers(1, 6), st.floats(0.5, 20))
 def test_swiglu_x8_is_the_swiglu_then_x8_quantize(seed, m, blocks, spread):
     """f32_swiglu_x8 = x8_quantize_lanes of the SwiGLU f32_swiglu_lanes computes (the same
-    float values: that kernel is held to model.swiglu), bit for bit."""
+    float values: that kernel is held to model.swiglu), bit for bit; and its lane offsets, where
+    asked for, those of x8_quantize_blocks."""
     from tinyoss.model import SWIGLU_ALPHA
 
     rng = np.random.default_rng(seed)
@@ -574,8 +575,17 @@ def test_swiglu_x8_is_the_swiglu_then_x8_quantize(seed, m, blocks, spread):
     want_q, want_d = np.empty(lanes.shape, np.int8), np.empty((m, blocks), np.float32)
     kernels.x8_quantize_lanes(natural, want_q, want_d)
     q, d = np.empty_like(want_q), np.empty_like(want_d)
-    kernels.f32_swiglu_x8(h, limit, alpha, q, d)
+    kernels.f32_swiglu_x8(h, limit, alpha, q, d, np.zeros((m, 0), np.int32))  # no lane offsets
     assert np.array_equal(q, want_q) and np.array_equal(d, want_d)
+    # with them (a decode batch's VNNI kernels): as x8_quantize_blocks writes them
+    want_c = np.empty((m, kernels.x8_lane_slots(blocks)), np.int32)
+    kernels.x8_quantize_blocks(natural, np.empty_like(q), np.empty_like(d), want_c, 0)
+    c = np.full_like(want_c, 99)
+    q[:], d[:] = 0, 0
+    kernels.f32_swiglu_x8(h, limit, alpha, q, d, c)
+    assert np.array_equal(q, want_q) and np.array_equal(d, want_d)
+    if kernels.X8_TILES:  # (elsewhere x8_quantize_blocks writes no offsets)
+        assert np.array_equal(c, want_c)
 
 
 @pytest.mark.parametrize("nb", [1, 3, 4, 5, 17, 90])
@@ -799,6 +809,24 @@ def test_bias_swiglu_equals_numpy(seed, m, R, left, spread, limit):
         want = swiglu(h + bias, limit)
     np.testing.assert_allclose(wide[:, left:left + R], want, rtol=2e-6, atol=2e-36)
     assert (wide[:, :left] == 7).all() and (wide[:, left + R:] == 7).all()
+
+
+def test_bias_swiglu_at_the_exp_overflow_edge():
+    """Gates whose sigmoid takes exp(88.38 .. 88.72) (gates -52.13 .. -51.93): numpy's float32 exp
+    is finite there, and so is the vector exp (it gave inf from 88.38, the output -0 where numpy's
+    is ~1e-36: hypothesis found 2.15e-36 past the test above's atol)."""
+    from tinyoss.model import SWIGLU_ALPHA, swiglu
+
+    gates = np.linspace(-52.3, -51.8, 257, dtype=np.float32)
+    h = np.empty((1, 2 * gates.size), np.float32)
+    h[0, 0::2], h[0, 1::2] = gates, 7.0
+    out = np.empty((1, gates.size), np.float32)
+    kernels.f32_bias_swiglu(h, np.zeros(2 * gates.size, np.float32), np.float32(7.0),
+                            np.float32(SWIGLU_ALPHA), out)
+    with np.errstate(over="ignore"):
+        want = swiglu(h, 7.0)
+    assert (want != 0).sum() > 100  # most of them finite and not 0 in numpy
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-44)
 
 
 @SETTINGS

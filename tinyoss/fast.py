@@ -42,6 +42,7 @@ _NO_BIAS.flags.writeable = False  # read-only, as a checkpoint's biases: one com
 # serves the matrices with and without a bias (numba compiles each array type apart)
 _NO_EXPERT_BIAS = np.zeros((0, 0), np.uint16)  # (the int8 expert matmul's: bias added later)
 _NO_EXPERT_BIAS.flags.writeable = False
+_NO_OFFSETS = np.zeros((0, 0), np.int32)  # kernels.f32_swiglu_x8 without the VNNI lane offsets
 
 
 class TileMatmul:
@@ -467,19 +468,19 @@ def experts_grouped(c: Config, fl: FastLayer, t: np.ndarray, experts: np.ndarray
     chosen, starts = np.unique(experts.reshape(-1)[order], return_index=True)
     starts = np.append(starts, n * k).astype(np.int64)
     chosen = chosen.astype(np.int64)
-    x = t[tok]  # [n*k, D]
     h = np.empty((n * k, 2 * c.intermediate_size), np.float32)
     y = np.empty((n * k, c.hidden_size), np.float32)
     if fl.x8 and kernels.X8_TILES:  # int8 products (as prefill's experts_x8), one launch each
-        xq, aq = x8_arrays(n * k, c.hidden_size), x8_arrays(n * k, c.intermediate_size)
-        kernels.x8_quantize_blocks(x, *xq, 0)
+        tq = x8_arrays(n, c.hidden_size)
+        kernels.x8_quantize_blocks(t, *tq, 0)  # each token once, then a row per pair
+        xq, aq = tuple(v[tok] for v in tq), x8_arrays(n * k, c.intermediate_size)
         kernels.f32_mf4w_q8x_moe_matmul(lw.mlp1_blocks, lw.mlp1_scales, lw.mlp1_bias, chosen,
                                         starts, *xq, h)
-        kernels.x8_quantize_blocks(swiglu(h, c.swiglu_limit), *aq, 0)
+        kernels.f32_swiglu_x8(h, np.float32(c.swiglu_limit), np.float32(SWIGLU_ALPHA), *aq)
         kernels.f32_mf4w_q8x_moe_matmul(lw.mlp2_blocks, lw.mlp2_scales, lw.mlp2_bias, chosen,
                                         starts, *aq, y)
     else:
-        _experts_grouped_f32(c, fl, x, chosen, starts, h, y)
+        _experts_grouped_f32(c, fl, t[tok], chosen, starts, h, y)
     y *= weights.reshape(-1)[order, None]  # router weights
     by_token = np.empty_like(y)
     by_token[order] = y  # back to [n*k] in (token, slot) order
@@ -525,7 +526,8 @@ def expert_matvec_x8(c: Config, lw: LayerWeights, experts: np.ndarray,
     kernels.f32_mf4w_q8x_moe_matvec(lw.mlp1_blocks, lw.mlp1_scales, lw.mlp1_bias, experts, xq,
                                     xd, h)  # x: one row, read by all m
     aq, ad = np.empty((m, I), np.int8), np.empty((m, I // 32), np.float32)
-    kernels.f32_swiglu_x8(h, np.float32(c.swiglu_limit), np.float32(SWIGLU_ALPHA), aq, ad)
+    kernels.f32_swiglu_x8(h, np.float32(c.swiglu_limit), np.float32(SWIGLU_ALPHA), aq, ad,
+                          _NO_OFFSETS)
     y = np.empty((m, D), np.float32)
     kernels.f32_mf4w_q8x_moe_matvec(lw.mlp2_blocks, lw.mlp2_scales, lw.mlp2_bias, experts, aq,
                                     ad, y)

@@ -465,20 +465,25 @@ def f32_weighted_rows_add(x, y, w, out):
 
 
 @jit(parallel=True)
-def f32_swiglu_x8(h, limit, alpha, q, d):
+def f32_swiglu_x8(h, limit, alpha, q, d, c):
     """x8_quantize_lanes(model.swiglu(h)): the clamped SwiGLU (`_swiglu`, as f32_swiglu_lanes),
-    quantized block by block for the int8 expert matvec. h [m, 2I], q [m, I] int8, d [m, I/32] f32.
-    The blocks split across the threads: serial, its scalar exps took 0.2 ms a layer, 12 % of a
-    decoded token on 16 cores."""
+    quantized block by block for the int8 expert matvec. h [m, 2I], q [m, I] int8, d [m, I/32] f32;
+    c [m, x8_lane_slots(I/32)]: the lane offsets as x8_quantize_blocks writes them, for the VNNI
+    kernels of a decode batch (c of no columns: none). The blocks split across the threads:
+    serial, its scalar exps took 0.2 ms a layer, 12 % of a decoded token on 16 cores (and
+    x8_quantize_blocks, serial, 8 ms of a 205 ms 4-stream step on the Zen 4)."""
     m, I = q.shape
     nb = I // 32
+    offsets = c.shape[1] > 0
     for task in numba.prange(m * nb):
         j, b = task // nb, task % nb
         vals = np.empty(32, np.float32)
         for i in range(32):
-            c = 32 * b + i
-            vals[i] = _swiglu(h[j, 2 * c], h[j, 2 * c + 1], limit, alpha)
+            col = 32 * b + i
+            vals[i] = _swiglu(h[j, 2 * col], h[j, 2 * col + 1], limit, alpha)
         _x8_block(vals, q, d, j, b, nb)
+        if offsets:  # (a block's lanes meet only its own bytes: a task may write them)
+            _x8_block_offsets(q, c, j, b, nb)
 
 
 @jit(fastmath=True)
@@ -1181,8 +1186,7 @@ def f32_bias_swiglu(h, bias, limit, alpha, out):
     out [m, R], which may be a column slice of a wider array (a worker of the tile pool writes
     its tile's columns; serial: that worker is one of the threads). The sigmoid's exp is simd's
     vector expf (1 ULP; libm's, one at a time, took twice numpy's time), its argument capped at
-    89, where that exp gives inf as numpy's does (it overflows from 88.38 on, numpy's from
-    88.72: in between, a gate near -52 gives -0 where numpy gives ~1e-37). NaN stays NaN
+    89, where that exp gives inf as numpy's does (both finite up to 88.72). NaN stays NaN
     through the clamps, as in numpy. Twin: model.swiglu(h + bias) (rtol 2e-6, atol 2e-36)."""
     m, R = out.shape
     z = np.empty(R, np.float32)

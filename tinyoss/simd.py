@@ -1435,7 +1435,8 @@ def xor_lines(typingctx, words, off, count, ahead):
 # scalar expf costs ~30 cycles each, numpy's needs the scores in memory between two kernels. This
 # is Cephes' expf (range reduction by ln 2, a degree-5 polynomial, the power of two added to the
 # exponent bits): within 1 ULP of the true exp down to 1e-36, within 1e-5 relative down to
-# FLT_MIN (tests/test_kernels checks it against float64), as numpy's float32 exp. The caller
+# FLT_MIN (tests/test_kernels checks it against float64), as numpy's float32 exp; up to 88.72
+# finite, as numpy's, then inf. The caller
 # must not be fastmath (reassociation folds the two-step reduction). Arguments below EXP_MIN
 # give exp(EXP_MIN) ~ 1.2e-38 (the true value would be subnormal or 0): next to the softmax's
 # largest term, 1.0, the difference is below float32's resolution. NaN gives 1.2e-38 too: the
@@ -1462,9 +1463,18 @@ def _exp(builder, x, width: int):
     for c in _EXP_POLY[1:]:
         poly = builder.fadd(builder.fmul(poly, r, flags=_FMA), const(c), flags=_FMA)
     y = builder.fadd(builder.fadd(builder.fmul(poly, builder.fmul(r, r), flags=_FMA), r), const(1.0))
-    bits = builder.shl(builder.add(builder.fptosi(n, vi), ir.Constant(vi, [127] * width)),
-                       ir.Constant(vi, [23] * width))
-    return builder.fmul(y, builder.bitcast(bits, vf))
+    # 2**n as 2**h * 2**(n - h), h = n >> 1: both factors normal for n in -126 .. 128 (n = 128,
+    # from x = 88.38 on, would be inf's bits in one factor, where numpy's exp is finite up to
+    # 88.72); multiplying by powers of two rounds at most once, so every other result is the
+    # same as with one factor
+    ni = builder.fptosi(n, vi)
+    h = builder.ashr(ni, ir.Constant(vi, [1] * width))
+
+    def power(e):
+        return builder.bitcast(builder.shl(builder.add(e, ir.Constant(vi, [127] * width)),
+                                           ir.Constant(vi, [23] * width)), vf)
+
+    return builder.fmul(builder.fmul(y, power(h)), power(builder.sub(ni, h)))
 
 
 EXP_LANES = 16 if HAVE_AVX512 else 8  # exps a step of exp_shifted_sum
