@@ -198,3 +198,17 @@ def test_the_plain_draw_is_the_reference_draw(seed, n, temperature, masked):
     picks = [fast.sample(logits) for _ in range(20)]
     assert picks == [draw(slow.probabilities(logits), slow.rng) for _ in range(20)]
     assert all(np.isfinite(logits[p]) for p in picks)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 3000), st.integers(1, 4))
+def test_greedy_takes_the_first_largest_logit(seed, n, ties):
+    """Temperature 0 on float32 logits (argmax without a float64 copy): the lowest id among those
+    tied for the largest value, -inf logits beside them."""
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal(n).astype(np.float32)
+    logits[rng.random(n) < 0.3] = -np.inf
+    best = rng.choice(n, size=min(ties, n), replace=False)
+    logits[best] = 9.0
+    assert Sampler(temperature=0).sample(logits) == int(best.min())
+    assert Sampler(temperature=0).sample(logits.tolist()) == int(best.min())
