@@ -270,12 +270,12 @@ def test_seed_minus_one_draws_a_random_seed(tiny_checkpoint):
     seeds = []
     for _ in range(2):
         r = runner.invoke(app, ["run", "Hello", "-m", str(tiny_checkpoint), "-n", "2", "--raw", "--seed", "-1",
-                                "--stats"])
+                                "--stats", "--date", "2026-01-01"])  # (the prompt holds the date)
         assert r.exit_code == 0, r.output
         (seed,) = [int(s) for s in re.findall(r"^\[seed (\d+)\]$", r.stderr, flags=re.M)]
         seeds.append(seed)
     again = runner.invoke(app, ["run", "Hello", "-m", str(tiny_checkpoint), "-n", "2", "--raw",
-                                "--seed", str(seeds[-1])])
+                                "--seed", str(seeds[-1]), "--date", "2026-01-01"])
     assert again.exit_code == 0 and again.stdout == r.stdout  # the seed printed gives the same reply
 
 

@@ -24,8 +24,10 @@ def _env(**changes) -> dict:
 def test_a_first_run_says_it_is_compiling_then_never_again(tiny_checkpoint, tmp_path):
     """With an empty numba cache, `tinyoss run` says at once that it compiles, then how long it
     took (one line each: stderr is not a terminal here); with the cache filled, nothing."""
+    # a fixed --date: the prompt says the current date, and a first run that compiled across
+    # midnight UTC once replied to another prompt than the second (CI, 2026-12-06 ~23:59)
     args = [sys.executable, "-m", "tinyoss.cli", "run", "-m", str(tiny_checkpoint), "-n", "2",
-            "-t", "0", "Hello"]
+            "-t", "0", "--date", "2026-01-01", "Hello"]
     env = _env(NUMBA_CACHE_DIR=str(tmp_path / "numba"))
     first, again = (subprocess.run(args, capture_output=True, text=True, env=env, timeout=900,
                                    check=False) for _ in range(2))
