@@ -324,7 +324,7 @@ def moe(c: Config, fl: FastLayer, t: np.ndarray, x: np.ndarray) -> np.ndarray:
     experts, weights = np.empty((n, k), np.int64), np.empty((n, k), np.float32)
     kernels.f32_route(lw.router_w, lw.router_b, t, experts, weights)  # the same, in one call
     if n > MATVEC_MAX_TOKENS:  # a decode batch, a short prompt
-        return x + experts_grouped(c, fl, t, experts, weights)
+        return experts_grouped(c, fl, t, experts, weights, x)
     out = np.empty_like(t)
     for i in range(n):  # decode: the fused kernel, k experts at once
         if fl.x8:
@@ -456,12 +456,15 @@ def experts_x8(c: Config, fl: FastLayer, groups: list, xs: np.ndarray, y: np.nda
 
 
 def experts_grouped(c: Config, fl: FastLayer, t: np.ndarray, experts: np.ndarray,
-                    weights: np.ndarray) -> np.ndarray:
-    """A few tokens' experts, two kernel launches in all: t [n, D], experts/weights [n, k] ->
-    [n, D]. The (token, expert) pairs are sorted by expert, so each routed expert is read once
-    for every token that chose it (kernels.f32_mf4w_moe_matmul); then weighted and summed per
-    token. x8 (expert_input="q8"): the inputs as int8 blocks, multiplied in int8 where the CPU
-    has AVX-512 VNNI (kernels.f32_mf4w_q8x_moe_matmul), else rounded in float first."""
+                    weights: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """A few tokens' experts, two kernel launches in all: t [n, D], experts/weights [n, k], x
+    [n, D] (the residual) -> x + the weighted sum [n, D]. The (token, expert) pairs are sorted
+    by expert, so each routed expert is read once for every token that chose it
+    (kernels.f32_mf4w_moe_matmul); then weighted and summed onto the residual as prefill's are
+    (kernels.f32_moe_combine). x8 (expert_input="q8"): the inputs as int8 blocks, multiplied in
+    int8 where the CPU has AVX-512 VNNI (kernels.f32_mf4w_q8x_moe_matmul), else rounded in
+    float first. The float path's gather and final sums are kernels, not numpy: a 4-token
+    step's Python and numpy 13.6 -> 8.4 ms of ~280 on the Zen 4 (`profile_decode.py --batch 4`)."""
     lw, (n, k) = fl.lw, experts.shape
     order = np.argsort(experts.reshape(-1), kind="stable")  # [n*k] pairs grouped by expert
     tok = order // k  # the token of each pair
@@ -480,22 +483,19 @@ def experts_grouped(c: Config, fl: FastLayer, t: np.ndarray, experts: np.ndarray
         kernels.f32_mf4w_q8x_moe_matmul(lw.mlp2_blocks, lw.mlp2_scales, lw.mlp2_bias, chosen,
                                         starts, *aq, y)
     else:
-        _experts_grouped_f32(c, fl, t[tok], chosen, starts, h, y)
-    y *= weights.reshape(-1)[order, None]  # router weights
-    by_token = np.empty_like(y)
-    by_token[order] = y  # back to [n*k] in (token, slot) order
-    return by_token.reshape(n, k, c.hidden_size).sum(axis=1)
-
-
-def _experts_grouped_f32(c: Config, fl: FastLayer, x: np.ndarray, chosen: np.ndarray,
-                         starts: np.ndarray, h: np.ndarray, y: np.ndarray) -> None:
-    """experts_grouped's two matmuls in float (x8: the inputs rounded in float first)."""
-    lw = fl.lw
-    kernels.f32_mf4w_moe_matmul(lw.mlp1_blocks, lw.mlp1_scales, lw.mlp1_bias, chosen, starts,
-                                kernels.to_lane_order(x8_round_trip(x) if fl.x8 else x), h)
-    a = kernels.to_lane_order(x8_round_trip(swiglu(h, c.swiglu_limit))) if fl.x8 else \
-        swiglu_lanes(c, h)
-    kernels.f32_mf4w_moe_matmul(lw.mlp2_blocks, lw.mlp2_scales, lw.mlp2_bias, chosen, starts, a, y)
+        xs = np.empty((n * k, c.hidden_size), np.float32)  # each pair's token, in lane order
+        kernels.f32_gather_rows(kernels.to_lane_order(x8_round_trip(t) if fl.x8 else t), tok, xs)
+        kernels.f32_mf4w_moe_matmul(lw.mlp1_blocks, lw.mlp1_scales, lw.mlp1_bias, chosen, starts,
+                                    xs, h)
+        a = kernels.to_lane_order(x8_round_trip(swiglu(h, c.swiglu_limit))) if fl.x8 else \
+            swiglu_lanes(c, h)
+        kernels.f32_mf4w_moe_matmul(lw.mlp2_blocks, lw.mlp2_scales, lw.mlp2_bias, chosen, starts,
+                                    a, y)
+    pairs = np.empty(n * k, np.int64)
+    pairs[order] = np.arange(n * k)  # the row of y of each (token, slot)
+    out = np.empty_like(x)
+    kernels.f32_moe_combine(x, y, pairs.reshape(n, k), weights, out)
+    return out
 
 
 def expert_matvec(c: Config, lw: LayerWeights, experts: np.ndarray, x: np.ndarray) -> np.ndarray:

@@ -466,8 +466,8 @@ def f32_weighted_rows_add(x, y, w, out):
 
 @jit(parallel=True)
 def f32_swiglu_x8(h, limit, alpha, q, d, c):
-    """x8_quantize_lanes(model.swiglu(h)): the clamped SwiGLU (`_swiglu`, as f32_swiglu_lanes),
-    quantized block by block for the int8 expert matvec. h [m, 2I], q [m, I] int8, d [m, I/32] f32;
+    """x8_quantize_lanes(model.swiglu(h)): the clamped SwiGLU (`_swiglu_block`, as
+    f32_swiglu_lanes), quantized block by block for the int8 expert matvec. h [m, 2I], q [m, I] int8, d [m, I/32] f32;
     c [m, x8_lane_slots(I/32)]: the lane offsets as x8_quantize_blocks writes them, for the VNNI
     kernels of a decode batch (c of no columns: none). The blocks split across the threads:
     serial, its scalar exps took 0.2 ms a layer, 12 % of a decoded token on 16 cores (and
@@ -478,9 +478,7 @@ def f32_swiglu_x8(h, limit, alpha, q, d, c):
     for task in numba.prange(m * nb):
         j, b = task // nb, task % nb
         vals = np.empty(32, np.float32)
-        for i in range(32):
-            col = 32 * b + i
-            vals[i] = _swiglu(h[j, 2 * col], h[j, 2 * col + 1], limit, alpha)
+        _swiglu_block(h, j, b, False, limit, alpha, vals)
         _x8_block(vals, q, d, j, b, nb)
         if offsets:  # (a block's lanes meet only its own bytes: a task may write them)
             _x8_block_offsets(q, c, j, b, nb)
@@ -644,21 +642,31 @@ def f32_swiglu_lanes(h, limit, alpha, out):
     m, I = out.shape
     for task in numba.prange(m * (I // 32)):  # a block of 32 lanes a task, on every thread
         j, b = task // (I // 32), task % (I // 32)
-        for i in range(32 * b, 32 * b + 32):
-            c = lane_element(i, I // 32)
-            out[j, i] = _swiglu(h[j, 2 * c], h[j, 2 * c + 1], limit, alpha)
+        _swiglu_block(h, j, b, True, limit, alpha, out[j, 32 * b:32 * b + 32])
 
 
 @jit()
-def _swiglu(g, u, limit, alpha):
-    """model.swiglu of one (gate, up) pair: the gate clamped above only, up both ways."""
-    return _swiglu_given(g, u, limit, np.exp(-alpha * (limit if g > limit else g)))
+def _swiglu_block(h, j, b, lanes, limit, alpha, out):
+    """out[i] = model.swiglu of block b's element i of row j of h (i < 32), or with lanes, of the
+    element in its lane i (`lane_element(32 b + i)`): the 32 exps at once (simd's vector expf,
+    as f32_bias_swiglu; one at a time they were most of a decode batch's SwiGLU)."""
+    nb = h.shape[1] // 64
+    z, cols = np.empty(32, np.float32), np.empty(32, np.int64)
+    for i in range(32):
+        c = cols[i] = lane_element(32 * b + i, nb) if lanes else 32 * b + i
+        g = h[j, 2 * c]
+        if g > limit:  # (a NaN gate stays NaN: the comparison is false)
+            g = limit
+        z[i] = min(-alpha * g, np.float32(89.0))
+    exp_shifted_sum(z, 0, 32, np.float32(0.0))  # z <- exp(z)
+    for i in range(32):
+        out[i] = _swiglu_given(h[j, 2 * cols[i]], h[j, 2 * cols[i] + 1], limit, z[i])
 
 
 @jit()
 def _swiglu_given(g, u, limit, e):
-    """_swiglu with e = exp(-alpha * the clamped gate) already taken (f32_bias_swiglu takes its
-    exps 16 at a time)."""
+    """model.swiglu of one (gate, up) pair, the gate clamped above only, up both ways, given
+    e = exp(-alpha * the clamped gate) (the kernels take their exps 16 at a time)."""
     if g > limit:
         g = limit
     if u > limit:
