@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
@@ -26,7 +25,7 @@ from .config import Config
 from .errors import NonFiniteError
 from .model import SWIGLU_ALPHA, KVCache, LayerWeights, Weights, rope_cos_sin, swiglu
 from .quant import x8_round_trip
-from .store import bf16_to_f32
+from .store import bf16_to_f32, scratch
 
 MATVEC_MAX_TOKENS = 1  # decode: one token, the matvec kernels
 FUSED_MAX_TOKENS = 8  # up to this many tokens, fused kernels (each weight decoded once, the
@@ -59,17 +58,12 @@ class TileMatmul:
     """
 
     def __init__(self):
-        self._local = threading.local()
         self._pool: ThreadPoolExecutor | None = None
         self._workers = 0
 
     def buffer(self, name: str, rows: int, cols: int) -> np.ndarray:
-        """This thread's reused float32 buffer `name`, as [rows, cols]."""
-        buf = getattr(self._local, name, None)
-        if buf is None or buf.size < rows * cols:
-            buf = np.empty(rows * cols, np.float32)
-            setattr(self._local, name, buf)
-        return buf[:rows * cols].reshape(rows, cols)
+        """This thread's reused float32 buffer `name` (store.scratch), as [rows, cols]."""
+        return scratch("tiles " + name, rows * cols).reshape(rows, cols)
 
     def product(self, x: np.ndarray, tile: np.ndarray) -> np.ndarray:
         """x [n, C] @ tile.T -> [n, r] in this thread's buffer (BLAS held to one thread): for up
@@ -288,25 +282,13 @@ def attend_one(q: np.ndarray, k_buf: np.ndarray, v_buf: np.ndarray, count: int,
     assert 0 < count <= slots  # the kernels read the buffers unchecked
     qh = q[0].reshape(Hkv, -1, dh)  # [Hkv, q_mult, dh]
     q_mult = qh.shape[1]
-    scores = _scratch(Hkv * q_mult * count).reshape(Hkv, q_mult, count)
+    scores = scratch("scores", Hkv * q_mult * count).reshape(Hkv, q_mult, count)
     kernels.f32_decode_scores(qh, k_buf, count, scores)
     denom = np.empty(Hkv * q_mult, np.float32)
     kernels.f32_softmax_rows(scores.reshape(-1, count), sinks, denom)  # the sink: one more column
     out = np.empty((Hkv, q_mult, dh), np.float32)
     kernels.f32_decode_values(scores, v_buf, count, denom, out)
     return out.reshape(1, -1)
-
-
-_SCRATCH = threading.local()
-
-
-def _scratch(n: int) -> np.ndarray:
-    """A float32 buffer of n values, reused across calls of this thread (a fresh MB-sized array
-    page-faults on every decoded token)."""
-    buf = getattr(_SCRATCH, "buf", None)
-    if buf is None or buf.size < n:
-        buf = _SCRATCH.buf = np.empty(max(n, 2 * (0 if buf is None else buf.size)), np.float32)
-    return buf[:n]
 
 
 def moe(c: Config, fl: FastLayer, t: np.ndarray, x: np.ndarray) -> np.ndarray:
