@@ -103,7 +103,7 @@ def main() -> None:
             else:
                 logits = s["model"].forward_batch(s["token"], s["caches"])
             s["times"].append(time.perf_counter() - t)
-            s["token"] = [int(t) for t in np.argmax(logits, axis=-1)]
+            s["token"] = [int(token) for token in np.argmax(logits, axis=-1)]
 
     for name, s in sides.items():
         ms = 1e3 * float(np.median(s["times"]))

@@ -467,11 +467,11 @@ def f32_weighted_rows_add(x, y, w, out):
 @jit(parallel=True)
 def f32_swiglu_x8(h, limit, alpha, q, d, c):
     """x8_quantize_lanes(model.swiglu(h)): the clamped SwiGLU (`_swiglu_block`, as
-    f32_swiglu_lanes), quantized block by block for the int8 expert matvec. h [m, 2I], q [m, I] int8, d [m, I/32] f32;
-    c [m, x8_lane_slots(I/32)]: the lane offsets as x8_quantize_blocks writes them, for the VNNI
-    kernels of a decode batch (c of no columns: none). The blocks split across the threads:
-    serial, its scalar exps took 0.2 ms a layer, 12 % of a decoded token on 16 cores (and
-    x8_quantize_blocks, serial, 8 ms of a 205 ms 4-stream step on the Zen 4)."""
+    f32_swiglu_lanes), quantized block by block for the int8 expert matvec. h [m, 2I], q [m, I]
+    int8, d [m, I/32] f32; c [m, x8_lane_slots(I/32)]: the lane offsets as x8_quantize_blocks
+    writes them, for the VNNI kernels of a decode batch (c of no columns: none). The blocks split
+    across the threads: serial, its scalar exps took 0.2 ms a layer, 12 % of a decoded token on
+    16 cores (and x8_quantize_blocks, serial, 8 ms of a 205 ms 4-stream step on the Zen 4)."""
     m, I = q.shape
     nb = I // 32
     offsets = c.shape[1] > 0
@@ -666,7 +666,8 @@ def _swiglu_block(h, j, b, lanes, limit, alpha, out):
 @jit()
 def _swiglu_given(g, u, limit, e):
     """model.swiglu of one (gate, up) pair, the gate clamped above only, up both ways, given
-    e = exp(-alpha * the clamped gate) (the kernels take their exps 16 at a time)."""
+    e = exp(-alpha * the clamped gate) (the kernels take their exps as vectors:
+    simd.exp_shifted_sum)."""
     if g > limit:
         g = limit
     if u > limit:
