@@ -180,7 +180,10 @@ def test_q8_kernels_equal_numpy(seed, R, nb):
 @st.composite
 def attention_case(draw):
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    Hkv, q_mult, dh = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.sampled_from([2, 8, 16]))
+    if draw(st.booleans()):  # gpt-oss's shape: f32_attention runs the decode kernels' steps
+        Hkv, q_mult, dh = draw(st.integers(1, 2)), 8, 64
+    else:
+        Hkv, q_mult, dh = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.sampled_from([2, 8, 16]))
     cached, n = draw(st.integers(0, 40)), draw(st.integers(1, 12))
     window = draw(st.sampled_from([0, 1, 3, 8, 64]))
     T = cached + n
@@ -219,6 +222,24 @@ def test_attention_equals_sdpa(case, kv):
     out = np.empty_like(want)
     kernels.f32_attention(q, k_buf, v_buf, sinks, cached, 0, 0, 0, window, out)
     _close(out, want, np.abs(v).max() * 1.0)
+
+
+@SETTINGS
+@given(attention_case(), st.sampled_from(["f32", "bf16"]))
+def test_attention_reads_keys_from_a_first_position(case, kv):
+    """As prefill passes a banded layer's keys: buffers that start at position `first` (the
+    first any query sees; k_pos0 = first_pos = first)."""
+    q, k, v, sinks, cached, window = case
+    window = max(window, 1)
+    first = max(0, cached - window + 1)
+    head_major = lambda a: np.ascontiguousarray(a.transpose(1, 0, 2))  # noqa: E731
+    (k_buf, k_seen), (v_buf, v_seen) = (_as_kv(head_major(a[first:]), kv) for a in (k, v))
+    k, v = np.zeros_like(k), np.zeros_like(v)  # positions before `first`: masked by the band
+    k[first:], v[first:] = k_seen.transpose(1, 0, 2), v_seen.transpose(1, 0, 2)
+    want = _sdpa_twin(q, k, v, sinks, cached, window)
+    out = np.empty_like(want)
+    kernels.f32_attention(q, k_buf, v_buf, sinks, cached, first, 0, first, window, out)
+    _close(out, want, np.abs(v).max())
 
 
 @SETTINGS

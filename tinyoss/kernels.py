@@ -1007,12 +1007,17 @@ def f32_attention(q, k_buf, v_buf, sinks, q_pos0, first_pos, ring, k_pos0, windo
     Query i sits at position q_pos0 + i and sees positions max(first_pos, pos - window + 1)..pos
     (window 0 = full causal); only those keys are touched. The key of position p is in slot
     p % ring of a ring buffer (ring > 0), else in slot p - k_pos0.
+    gpt-oss's shape (8 queries of 64 per KV head) over slots in order (ring 0: what prefill
+    passes) runs decode's kernels for each (token, KV head): simd.qk8_scores, the softmax,
+    simd.weighted_rows64 (`_attend_rows`); others plain loops.
     Twin: model.sdpa with model.attention_scores_mask (rtol 1e-5).
     """
     n, Hq, dh = q.shape
-    Hkv = k_buf.shape[0]
+    Hkv, S = k_buf.shape[0], k_buf.shape[1]
     q_mult = Hq // Hkv
     scale = np.float32(1.0 / math.sqrt(dh))
+    rows = ring == 0 and q_mult == QK_HEADS and dh == QK_DIM
+    flat_k, flat_v, flat_out = k_buf.reshape(-1), v_buf.reshape(-1), out.reshape(-1)
     for task in numba.prange(n * Hkv):
         i = task // Hkv
         h = task % Hkv
@@ -1022,6 +1027,10 @@ def f32_attention(q, k_buf, v_buf, sinks, q_pos0, first_pos, ring, k_pos0, windo
             lo = max(lo, pos - window + 1)
         T = pos - lo + 1
         scores = np.empty((q_mult, T), np.float32)
+        if rows:
+            _attend_rows(q, i, h, flat_k, flat_v, (h * S + lo - k_pos0) * dh, T, scale, sinks,
+                         scores.reshape(-1), flat_out, (i * Hq + h * q_mult) * dh)
+            continue
         for t in range(T):
             p = lo + t
             row = p % ring if ring > 0 else p - k_pos0
@@ -1101,25 +1110,10 @@ def f32_decode_values(w, v_buf, count, denom, out):
     qm = w.shape[1]
     flat_w, flat_v, flat_out = w.reshape(-1), v_buf.reshape(-1), out.reshape(-1)
     if dh == QK_DIM:
-        chunk = 16  # value rows (4 KiB) that stay in L1 while the q_mult queries use them (from L2
-        # the 8 loads per FMA step wait on its bandwidth: 256 keys took 1.7x as long)
-        passes = -(-qm // VALUE_QUERIES)  # over a chunk: VALUE_QUERIES queries a pass
-        ahead = -(-chunk // passes)  # each pass prefetches this many rows of the chunk after
-        # next (memory streams in while the chunk in L1 is summed: 17 % less time at 4096 keys
-        # than no prefetch with 64-row chunks and the next one asked for; 16 rows and the one after
-        # next, 1.09-1.15x that on the Zen 5, in one process: 32 or 64 rows, 8, or 1 or 3-6 ahead
-        # were slower)
         for h in numba.prange(Hkv):
             flat_out[h * qm * dh:(h + 1) * qm * dh] = 0.0
-            for t0 in range(0, count, chunk):
-                n = min(chunk, count - t0)
-                for p in range(passes):
-                    hm = h * qm + p * VALUE_QUERIES
-                    first = t0 + 2 * chunk + p * ahead
-                    k = max(0, min(ahead, count - first))
-                    weighted_rows64(min(VALUE_QUERIES, qm - p * VALUE_QUERIES), flat_w,
-                                    hm * count + t0, 1, count, flat_v, (h * S + t0) * dh, n,
-                                    flat_out, hm * dh, (h * S + first) * dh, k)
+            _weighted_values64(flat_w, h * qm * count, count, qm, flat_v, h * S * dh, flat_out,
+                               h * qm * dh)
             for hm in range(h * qm, (h + 1) * qm):
                 for d in range(dh):
                     flat_out[hm * dh + d] /= denom[hm]
@@ -1131,6 +1125,50 @@ def f32_decode_values(w, v_buf, count, denom, out):
             for t in range(count):
                 acc += w[h, m, t] * kv_float(v_buf[h, t, d])
             out[h, m, d] = acc / denom[task]
+
+
+@jit(fastmath=True)
+def _weighted_values64(flat_w, w_off, count, qm, flat_v, v_off, flat_out, o_off):
+    """flat_out[o_off + 64 m + d] += sum_t flat_w[w_off + m count + t] flat_v[v_off + 64 t + d]
+    for m < qm queries, t < count value rows (float32 or bf16 bits) of 64: simd.weighted_rows64
+    over chunks of rows that stay in L1 while the queries use them."""
+    chunk = 16  # value rows (4 KiB) that stay in L1 while the qm queries use them (from L2 the 8
+    # loads per FMA step wait on its bandwidth: 256 keys took 1.7x as long)
+    passes = -(-qm // VALUE_QUERIES)  # over a chunk: VALUE_QUERIES queries a pass
+    ahead = -(-chunk // passes)  # each pass prefetches this many rows of the chunk after next
+    # (memory streams in while the chunk in L1 is summed: 17 % less time at 4096 keys than no
+    # prefetch with 64-row chunks and the next one asked for; 16 rows and the one after next,
+    # 1.09-1.15x that on the Zen 5, in one process: 32 or 64 rows, 8, or 1 or 3-6 ahead were
+    # slower)
+    for t0 in range(0, count, chunk):
+        n = min(chunk, count - t0)
+        for p in range(passes):
+            first = t0 + 2 * chunk + p * ahead
+            weighted_rows64(min(VALUE_QUERIES, qm - p * VALUE_QUERIES), flat_w,
+                            w_off + p * VALUE_QUERIES * count + t0, 1, count, flat_v,
+                            v_off + t0 * QK_DIM, n, flat_out, o_off + p * VALUE_QUERIES * QK_DIM,
+                            v_off + first * QK_DIM, max(0, min(ahead, count - first)))
+
+
+@jit(fastmath=True)
+def _attend_rows(q, i, h, flat_k, flat_v, kv_off, T, scale, sinks, scores, flat_out, o_off):
+    """f32_attention's gpt-oss shape: token i's QK_HEADS queries of KV head h (q [n, Hq, dh])
+    against the T keys and values from element kv_off of the flat buffers (slots in order), out
+    at flat_out[o_off:]: the decode kernels' three steps, per token. scores: room for [8, T]."""
+    qm, dh = QK_HEADS, QK_DIM
+    qt = np.empty(dh * qm, np.float32)  # the queries transposed: [dh, qm]
+    for d in range(dh):
+        for m in range(qm):
+            qt[d * qm + m] = q[i, h * qm + m, d]
+    qk8_scores(qt, 0, flat_k, kv_off, T, scale, scores, 0, T)
+    denom = np.empty(qm, np.float32)
+    for m in range(qm):
+        denom[m] = _softmax_row(scores, m * T, T, sinks[h * qm + m])
+    flat_out[o_off:o_off + qm * dh] = 0.0
+    _weighted_values64(scores, 0, T, qm, flat_v, kv_off, flat_out, o_off)
+    for m in range(qm):
+        for d in range(dh):
+            flat_out[o_off + m * dh + d] /= denom[m]
 
 
 @jit()  # not fastmath (nor is what it inlines, called from a fastmath kernel): see below
