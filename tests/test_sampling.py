@@ -3,6 +3,7 @@ probabilities, and a seed fixes the sequence. Expected sets are computed here fr
 (sorting probabilities), not with the module's own helpers."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -212,3 +213,17 @@ def test_greedy_takes_the_first_largest_logit(seed, n, ties):
     logits[best] = 9.0
     assert Sampler(temperature=0).sample(logits) == int(best.min())
     assert Sampler(temperature=0).sample(logits.tolist()) == int(best.min())
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-40, 1e-300, 5e-324])
+@pytest.mark.parametrize("filters", [{}, {"top_k": 5}])
+def test_a_tiny_temperature_draws_among_the_largest_logits(temperature, filters):
+    """A temperature near 0 (where 1/temperature overflows float32, or float64) is greedy in the
+    limit: every draw is one of the logits tied for the largest, never a NaN's last id, and no
+    numpy warning (the CLI prints those)."""
+    logits = np.array([0.5, 3.0, -np.inf, 3.0, 2.9999998, -1.0], np.float32)
+    sampler = Sampler(temperature=temperature, seed=0, **filters)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        picks = {sampler.sample(logits) for _ in range(40)}
+    assert picks == {1, 3}
