@@ -144,6 +144,20 @@ def test_chat_commands(monkeypatch, tmp_path):
     assert second == "Again<|end|><|start|>assistant"
 
 
+def test_chat_save_replaces_a_conversation_but_no_other_file(monkeypatch, tmp_path):
+    model = ScriptedModel(FINAL, FINAL)
+    monkeypatch.setattr(cli, "_open_model", lambda *args: model)
+    mine = tmp_path / "notes.json"
+    mine.write_text('{"todo": 1}\n')
+    script = "\n".join([f"/save {mine}", "Hi", f"/save {tmp_path}/t.json", "Again",
+                        f"/save {tmp_path}/t.json", "/quit"])
+    r = runner.invoke(app, ["chat", "--date", DATE], input=script)
+    assert r.exit_code == 0, r.output
+    assert f"error: {mine} exists and is not a saved conversation" in r.stderr
+    assert mine.read_text() == '{"todo": 1}\n'
+    assert len(json.loads((tmp_path / "t.json").read_text())["messages"]) == 4  # replaced
+
+
 def test_chat_keeps_the_history_and_reuses_the_cache(monkeypatch):
     model = ScriptedModel(FINAL, FINAL)
     monkeypatch.setattr(cli, "_open_model", lambda *args: model)

@@ -161,6 +161,22 @@ def test_inspect_raw_tokenizes_the_text_as_it_is(tiny_checkpoint):
     assert r.output.startswith("2 tokens, 4 layers")
 
 
+def test_inspect_save_replaces_a_recording_but_no_other_file(tiny_checkpoint, tmp_path):
+    """--save never overwrites a file that is not a tinyoss recording (nothing is run or
+    written); an earlier recording is replaced, and no temporary file is left beside it."""
+    mine = tmp_path / "notes.txt"
+    mine.write_text("keep me\n")
+    r = runner.invoke(app, ["inspect", str(tiny_checkpoint), "hi", "--save", str(mine)])
+    assert r.exit_code == 1 and "exists and is not a tinyoss recording" in r.output
+    assert mine.read_text() == "keep me\n"
+    out = tmp_path / "rec.npz"
+    for prompt in ("hi", "hello world"):
+        r = runner.invoke(app, ["inspect", str(tiny_checkpoint), prompt, "--raw", "--save", str(out)])
+        assert r.exit_code == 0, r.output
+    assert len(Recording.load(out).tokens) == 2  # the second run's "hello world"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "rec.npz"]
+
+
 @pytest.mark.parametrize("args,message", [
     (["{ckpt}", "  "], "the prompt is empty"),
     (["{tmp}/nothing", "hi"], "no such checkpoint folder"),

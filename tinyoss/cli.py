@@ -855,12 +855,25 @@ class ChatSession:
         transcript = {"reasoning": self.options["reasoning"], "date": self.options["date"],
                       "instructions": self.options["instructions"], "system": self.system,
                       "messages": messages}
+        if path.exists() and not _is_transcript(path):  # (an earlier /save may be replaced)
+            typer.secho(f"error: {path} exists and is not a saved conversation: give a new name "
+                        "(it is left as it is)", fg=typer.colors.RED, err=True)
+            return
         try:
             path.write_text(json.dumps(transcript, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         except OSError as e:
             typer.secho(f"error: {path}: {e.strerror or e}", fg=typer.colors.RED, err=True)
             return
         typer.echo(f"[saved {len(messages)} messages to {path}]", err=True)
+
+
+def _is_transcript(path: Path) -> bool:
+    """Whether path holds a conversation `chat`'s /save wrote (JSON with its keys)."""
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and {"messages", "system", "reasoning"} <= saved.keys()
 
 
 @app.command()
@@ -952,6 +965,11 @@ def inspect_(
             fail(f"--save {save}: no such folder {save.parent}")
         if not os.access(save.parent, os.W_OK) or (save.exists() and not os.access(save, os.W_OK)):
             fail(f"--save {save}: not writable")
+        from .recorder import is_recording
+
+        if save.exists() and not is_recording(save):  # (an earlier recording may be replaced)
+            fail(f"--save {save}: the file exists and is not a tinyoss recording: give a new name "
+                 "(it is left as it is)")
     tokenizer = get_tokenizer()
     if raw:
         tokens = tokenizer.encode(prompt, allowed_special="all")

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -207,8 +209,14 @@ class Recording:
                   "lens_ids": self.lens_ids, "lens_logits": self.lens_logits}
         for L, layer in enumerate(self.layers):
             arrays.update({f"layer{L}.{name}": value for name, value in layer.items()})
-        with open(path, "wb") as f:  # a file object: numpy would append .npz to a bare name
-            np.savez_compressed(f, **arrays)
+        fd, part = tempfile.mkstemp(dir=Path(path).parent, prefix=".", suffix=".npz.part")
+        try:  # into a file beside it, then renamed: never half a recording at `path`
+            with os.fdopen(fd, "wb") as f:  # (a file object: numpy would append .npz to a name)
+                np.savez_compressed(f, **arrays)
+            os.replace(part, path)
+        except BaseException:
+            Path(part).unlink(missing_ok=True)
+            raise
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Recording":
@@ -255,6 +263,15 @@ def record(model: Model, tokens, cache: KVCache | None = None, lens_top: int = 5
                      logits=recorder.final["logits"],
                      lens_ids=np.stack([ids for ids, _ in lens]),
                      lens_logits=np.stack([vals for _, vals in lens]))
+
+
+def is_recording(path: str | os.PathLike) -> bool:
+    """Whether the file at path is a tinyoss recording (what `inspect --save` may replace)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return "format" in f.files and str(f["format"]) == FORMAT
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, AttributeError):
+        return False  # (AttributeError: a plain .npy array has no .files)
 
 
 def format_summary(rec: Recording, token_text: Callable[[int], str] = str,
