@@ -62,6 +62,11 @@ def test_missing_key_is_named(layout, key, path):
     ("head_dim", 0, "must be positive"),
     ("num_experts", True, "must be a int"),
     ("rope_theta", -1, "must be positive"),
+    ("num_hidden_layers", 10**30, "must be at most 2147483647"),  # (was a hang)
+    ("num_hidden_layers", 5000, "must be at most 4096"),
+    ("sliding_window", 10**30, "must be at most 2147483647"),  # (was an OverflowError later)
+    ("sliding_window", 1e30, "must be at most 2147483647"),
+    ("swiglu_limit", 1e308, "must be at most 3.403e"),  # (was inf in float32, and warnings)
 ])
 def test_invalid_value_is_named(key, value, why):
     raw = dict(MANIFEST["gpt-oss-20b"]["original"]["config"], **{key: value})

@@ -98,3 +98,12 @@ def test_refuses_to_overwrite(tmp_path):
     with pytest.raises(TinyossError, match="already exists"):
         synth.write_checkpoint(tmp_path / "m", synth.preset_config("tiny", vocab_size=300))
     assert (tmp_path / "m" / "keep").read_text() == "x"
+
+
+def test_an_absurd_layer_count_is_refused_at_once():
+    """--layers 10**30 (`preset_config(num_hidden_layers=...)`) is named, not a hang building a
+    tuple per layer."""
+    from tinyoss.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'num_hidden_layers' must be at most 4096"):
+        synth.preset_config("tiny", num_hidden_layers=10**30)

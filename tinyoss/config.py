@@ -109,18 +109,29 @@ def _lookup(raw: dict, path: tuple[str, ...]) -> Any:
     return node
 
 
+INT_MAX = 2**31 - 1  # the largest integer a config field may hold
+FLOAT32_MAX = 3.4028234663852886e38  # the largest float one may hold
+MAX_LAYERS = 4096
+
+
 def _coerce(value: Any, kind: type, key: str, source: str) -> Any:
     """Accept JSON numbers of the right kind; bool is not an int here."""
     if kind is bool:
         if isinstance(value, bool):
             return value
     elif kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
         if isinstance(value, float) and value.is_integer():
-            return int(value)
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > INT_MAX:  # (10**30 layers or slots: a hang or an overflow later)
+                raise ConfigError(f"{source}: key '{key}' must be at most {INT_MAX}, got "
+                                  f"{short_repr(value)}")
+            return value
     elif kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            if abs(value) > FLOAT32_MAX:  # the kernels take it as a float32
+                raise ConfigError(f"{source}: key '{key}' must be at most {FLOAT32_MAX:.4g} (a "
+                                  f"float32), got {short_repr(value)}")
             return float(value)
     raise ConfigError(f"{source}: key '{key}' must be a {kind.__name__}, got {short_repr(value)}")
 
@@ -155,6 +166,9 @@ def config_from_dict(raw: Any, source: str = "config.json") -> Config:
     if n_layers <= 0:  # before layer_types, which would otherwise take the blame
         raise ConfigError(f"{source}: key '{keys['num_hidden_layers']}' must be positive, "
                           f"got {n_layers}")
+    if n_layers > MAX_LAYERS:  # (gpt-oss has 24 or 36; a tuple per layer is built next)
+        raise ConfigError(f"{source}: key '{keys['num_hidden_layers']}' must be at most "
+                          f"{MAX_LAYERS}, got {n_layers}")
     values["layer_sliding"] = _layer_sliding(raw, hf, n_layers, source)
     config = Config(**values)
     _validate(config, source, keys)

@@ -26,8 +26,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .config import Config, config_from_dict, to_hf_dict, to_original_dict
-from .errors import TinyossError, TinyossTypeError, expect_type
+from .config import MAX_LAYERS, Config, config_from_dict, to_hf_dict, to_original_dict
+from .errors import ConfigError, TinyossError, TinyossTypeError, expect_type
 from .store import (_ITEMSIZE, HF_INDEX, Spec, f32_to_bf16, layout_table,
                     safetensors_header)
 
@@ -64,6 +64,9 @@ def preset_config(preset: str, **overrides) -> Config:
             expect_type(value, kinds[key], key)
     changes = {k: v for k, v in overrides.items() if v is not None}
     n_layers = changes.get("num_hidden_layers", base.num_hidden_layers)
+    if n_layers > MAX_LAYERS:  # (before a tuple of that many; config_from_dict checks the rest)
+        raise ConfigError(f"preset {preset}: key 'num_hidden_layers' must be at most "
+                          f"{MAX_LAYERS}, got {n_layers}")
     changes["layer_sliding"] = tuple(i % 2 == 0 for i in range(n_layers))
     # round-trip through the HF dict so overrides get the same validation as a config.json
     return config_from_dict(to_hf_dict(dataclasses.replace(base, **changes)), f"preset {preset}")
