@@ -111,3 +111,7 @@ def test_info_memory_plans_for_the_memory_and_speeds_given(make_checkpoint):
     r = subprocess.run([sys.executable, "-m", "tinyoss.cli", "info", "-m", str(folder), "--memory",
                         "--disk-bw", "-1"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.strip() == "error: --disk-bw must be a positive number, got -1.0"
+    for flag in ("--available", "--memory-bw"):  # (inf: a traceback each, an overflow and a 0 / 0)
+        r = subprocess.run([sys.executable, "-m", "tinyoss.cli", "info", "-m", str(folder), "--memory",
+                            flag, "inf"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and r.stderr.strip() == f"error: {flag} must be a positive number, got inf"

@@ -507,11 +507,20 @@ def test_tinyoss_serve_starts_serves_and_stops_on_ctrl_c(tiny_checkpoint):
 
 
 def test_serving_on_every_interface_without_a_key_warns(tiny_checkpoint):
+    """An empty --api-key is no key, as the warning says (it was a key of nothing: a request
+    without one got 401, one with `Bearer ` got in)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "tinyoss.cli", "serve", "-m", str(tiny_checkpoint),
-                             "--host", "0.0.0.0", "--port", "0"], stderr=subprocess.PIPE, text=True)
+                             "--host", "0.0.0.0", "--port", "0", "--api-key", ""],
+                            stderr=subprocess.PIPE, text=True, env=env)
     try:
-        first = proc.stderr.readline()
-        assert "without --api-key" in first
+        lines = [proc.stderr.readline()]
+        assert "without --api-key" in lines[0]
+        while not lines[-1].startswith("ready: "):
+            lines.append(proc.stderr.readline())
+            assert lines[-1], "".join(lines)
+        port = lines[-1].split()[1].rsplit(":", 1)[1].rstrip("/")
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 200
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)

@@ -244,7 +244,7 @@ def info(
     """Check a checkpoint (every tensor's presence, dtype and shape) and describe it."""
     for flag, value in (("--available", available), ("--memory-bw", memory_bw),
                         ("--disk-bw", disk_bw)):
-        if value is not None and not value > 0:
+        if value is not None and not 0 < value < float("inf"):
             fail(f"{flag} must be a positive number, got {value}")
     model = _model_folder(model_argument, model)
     from .store import Checkpoint
@@ -1029,6 +1029,8 @@ def serve(
         _check_range("--parallel", parallel, 1, 64)
     _check_range("--ctx", ctx, 16)
     _check_range("--queue", queue, 0)
+    api_key = api_key if api_key and api_key.strip() else None  # blank (--api-key '', an empty
+    # TINYOSS_API_KEY): no key, as the warning below says, not a key of nothing
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         typer.secho(f"warning: listening on {host} without --api-key: anyone who can reach this "
                     f"machine can use the model", fg=typer.colors.YELLOW, err=True)
