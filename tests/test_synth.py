@@ -107,3 +107,25 @@ def test_an_absurd_layer_count_is_refused_at_once():
 
     with pytest.raises(ConfigError, match="'num_hidden_layers' must be at most 4096"):
         synth.preset_config("tiny", num_hidden_layers=10**30)
+
+
+def test_a_terminated_synth_leaves_nothing_behind(tmp_path):
+    """SIGTERM (kill, timeout) mid-write removes the partial folder, as Ctrl-C does (it used to
+    leave a hidden .NAME.partial-* folder of hundreds of MB)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "tinyoss.cli", "synth", str(tmp_path / "m"),
+                             "--layers", "24", "--hidden", "1024", "--intermediate", "1024",
+                             "--experts", "32"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".m.partial-*/*")) and time.monotonic() < deadline:
+        time.sleep(0.05)  # until it is writing
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []

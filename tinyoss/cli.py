@@ -8,6 +8,7 @@ import io
 import json
 import os
 import secrets
+import signal
 import sys
 import threading
 import time
@@ -1208,8 +1209,16 @@ def _stdout_failed(e: OSError) -> None:
                     err=True)
 
 
+def _terminated(signum, frame) -> None:
+    """SIGTERM (kill, timeout, a service manager) as Ctrl-C: a command cleans up what it was
+    writing (synth's partial folder: SIGTERM used to leave it behind) and says it was interrupted.
+    `serve` takes both signals over while it serves (finishing or cancelling its streams)."""
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     warnings.showwarning = _warning_line
+    signal.signal(signal.SIGTERM, _terminated)
     _tag_stdout()
     try:
         try:
