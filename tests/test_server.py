@@ -340,6 +340,9 @@ def test_errors_have_the_status_and_name_the_field(served):
         c.chat.completions.create(model=MODEL_ID, messages=user("word " * 5000))
     r = httpx.post(f"{url}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = httpx.post(f"{url}/v1/chat/completions", json={"model": 5, "messages": user("Hi")})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+    assert r.json()["error"]["message"].startswith("'model' must be a string")
     r = httpx.post(f"{url}/v1/chat/completions", content=b"x" * (5 * 1024 * 1024))
     assert r.status_code == 413
     assert httpx.get(f"{url}/nowhere").json()["error"]["message"].startswith("no route")

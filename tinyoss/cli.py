@@ -9,6 +9,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import sys
 import threading
 import time
@@ -1030,6 +1031,11 @@ def serve(
         _check_range("--parallel", parallel, 1, 64)
     _check_range("--ctx", ctx, 16)
     _check_range("--queue", queue, 0)
+    try:  # (uvicorn would say only "Name or service not known", after loading the model)
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        fail(f"--host {host}: not an address this machine can listen on "
+             f"({getattr(e, 'strerror', None) or e})")
     api_key = api_key if api_key and api_key.strip() else None  # blank (--api-key '', an empty
     # TINYOSS_API_KEY): no key, as the warning below says, not a key of nothing
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:

@@ -400,7 +400,10 @@ class Server:
 
     def check_model(self, body: dict) -> None:
         model = body.get("model")
-        if not isinstance(model, str) or not model:
+        if model is not None and not isinstance(model, str):
+            raise RequestError(f"'model' must be a string (GET /v1/models lists it), got "
+                               f"{type(model).__name__}", "model")
+        if not model:
             raise RequestError("'model' is required (GET /v1/models lists it)", "model")
         if model != self.model_id:
             raise RequestError(f"the model '{model}' does not exist; this server runs "
