@@ -158,6 +158,15 @@ def test_chat_save_replaces_a_conversation_but_no_other_file(monkeypatch, tmp_pa
     assert len(json.loads((tmp_path / "t.json").read_text())["messages"]) == 4  # replaced
 
 
+def test_chat_says_how_to_go_on_when_the_conversation_outgrows_the_context(monkeypatch):
+    model = ScriptedModel(FINAL, FINAL, max_position_embeddings=86)  # one exchange fits, not two
+    monkeypatch.setattr(cli, "_open_model", lambda *args: model)
+    r = runner.invoke(app, ["chat", "--date", DATE], input="Hi\nAgain and again\n")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.count("It is 20°C in Paris.") == 1
+    assert "does not fit the context (86 tokens) (/reset starts a new conversation)" in r.stderr
+
+
 def test_chat_keeps_the_history_and_reuses_the_cache(monkeypatch):
     model = ScriptedModel(FINAL, FINAL)
     monkeypatch.setattr(cli, "_open_model", lambda *args: model)

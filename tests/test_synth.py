@@ -100,6 +100,13 @@ def test_refuses_to_overwrite(tmp_path):
     assert (tmp_path / "m" / "keep").read_text() == "x"
 
 
+def test_a_folder_under_a_file_is_named(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(TinyossError, match="afile is a file, not a folder"):
+        synth.write_checkpoint(tmp_path / "afile" / "sub" / "m", synth.preset_config("tiny", vocab_size=300))
+    assert (tmp_path / "afile").read_text() == "x"
+
+
 def test_an_absurd_layer_count_is_refused_at_once():
     """--layers 10**30 (`preset_config(num_hidden_layers=...)`) is named, not a hang building a
     tuple per layer."""

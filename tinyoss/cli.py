@@ -926,7 +926,10 @@ def chat(
             try:
                 session.reply(line)
             except TinyossError as e:  # e.g. a history too long for the context: the session goes on
-                typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+                from .generate import ContextFullError
+
+                hint = " (/reset starts a new conversation)" if isinstance(e, ContextFullError) else ""
+                typer.secho(f"error: {e}{hint}", fg=typer.colors.RED, err=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -60,6 +60,10 @@ class GenerationError(TinyossError):
     """A conversation that cannot be generated from: a prompt longer than the context, bad tools."""
 
 
+class ContextFullError(GenerationError):
+    """A prompt longer than the context (a conversation that has outgrown it)."""
+
+
 # ---------------------------------------------------------------------------------------------------
 # What generate() yields
 # ---------------------------------------------------------------------------------------------------
@@ -216,8 +220,8 @@ class Context:
         if not prompt:
             raise GenerationError("the prompt is empty")
         if len(prompt) > self.max_tokens:
-            raise GenerationError(f"the prompt ({len(prompt)} tokens) does not fit the context "
-                                  f"({self.max_tokens} tokens)")
+            raise ContextFullError(f"the prompt ({len(prompt)} tokens) does not fit the context "
+                                   f"({self.max_tokens} tokens)")
         shared = self.shared_prefix(prompt)
         if shared == len(prompt) == len(self.tokens):
             assert self._logits is not None

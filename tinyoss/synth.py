@@ -320,6 +320,9 @@ def write_checkpoint(out: str | Path, c: Config, layout: str = "hf", preset: str
     if needed > free:
         raise TinyossError(f"{out}: the checkpoint needs {needed / 1e9:.2f} GB and its disk has "
                            f"{free / 1e9:.2f} GB free")
+    above = next(p for p in [target.parent, *target.parent.parents] if p.exists() or p.is_symlink())
+    if not above.is_dir():  # (mkdir would say only "File exists")
+        raise TinyossError(f"{out}: {above} is a file, not a folder")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     umask = os.umask(0)
