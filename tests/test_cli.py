@@ -295,6 +295,8 @@ def test_seed_minus_one_draws_a_random_seed(tiny_checkpoint):
     (["serve", "--queue", "-1"], "--queue must be at least 0, got -1"),
     (["serve", "--threads", "0"], "--threads must be at least 1, got 0"),
     (["serve", "--host", "999.1.1.1"], "--host 999.1.1.1: not an address this machine can listen on"),
+    (["serve", "--cors", "notanorigin"], "--cors notanorigin: an origin is scheme://host[:port]"),
+    (["bench", "--depths", "0,,4"], "--depths must be comma-separated integers, got '0,,4'"),
     (["bench", "--prompt", "0"], "--prompt must be at least 1, got 0"),
     (["bench", "--decode-tokens", "0"], "--decode-tokens must be at least 1, got 0"),
     (["bench", "--threads", "0"], "--threads must be at least 1, got 0"),

@@ -7,6 +7,7 @@ import functools
 import io
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -375,7 +376,7 @@ def bench(
         _check_range(flag, value, 1)
     model = _model_folder(model_argument, model)
     try:
-        depth_list = list(dict.fromkeys(int(d) for d in depths.split(",") if d.strip()))
+        depth_list = list(dict.fromkeys(int(d) for d in depths.split(",")))  # ("0,,4": an error)
     except ValueError:
         fail(f"--depths must be comma-separated integers, got {depths!r}")
     if not depth_list or min(depth_list) < 0:
@@ -1039,6 +1040,11 @@ def serve(
     except (OSError, UnicodeError) as e:
         fail(f"--host {host}: not an address this machine can listen on "
              f"({getattr(e, 'strerror', None) or e})")
+    for origin in cors or []:  # (a typo would silently let no page in)
+        if origin != "*" and not re.fullmatch(r"https?://(\[[0-9A-Fa-f:.]+\]|[^/\s:\[\]]+)(:\d{1,5})?",
+                                               origin):
+            fail(f"--cors {origin}: an origin is scheme://host[:port] (e.g. http://localhost:3000), "
+                 "or * for any")
     api_key = api_key if api_key and api_key.strip() else None  # blank (--api-key '', an empty
     # TINYOSS_API_KEY): no key, as the warning below says, not a key of nothing
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
