@@ -6,6 +6,7 @@ structure of the output, not on the text.
 """
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,12 @@ def test_every_example_is_tested():
 
 def test_generate_text(tiny_checkpoint):
     out = run_example("generate_text.py", tiny_checkpoint)
-    assert "[128 tokens, prefill" in out and "stop: max_tokens]" in out
+    # random weights may write malformed harmony before the 128th token (the prompt holds today's
+    # date, so what is sampled changes from day to day): the stats line says which
+    stats = re.search(r"\[(\d+) tokens, prefill \d+ tok/s, decode [\d.]+ tok/s, stop: (\w+)\]", out)
+    assert stats, out
+    tokens, stop = int(stats[1]), stats[2]
+    assert (tokens, stop) == (128, "max_tokens") or (tokens < 128 and stop in ("malformed", "stop"))
     assert "final answer: " in out and "raw: " in out
     assert "greedy tokens: [" in out
 

@@ -180,8 +180,11 @@ class Sampler:
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """The distribution a token is drawn from: temperature, then top-k, top-p, min-p, softmax."""
         scores = _check_logits(logits)
-        with np.errstate(over="ignore"):  # <= 0: a tiny temperature gives -inf or 0 (the
-            scores = (scores - scores.max()) / self.temperature  # largest), never inf - inf
+        with np.errstate(over="ignore"):
+            scaled = scores / self.temperature
+            if not np.isfinite(scaled.max()):  # a tiny temperature: +inf - inf in the softmax;
+                scaled = (scores - scores.max()) / self.temperature  # shifted first, 0 or -inf
+        scores = scaled
         scores = keep_top_k(scores, self.top_k)
         scores = keep_top_p(scores, self.top_p)
         scores = keep_min_p(scores, self.min_p)
