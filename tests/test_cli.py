@@ -373,3 +373,12 @@ def test_serve_loads_and_compiles_in_a_thread_that_ends_before_serving(tiny_chec
     assert r.exit_code == 0, r.output
     assert seen["load"] is seen["compile"] and seen["serve"] is threading.main_thread()
     assert seen["load"] is not threading.main_thread() and not seen["load_thread_alive"]
+
+
+@pytest.mark.parametrize("command", ["run", "inspect"])
+def test_a_lone_folder_is_not_taken_as_the_prompt(tiny_checkpoint, command):
+    """`tinyoss run FOLDER` meant the model: as a prompt, the default model would be fetched."""
+    r = runner.invoke(app, [command, str(tiny_checkpoint)])
+    assert r.exit_code == 1
+    assert r.stderr == (f"error: {tiny_checkpoint} is a folder, not a prompt: give the model as "
+                        f"-m {tiny_checkpoint} and the prompt as the argument\n")

@@ -736,9 +736,19 @@ def _read_prompt(prompt: Optional[str]) -> str:
         if sys.stdin.isatty():
             fail("no prompt: give PROMPT, or pipe it on stdin")
         prompt = sys.stdin.read()
+    else:
+        _not_a_folder(prompt)
     if not prompt.strip():
         fail("the prompt is empty")
     return prompt
+
+
+def _not_a_folder(prompt: str) -> None:
+    """A lone argument that names a folder is a model given without its -m, not a prompt: taken
+    as a prompt, the default model would be fetched (13 GB) to answer it."""
+    if prompt.strip() and "\n" not in prompt and len(prompt) < 4096 and Path(prompt.strip()).is_dir():
+        fail(f"{prompt.strip()} is a folder, not a prompt: give the model as -m {prompt.strip()} "
+             "and the prompt as the argument")
 
 
 @app.command()
@@ -959,6 +969,8 @@ def inspect_(
 
     if prompt is None:  # one argument: the prompt (the model is -m's, or the default one)
         model_argument, prompt = None, model_argument
+        if prompt is not None and model is None:
+            _not_a_folder(prompt)
     if prompt is None:
         fail("no prompt: give PROMPT")
     model = _model_name(model_argument, model)
