@@ -110,7 +110,7 @@ def _lookup(raw: dict, path: tuple[str, ...]) -> Any:
 
 
 INT_MAX = 2**31 - 1  # the largest integer a config field may hold
-FLOAT32_MAX = 3.4028234663852886e38  # the largest float one may hold
+FLOAT32_MAX = 3.4028234663852886e38  # float32's largest: the largest float one may hold
 MAX_LAYERS = 4096
 
 
