@@ -175,6 +175,37 @@ def test_cache_lists_and_clears_the_q8_copies(make_checkpoint, tmp_path, monkeyp
     assert "off" in runner.invoke(app, ["cache"]).output
 
 
+def test_cache_clear_deletes_only_tinyoss_files(make_checkpoint, tmp_path, monkeypatch):
+    """TINYOSS_CACHE_DIR may name a folder that holds other files, some named as a cache file is:
+    --clear deletes what tinyoss wrote and nothing else."""
+    import tinyoss
+    from tinyoss.store import safetensors_header
+
+    monkeypatch.setenv("TINYOSS_CACHE_DIR", str(tmp_path))
+    tinyoss.load(make_checkpoint("hf", seed=5), dense="q8")
+    (ours,) = tmp_path.glob("q8-*.safetensors")
+    theirs = tmp_path / "q8-my-model.safetensors"  # someone's own safetensors file
+    theirs.write_bytes(safetensors_header([("w", "I8", (4,))], {"format": "pt"}) + bytes(4))
+    notes = tmp_path / "q8-notes.safetensors"
+    notes.write_text("not even safetensors")
+    r = runner.invoke(app, ["cache"])
+    assert r.exit_code == 0 and "1 q8 cache file(s)" in r.output and "my-model" not in r.output
+    r = runner.invoke(app, ["cache", "--clear"])
+    assert r.exit_code == 0 and not ours.exists()
+    assert sorted(tmp_path.iterdir()) == sorted([theirs, notes])
+
+
+def test_cache_folder_that_is_a_file_is_named(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("mine")
+    monkeypatch.setenv("TINYOSS_CACHE_DIR", str(blocker))
+    for args in (["cache"], ["cache", "--clear"]):
+        r = runner.invoke(app, args)
+        assert r.exit_code != 0 and "TINYOSS_CACHE_DIR" in r.output and "not a folder" in r.output
+        assert "Traceback" not in r.output
+    assert blocker.read_text() == "mine"
+
+
 def test_bench_peak_rss_leaves_the_probe_out():
     """The bench's peak resident memory counts what the model touches, not the bandwidth
     probe's buffer: a stretch left out may allocate and free 300 MB unseen; outside one, it

@@ -62,6 +62,37 @@ def test_a_truncated_cache_file_is_rebuilt(checkpoint, tmp_path):
         tinyoss.load(checkpoint, dense="q8", q8_cache=tmp_path)
 
 
+def test_a_cache_file_whose_data_changed_is_rebuilt(checkpoint, tmp_path):
+    """One flipped bit in the int8 copies (a bad disk, a stray write): the copy it maps would be
+    wrong with every header check passing; the checksum written with it tells."""
+    want = _logits(tinyoss.load(checkpoint, dense="q8", q8_cache=tmp_path))
+    (path,) = tmp_path.glob("q8-*.safetensors")
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.seek(size - 1000)
+        byte = f.read(1)
+        f.seek(size - 1000)
+        f.write(bytes([byte[0] ^ 0x10]))
+    with pytest.warns(UserWarning, match="data changed since it was written"):
+        model = tinyoss.load(checkpoint, dense="q8", q8_cache=tmp_path)
+    assert np.array_equal(_logits(model), want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # rewritten whole
+        tinyoss.load(checkpoint, dense="q8", q8_cache=tmp_path)
+
+
+@pytest.mark.parametrize("size", [0, 1, 7, 8, 9, 24, 31])
+def test_the_checksum_counts_every_byte(size):
+    data = np.arange(1, size + 1, dtype=np.uint8)
+    padded = np.concatenate([data, np.zeros(-size % 8, np.uint8)])
+    want = sum(int.from_bytes(bytes(padded[i:i + 8]), "little") for i in range(0, len(padded), 8))
+    assert quant.data_checksum(data) == f"{want % 2**64:016x}"
+    for i in range(size):  # any one byte changed: another sum
+        changed = data.copy()
+        changed[i] ^= 1
+        assert quant.data_checksum(changed) != quant.data_checksum(data)
+
+
 def test_a_cache_file_of_another_checkpoint_is_not_used(make_checkpoint, tmp_path):
     a, b = make_checkpoint("hf", seed=5), make_checkpoint("hf", seed=6)
     want_b = _logits(tinyoss.load(b, dense="q8", q8_cache=False))

@@ -334,6 +334,9 @@ def cache(clear: bool = typer.Option(False, "--clear", help="Delete every q8 cac
     if folder is None:
         typer.echo("the q8 cache is off (TINYOSS_CACHE_DIR is empty)")
         return
+    if folder.exists() and not folder.is_dir():
+        fail(f"the q8 cache folder {folder} is a file, not a folder: set TINYOSS_CACHE_DIR to a "
+             "folder (or to nothing, for no cache)")
     if clear:
         typer.echo(f"freed {clear_cache(folder) / 1e9:.2f} GB in {folder}")
         return

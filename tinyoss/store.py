@@ -129,6 +129,12 @@ class SafetensorsFile:
             self._mmap.madvise(mmap.MADV_DONTNEED, first, last - first)
         return True
 
+    def data(self) -> np.ndarray:
+        """The bytes after the header (every tensor's), a read-only uint8 view."""
+        if self._mmap is None:
+            return np.empty(0, np.uint8)
+        return np.frombuffer(self._mmap, np.uint8, offset=8 + int.from_bytes(self._mmap[:8], "little"))
+
     def array(self, name: str) -> np.ndarray:
         """Zero-copy read-only view of one tensor."""
         info = self.tensors[name]
