@@ -26,6 +26,21 @@ def test_synth_writes_a_loadable_checkpoint(tmp_path):
     assert r.exit_code == 0 and "original layout" in r.output
 
 
+def test_a_model_too_small_for_the_tokenizer_is_refused_by_name(make_checkpoint, tmp_path):
+    """A 300-token vocabulary (a test checkpoint) can't hold harmony's special tokens (200000 and
+    up): the commands that speak text say so at load, not 'token id 200006 is outside the
+    vocabulary' at the first prompt (the server: at every request). synth warns as it writes."""
+    r = runner.invoke(app, ["synth", str(tmp_path / "m"), "--vocab", "10", "--layers", "1"])
+    assert r.exit_code == 0 and "vocab_size 10 is smaller than gpt-oss's 201088" in r.stderr
+    small = str(make_checkpoint("both", seed=3, vocab_size=300))
+    for args in (["run", "-m", small, "hi", "-n", "2"], ["chat", "-m", small],
+                 ["inspect", "-m", small, "hi"], ["serve", "-m", small, "--port", "0"]):
+        r = runner.invoke(app, args, input="hi\n")
+        assert r.exit_code == 1, (args, r.output)
+        assert "vocab_size 300 is smaller than the tokenizer's 201088 ids" in r.stderr, args
+        assert "Traceback" not in r.output and "outside the vocabulary" not in r.output
+
+
 def test_synth_dry_run_json_lists_the_20b():
     r = runner.invoke(app, ["synth", "unused", "--preset", "20b", "--dry-run", "--json"])
     assert r.exit_code == 0
@@ -320,7 +335,9 @@ def test_seed_minus_one_draws_a_random_seed(tiny_checkpoint):
     (["run", "x", "--seed", "-2"], "--seed must be -1 (a random seed) or at least 0, got -2"),
     (["run", "x", "--threads", "0"], "--threads must be at least 1, got 0"),
     (["chat", "--top-p", "0"], "--top-p must be in (0, 1]"),
-    (["serve", "--ctx", "0"], "--ctx must be at least 16, got 0"),
+    (["serve", "--ctx", "0"], "--ctx 0: the shortest request's prompt is 68 tokens"),
+    (["serve", "--ctx", "16"], "--ctx 16: the shortest request's prompt is 68 tokens (the system "
+                               "message and one word): give at least 69"),
     (["serve", "--port", "65536"], "--port must be from 0 to 65535, got 65536"),
     (["serve", "--parallel", "0"], "--parallel must be from 1 to 64, got 0"),
     (["serve", "--queue", "-1"], "--queue must be at least 0, got -1"),

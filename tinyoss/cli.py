@@ -189,6 +189,12 @@ def synth(
         s.write_checkpoint(out, config, layout.value, preset.value, seed, force,
                            progress=lambda n: bar.advance(task, n))
     typer.echo(f"wrote {out} ({total:,} bytes of tensors, {preset.value}, layout {layout.value})")
+    from .tokenizer import N_VOCAB
+
+    if config.vocab_size < N_VOCAB:
+        typer.echo(f"note: vocab_size {config.vocab_size} is smaller than gpt-oss's {N_VOCAB}: run, "
+                   "chat, inspect and serve need the whole vocabulary; bench and "
+                   "tinyoss.load(...).forward take this model", err=True)
 
 
 class Layout(str, Enum):
@@ -503,6 +509,7 @@ def _open_model(name: str, dense: Dense, threads: Optional[int], kv: Kv = Kv.f32
     _set_threads(threads)
     with _stderr().status(f"loading {path}"):
         model = load(path, dense=dense.value, kv=kv.value, expert_input=expert_input.value)
+    _check_text_vocab(model.config.vocab_size, path)
     # map the weight pages in the background while the kernels are readied and the prompt is
     # prefilled (one call instead of page faults spread over the first tokens); a daemon: exit
     # doesn't wait
@@ -511,6 +518,18 @@ def _open_model(name: str, dense: Dense, threads: Optional[int], kv: Kv = Kv.f32
     if kernels is not None:
         _warm_up(dense, kv, expert_input, kernels)
     return model
+
+
+def _check_text_vocab(vocab_size: int, path) -> None:
+    """Every command that reads a model this way speaks harmony text: its special tokens are ids
+    200000 and up. A smaller vocabulary (a test checkpoint's) would fail at the first prompt
+    with an id 'outside the vocabulary'; say what is wrong with the model instead."""
+    from .tokenizer import N_VOCAB
+
+    if vocab_size < N_VOCAB:
+        fail(f"{path}: vocab_size {vocab_size} is smaller than the tokenizer's {N_VOCAB} ids "
+             "(o200k_harmony, as gpt-oss): this model can't hold a chat's tokens. It runs on "
+             "token ids from Python (tinyoss.load(...).forward), and in `tinyoss bench`")
 
 
 class _Elapsed:
@@ -1029,7 +1048,7 @@ def serve(
                                            help="Requests decoded at once, 1 to 64 (default: what "
                                                 "fits in memory, at most 4)."),
     ctx: int = typer.Option(16384, "--ctx", metavar="N", help="Context per request, in tokens "
-                            "(prompt + reply), at least 16."),
+                            "(prompt + reply)."),
     queue: int = typer.Option(16, "--queue", metavar="N", help="Requests that may wait for a free "
                               "slot; beyond them: 503."),
     cors: Optional[list[str]] = typer.Option(None, "--cors", metavar="ORIGIN", help="Allow browser "
@@ -1048,7 +1067,6 @@ def serve(
     _check_range("--port", port, 0, 65535)
     if parallel is not None:
         _check_range("--parallel", parallel, 1, 64)
-    _check_range("--ctx", ctx, 16)
     _check_range("--queue", queue, 0)
     try:  # (uvicorn would say only "Name or service not known", after loading the model)
         socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -1070,6 +1088,10 @@ def serve(
     from .tokenizer import get_tokenizer
 
     get_tokenizer()
+    shortest = srv.shortest_prompt()  # (at --ctx 16 every request was refused as too long)
+    if ctx <= shortest:
+        fail(f"--ctx {ctx}: the shortest request's prompt is {shortest} tokens (the system message "
+             f"and one word): give at least {shortest + 1}, and room for replies (default 16384)")
     _set_threads(threads)  # here too: the engine's thread takes this thread's count
 
     def load_and_compile():

@@ -442,6 +442,14 @@ class Server:
             self.responses.popitem(last=False)
 
 
+def shortest_prompt() -> int:
+    """Tokens of the shortest prompt a request can make (one one-word user message, no tools):
+    a server whose context is not longer answers nothing."""
+    messages = prepare_conversation([harmony.Message.user("hi")], reasoning="low",
+                                    date=datetime.date.today().isoformat())
+    return len(harmony.render_conversation_for_completion(messages, auto_drop_analysis=False))
+
+
 def _sampler(body: dict) -> Sampler:
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
