@@ -246,6 +246,28 @@ def test_a_client_gone_before_its_body_arrived_is_no_server_error(served, errors
     assert_healthy(url)
 
 
+@pytest.mark.parametrize("head", [
+    "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+    "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+    "GET /health HTTP/1.1\r\nHost x\r\n\r\n",  # a header line without its colon
+    "NOT A REQUEST LINE\r\n\r\n",
+])
+def test_a_malformed_http_request_gets_a_json_400(served, errors_logged, head):
+    """What h11 can't parse never reaches the app: uvicorn answered it in plain text."""
+    url, _ = served
+    with socket.create_connection(address(url)) as sock:
+        sock.sendall(head.encode())
+        reply = b""
+        while chunk := sock.recv(4096):  # the server closes after its answer
+            reply += chunk
+    status, _, body = reply.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in status.lower()
+    error = json.loads(body)["error"]
+    assert "not a well-formed HTTP/1.1 request" in error["message"] and error["type"] == "invalid_request_error"
+    assert not errors_logged, [r.getMessage() for r in errors_logged]
+    assert_healthy(url)
+
+
 # ---------------------------------------------------------------------------------------------------
 # A client that never finishes its request head, or drips a body nobody reads; too many clients
 # ---------------------------------------------------------------------------------------------------

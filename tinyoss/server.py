@@ -1018,6 +1018,12 @@ class BoundedH11(H11Protocol):
             self.conn.send(h11.ConnectionClosed())
             self.transport.close()
 
+    def send_400_response(self, msg: str) -> None:
+        """A request h11 can't parse (a Content-Length of letters, a bad request line): uvicorn
+        answers it in plain text; an OpenAI client expects the JSON error body here too."""
+        self._answer(400, f"not a well-formed HTTP/1.1 request ({msg.rstrip('.')})",
+                     "invalid_request")
+
     def _answer(self, status: int, message: str, code: str, headers: tuple = ()) -> None:
         """An error response of our own (no request reached the app), then close."""
         body = json.dumps(error_body(message, status, None, code)).encode()
