@@ -308,8 +308,8 @@ def test_kernels_do_not_recompile(make_checkpoint, dense, kv, tmp_path, monkeypa
 @given(st.integers(0, 2**32 - 1), st.integers(1, 40), st.integers(1, 40),
        st.integers(1, 40) | st.integers(500, 1100), st.integers(1, 9))
 def test_qkv_and_few_token_matmuls_equal_linear(seed, rq, rk, C, m):
-    """The few-token bf16 kernels (tokens four at a time, then the rest; rows two at a time with
-    AVX-512, an odd last one alone; columns in chunks of
+    """The few-token bf16 kernels (tokens four at a time, then the rest; rows four at a time with
+    AVX-512, x in BF16_SPLIT_ORDER, then two, then one; columns in chunks of
     X_CHUNK_BYTES, from 500 on more than one; C % 32 columns one by one) against the linear twin;
     q, k, v in one launch equal to three matmuls."""
     rng = np.random.default_rng(seed)

@@ -1229,6 +1229,74 @@ def bf16_row_dots(typingctx, g, w, w_off, x, x_off, x_len, n, out, o_off, o_stri
     return _bf16_dots_signature(w, x, out), _bf16_dots(1)
 
 
+# The few-token bf16 matmul with AVX-512 (batched decode, short prefills: 2-4 tokens) takes four
+# rows a step, each x load serving all four (the pair step's x loads held it: 8 loads of x and 2
+# of w for 16 multiply-adds), and x's columns in BF16_SPLIT_ORDER: 32 bf16 of a row load as 16
+# 32-bit lanes, the even columns widen by one shift, the odd ones by one mask (`_widen`: two
+# zero-extends and two shifts per 32). Per 32 columns and four tokens: 4 loads of w, 8 of x, 8
+# widening instructions, 32 multiply-adds into 16 <16 x float> sums (and 4 x + 8 w registers).
+BF16_SPLIT_ORDER = [2 * i for i in range(16)] + [2 * i + 1 for i in range(16)]  # x within 32
+
+
+def _bf16_split_dots(rows: int):
+    """The codegen of bf16_split_row_dots: `rows` rows (1, 2 or 4) against g <= MAX_GROUP x."""
+
+    def codegen(context, builder, signature, args):
+        g, w_a, w_off, x_a, x_off, x_len, n, out_a, o_off, o_stride = args
+        a = signature.args
+        v16i32, v16f = ir.VectorType(_i32, 16), ir.VectorType(_f32, 16)
+        wptr = _data(context, builder, a[1], w_a, w_off)
+        xptr = _data(context, builder, a[3], x_a, x_off)
+        optr = _data(context, builder, a[7], out_a, o_off)
+        high = ir.Constant(v16i32, [0xFFFF0000 - (1 << 32)] * 16)  # (as a signed i32)
+        shift = ir.Constant(v16i32, [16] * 16)
+
+        def tokens(group):
+            accs = [[cgutils.alloca_once_value(builder, ir.Constant(v16f, [0.0] * 16))
+                     for _ in range(group)] for _ in range(rows)]
+            with cgutils.for_range(builder, builder.udiv(n, _const(32))) as loop:
+                off = builder.mul(loop.index, _const(32))
+                halves = []
+                for rr in range(rows):
+                    roff = builder.add(off, builder.mul(x_len, _const(rr)))
+                    _prefetch(builder, builder.gep(wptr, [builder.add(roff, builder.mul(
+                        x_len, _const(FEW_PREFETCH_ROWS)))]), 2)
+                    pairs = builder.load(builder.bitcast(builder.gep(wptr, [roff]),
+                                                         v16i32.as_pointer()), align=2)
+                    halves.append((builder.bitcast(builder.shl(pairs, shift), v16f),
+                                   builder.bitcast(builder.and_(pairs, high), v16f)))
+                for j in range(group):
+                    xj = builder.gep(xptr, [builder.add(builder.mul(_const(j), x_len), off)])
+                    even = builder.load(builder.bitcast(xj, v16f.as_pointer()), align=4)
+                    odd = builder.load(builder.bitcast(builder.gep(xj, [_const(16)]),
+                                                       v16f.as_pointer()), align=4)
+                    for rr in range(rows):
+                        _add_product(builder, accs[rr][j], halves[rr][0], even)
+                        _add_product(builder, accs[rr][j], halves[rr][1], odd)
+            for rr in range(rows):
+                _store_sums(builder, accs[rr], 16, builder.gep(optr, [_const(rr)]), o_stride)
+
+        _for_group(builder, g, tokens)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+@intrinsic
+def bf16_split_row_dots(typingctx, rows, g, w, w_off, x, x_off, x_len, n, out, o_off, o_stride):
+    """`rows` (a literal 1, 2 or 4) bf16 rows, w_off's and those x_len after it, against g <=
+    MAX_GROUP float32 vectors whose columns are in BF16_SPLIT_ORDER within each 32 (the even
+    ones, then the odd ones): out[o_off + j * o_stride + rr] = sum_{c < n} w[row rr, c] x_j[c],
+    32 columns a step (n a multiple of 32). Each step asks for the line FEW_PREFETCH_ROWS rows
+    ahead into L2, as `bf16_row_dots` does for a few tokens."""
+    if not isinstance(rows, types.IntegerLiteral) or rows.literal_value not in (1, 2, 4):
+        return None
+    sig = types.void(rows, *_bf16_dots_signature(w, x, out).args)
+    codegen = _bf16_split_dots(rows.literal_value)
+    return sig, lambda context, builder, signature, args: codegen(
+        context, builder, types.void(*signature.args[1:]), args[1:])
+
+
 @intrinsic
 def bf16_row_pair_dots(typingctx, g, w, w_off, x, x_off, x_len, n, out, o_off, o_stride):
     """`bf16_row_dots` of two rows at once, w_off's and the one x_len after it:
