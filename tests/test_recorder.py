@@ -1,6 +1,8 @@
 """The recording is faithful: attention rows are distributions, bands hold, the logits are the
 model's, the lens ends at the logits, routing adds up, files round-trip, and `inspect` works."""
 
+import os
+
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -126,6 +128,45 @@ def test_save_load_round_trip(rec, tmp_path):
         for name in a:
             assert a[name].dtype == b[name].dtype and np.array_equal(a[name], b[name]), name
     assert back.summary()[0]["lens_top"] == rec.summary()[0]["lens_top"]
+
+
+def test_save_replaces_only_a_recording(rec, tmp_path):
+    """Recording.save, as `inspect --save`: a file that is not a recording is never replaced
+    (a checkpoint's config.json became an npz); a folder, a missing folder, a path of the wrong
+    type: one TinyossError naming the path, and nothing written."""
+    config = tmp_path / "config.json"
+    config.write_text('{"mine": true}')
+    with pytest.raises(TinyossError, match="exists and is not a tinyoss recording"):
+        rec.save(config)
+    assert config.read_text() == '{"mine": true}'
+    with pytest.raises(TinyossError, match="is a folder"):
+        rec.save(tmp_path)
+    with pytest.raises(TinyossError, match="no such folder"):
+        rec.save(tmp_path / "nowhere" / "r.npz")
+    with pytest.raises(TypeError, match="path"):
+        rec.save(5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]  # no leftovers
+    mine = tmp_path / "r.npz"
+    rec.save(mine)
+    rec.save(mine)  # an earlier recording is replaced
+    assert Recording.load(mine).n_tokens == rec.n_tokens
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert mine.stat().st_mode & 0o777 == 0o666 & ~umask  # an ordinary new file's mode
+
+
+def test_load_names_an_incomplete_recording(rec, tmp_path):
+    path = tmp_path / "r.npz"
+    rec.save(path)
+    with np.load(path) as f:
+        data = {k: f[k] for k in f.files if k != "layer0.resid_pre"}
+    np.savez(tmp_path / "part.npz", **data)
+    with pytest.raises(TinyossError, match="incomplete recording .no 'layer0.resid_pre'"):
+        Recording.load(tmp_path / "part.npz")
+    (tmp_path / "j.npz").write_text('{"a": 1}')
+    with pytest.raises(TinyossError) as err:
+        Recording.load(tmp_path / "j.npz")
+    assert "pickled" not in str(err.value)
 
 
 def test_load_rejects_what_is_not_a_recording(tmp_path):

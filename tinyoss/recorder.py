@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
+import secrets
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -203,13 +203,22 @@ class Recording:
     # files -------------------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write every array to one .npz file (compressed), at exactly `path`."""
+        """Write every array to one .npz file (compressed), at exactly `path`: a new file, or an
+        earlier recording replaced; any other file there is left as it is (TinyossError)."""
+        path = Path(expect_type(path, (str, os.PathLike), "path"))
+        if path.is_dir():
+            raise TinyossError(f"{path} is a folder: give the recording a file name")
+        if not path.parent.is_dir():
+            raise TinyossError(f"{path}: no such folder {path.parent}")
+        if path.exists() and not is_recording(path):
+            raise TinyossError(f"{path}: the file exists and is not a tinyoss recording: give a new "
+                               "name (it is left as it is)")
         arrays = {"format": np.array(FORMAT), "tokens": self.tokens, "positions": self.positions,
                   "sliding": self.sliding, "window": np.array(self.window), "logits": self.logits,
                   "lens_ids": self.lens_ids, "lens_logits": self.lens_logits}
         for L, layer in enumerate(self.layers):
             arrays.update({f"layer{L}.{name}": value for name, value in layer.items()})
-        fd, part = tempfile.mkstemp(dir=Path(path).parent, prefix=".", suffix=".npz.part")
+        fd, part = _new_file_beside(path)
         try:  # into a file beside it, then renamed: never half a recording at `path`
             with os.fdopen(fd, "wb") as f:  # (a file object: numpy would append .npz to a name)
                 np.savez_compressed(f, **arrays)
@@ -227,15 +236,22 @@ class Recording:
         try:
             with np.load(path, allow_pickle=False) as f:
                 data = {key: f[key] for key in f.files}
-        except (OSError, ValueError) as e:
-            raise TinyossError(f"{path}: not a .npz recording ({e})") from None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            # (numpy calls any file that is not .npy/.npz "pickled data": not what it is)
+            why = "" if "pickled" in str(e) else f" ({e})"
+            raise TinyossError(f"{path}: not a .npz recording{why}") from None
         if "format" not in data or str(data["format"]) != FORMAT:
             raise TinyossError(f"{path}: not a tinyoss recording (expected format {FORMAT})")
-        n_layers = len(data["sliding"])
-        layers = [{name: data[f"layer{L}.{name}"] for name in LAYER_NAMES}
-                  for L in range(n_layers)]
-        return cls(data["tokens"], data["positions"], data["sliding"], int(data["window"]),
-                   layers, data["logits"], data["lens_ids"], data["lens_logits"])
+        try:
+            n_layers = len(data["sliding"])
+            layers = [{name: data[f"layer{L}.{name}"] for name in LAYER_NAMES}
+                      for L in range(n_layers)]
+            return cls(data["tokens"], data["positions"], data["sliding"], int(data["window"]),
+                       layers, data["logits"], data["lens_ids"], data["lens_logits"])
+        except KeyError as e:
+            raise TinyossError(f"{path}: an incomplete recording (no {e.args[0]!r})") from None
+        except (TypeError, ValueError) as e:
+            raise TinyossError(f"{path}: a damaged recording ({e})") from None
 
 
 def record(model: Model, tokens, cache: KVCache | None = None, lens_top: int = 5) -> Recording:
@@ -263,6 +279,18 @@ def record(model: Model, tokens, cache: KVCache | None = None, lens_top: int = 5
                      logits=recorder.final["logits"],
                      lens_ids=np.stack([ids for ids, _ in lens]),
                      lens_logits=np.stack([vals for _, vals in lens]))
+
+
+def _new_file_beside(path: Path) -> tuple[int, str]:
+    """A new empty file in path's folder (a hidden name of its own): (fd, name). Its mode is
+    0o666 less the umask, as an ordinary new file's (mkstemp's would be 0o600)."""
+    for _ in range(100):
+        name = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.part")
+        try:
+            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), name
+        except FileExistsError:
+            continue
+    raise TinyossError(f"{path.parent}: could not make a temporary file there")
 
 
 def is_recording(path: str | os.PathLike) -> bool:
