@@ -299,3 +299,60 @@ def test_seeded_sampling_is_reproducible(tiny_model):
 
     assert tokens(1) == tokens(1)
     assert tokens(1) != tokens(2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad arguments: one error naming the argument, before any forward pass
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options,error,message", [
+    ({"reasoning": "bogus"}, g.GenerationError, "reasoning must be one of low, medium, high, got 'bogus'"),
+    ({"reasoning": "HIGH"}, g.GenerationError, "reasoning must be one of"),
+    ({"date": "garbage"}, g.GenerationError, "date must be YYYY-MM-DD, got 'garbage'"),
+    ({"logprobs": 1.5}, TypeError, "logprobs must be None or an int, got float"),
+    ({"logprobs": "x"}, TypeError, "logprobs must be None or an int, got str"),
+    ({"logprobs": True}, TypeError, "logprobs must be None or an int, got bool"),
+    ({"logprobs": -1}, g.GenerationError, "logprobs must be from 0 to"),
+    ({"logprobs": 10**9}, g.GenerationError, "logprobs must be from 0 to"),
+    ({"max_tool_rounds": "x"}, TypeError, "max_tool_rounds must be an int, got str"),
+    ({"max_tool_rounds": -1}, g.GenerationError, "max_tool_rounds must be >= 0, got -1"),
+    ({"tools": 5}, TypeError, "tools must be a list of functions, got int"),
+])
+def test_bad_options_are_named_before_any_work(options, error, message):
+    model = ScriptedModel(FINAL)
+    with pytest.raises(error, match=message.replace("(", r"\(")):
+        g.chat(model, "hi", **options)
+    assert model.fed == []
+
+
+def test_a_context_of_another_model_is_refused():
+    """The reply came from the context's model, the model argument ignored."""
+    mine, other = ScriptedModel(FINAL), ScriptedModel(FINAL)
+    with pytest.raises(g.GenerationError, match="context was made for another model"):
+        g.chat(mine, "hi", context=g.Context(other))
+    assert mine.fed == other.fed == []
+
+
+@pytest.mark.parametrize("args,error,message", [
+    ((5,), TypeError, "model must be a loaded model"),
+    ((None,), TypeError, "model must be a loaded model"),
+    (("MODEL", "5"), TypeError, "max_tokens must be None or an int, got str"),
+    (("MODEL", 1.7), TypeError, "max_tokens must be None or an int, got float"),
+    (("MODEL", 0), tinyoss.TinyossError, r"max_tokens must be in 1\.\.\d+ \(the context limit\), got 0"),
+])
+def test_a_context_names_a_bad_argument(tiny_model, args, error, message):
+    args = tuple(tiny_model if a == "MODEL" else a for a in args)
+    with pytest.raises(error, match=message):
+        g.Context(*args)
+
+
+def test_messages_name_a_bad_role_or_content_and_an_empty_conversation():
+    with pytest.raises(h.HarmonyError, match="role must be one of system, developer, user, assistant, "
+                                             "tool, got 'bogus'"):
+        h.Message("bogus", "hi")
+    assert h.Message("user", "hi").role is h.Role.USER  # a role's name is the role
+    with pytest.raises(TypeError, match="a user message's content must be a str, got NoneType"):
+        h.Message(h.Role.USER, None)
+    with pytest.raises(g.GenerationError, match="messages is empty"):
+        g.chat(ScriptedModel(FINAL), [])

@@ -168,8 +168,15 @@ class Context:
     RING_COPIES = 4
 
     def __init__(self, model: Any, max_tokens: int | None = None):
+        if not callable(getattr(model, "new_cache", None)):
+            raise TinyossTypeError(f"model must be a loaded model (tinyoss.load), got "
+                                   f"{type(model).__name__}")
         self.model = model
-        self.max_tokens = int(max_tokens or model.config.max_position_embeddings)
+        if max_tokens is not None and (isinstance(max_tokens, bool) or
+                                       not isinstance(max_tokens, (int, np.integer))):
+            raise TinyossTypeError(f"max_tokens must be None or an int, got {type(max_tokens).__name__}")
+        # (0 is refused by the cache as out of range, not taken as "the model's")
+        self.max_tokens = model.config.max_position_embeddings if max_tokens is None else int(max_tokens)
         self.reset()
 
     def reset(self) -> None:
@@ -296,6 +303,14 @@ def system_message(existing: Message | None, reasoning: str | None, date: str | 
     if isinstance(content, str):
         return existing  # type: ignore[return-value]  # the caller wrote it by hand
     assert isinstance(content, SystemContent)
+    if reasoning is not None and reasoning not in {e.value for e in ReasoningEffort}:
+        raise GenerationError(f"reasoning must be one of {', '.join(e.value for e in ReasoningEffort)}, "
+                              f"got {reasoning!r}")
+    if date is not None:
+        try:
+            datetime.date.fromisoformat(date)
+        except ValueError:
+            raise GenerationError(f"date must be YYYY-MM-DD, got {date!r}") from None
     content = dataclasses.replace(
         content,
         conversation_start_date=date or content.conversation_start_date or datetime.date.today().isoformat(),
@@ -335,6 +350,9 @@ def prepare_conversation(
         raise TinyossTypeError("messages must be a str or a list of tinyoss.harmony.Message, got "
                                f"{type(messages).__name__}")
     rest = [Message.user(messages)] if isinstance(messages, str) else list(messages)
+    if not rest:
+        raise GenerationError("messages is empty: give at least one message (a str is one user "
+                              "message)")
     system, rest = _leading(rest, Role.SYSTEM)
     developer, rest = _leading(rest, Role.DEVELOPER)
     developer = developer_message(developer, instructions, tools)
@@ -350,6 +368,8 @@ def prepare_conversation(
 def functions_by_name(tools: Sequence[Callable[..., Any]]) -> dict[str, Callable[..., Any]]:
     """The tools by the name the model calls them (`functions.NAME`)."""
     functions: dict[str, Callable[..., Any]] = {}
+    if isinstance(tools, (str, bytes)) or not isinstance(tools, collections.abc.Iterable):
+        raise TinyossTypeError(f"tools must be a list of functions, got {type(tools).__name__}")
     for function in tools:
         name = getattr(function, "__name__", None)
         if not callable(function) or not name or name == "<lambda>":
@@ -550,6 +570,19 @@ def generate(
             expect_type(value, str, name)
     if context is not None:
         expect_type(context, Context, "context")
+        if context.model is not model:  # (its cache, and every forward it runs, is that model's)
+            raise GenerationError("context was made for another model: Context(model) with the "
+                                  "model given here")
+    if logprobs is not None:
+        if isinstance(logprobs, bool) or not isinstance(logprobs, int):
+            raise TinyossTypeError(f"logprobs must be None or an int, got {type(logprobs).__name__}")
+        if not 0 <= logprobs < model.config.vocab_size:
+            raise GenerationError(f"logprobs must be from 0 to {model.config.vocab_size - 1} (the "
+                                  f"rivals shown per token), got {logprobs}")
+    if isinstance(max_tool_rounds, bool) or not isinstance(max_tool_rounds, int):
+        raise TinyossTypeError(f"max_tool_rounds must be an int, got {type(max_tool_rounds).__name__}")
+    if max_tool_rounds < 0:
+        raise GenerationError(f"max_tool_rounds must be >= 0, got {max_tool_rounds}")
     if sampler is not None and not callable(getattr(sampler, "sample", None)):
         raise TinyossTypeError(f"sampler must be a tinyoss.Sampler, got {type(sampler).__name__}")
     functions = functions_by_name(tools) if tools is not None else None

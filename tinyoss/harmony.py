@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import tiktoken
 
-from tinyoss.errors import TinyossError
+from tinyoss.errors import TinyossError, TinyossTypeError
 from tinyoss.tokenizer import CALL, CHANNEL, CONSTRAIN, END, MESSAGE, RETURN, START, get_tokenizer
 
 CHANNELS = ("analysis", "commentary", "final")
@@ -199,6 +199,19 @@ class Message:
     channel: str | None = None
     recipient: str | None = None
     content_type: str | None = None
+
+    def __post_init__(self) -> None:
+        """A role given as its name becomes the Role; a wrong role or content is named here,
+        not in the renderer (where it was tiktoken's or the enum's error)."""
+        if not isinstance(self.role, Role):
+            try:
+                self.role = Role(self.role)
+            except ValueError:
+                raise HarmonyError(f"a message's role must be one of "
+                                   f"{', '.join(r.value for r in Role)}, got {self.role!r}") from None
+        if not isinstance(self.content, (str, SystemContent, DeveloperContent)):
+            raise TinyossTypeError(f"a {self.role.value} message's content must be a str, got "
+                                   f"{type(self.content).__name__}")
 
     @property
     def text(self) -> str:
