@@ -110,8 +110,13 @@ def test_info_memory_plans_for_the_memory_and_speeds_given(make_checkpoint):
     assert r.returncode == 0 and "too little memory" in r.stdout
     r = subprocess.run([sys.executable, "-m", "tinyoss.cli", "info", "-m", str(folder), "--memory",
                         "--disk-bw", "-1"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1 and r.stderr.strip() == "error: --disk-bw must be a positive number, got -1.0"
-    for flag in ("--available", "--memory-bw"):  # (inf: a traceback each, an overflow and a 0 / 0)
+    assert r.returncode == 1 and r.stderr.strip() == ("error: --disk-bw must be a positive number up to "
+                                                      "100000, got -1.0")
+    # (inf, then 1e300 / 1e308: a traceback each, an overflow and a 0 / 0; 1e200 printed 200 digits)
+    for flag, most, value in (("--available", "1e+06", "inf"), ("--memory-bw", "100000", "inf"),
+                              ("--available", "1e+06", "1e300"), ("--memory-bw", "100000", "1e308"),
+                              ("--memory-bw", "100000", "1e200")):
         r = subprocess.run([sys.executable, "-m", "tinyoss.cli", "info", "-m", str(folder), "--memory",
-                            flag, "inf"], capture_output=True, text=True, timeout=120)
-        assert r.returncode == 1 and r.stderr.strip() == f"error: {flag} must be a positive number, got inf"
+                            flag, value], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and r.stderr.strip() == (f"error: {flag} must be a positive number up to "
+                                                          f"{most}, got {float(value)}")

@@ -143,6 +143,25 @@ def test_run_names_layer_and_step_without_a_traceback(nan_in_layer_2):
     assert "reading the prompt: the output of layer 2 (of 0..3) is not finite" in r.stderr
 
 
+def test_overflowing_expert_scales_are_one_error_without_numpy_warnings(make_checkpoint, tmp_path):
+    """MXFP4 scale bytes of 254 (2**127 times values up to 6: inf): prefill's BLAS products
+    printed numpy's overflow / invalid warnings before the error naming the layer."""
+    folder = tmp_path / "model"
+    shutil.copytree(make_checkpoint("hf"), folder)
+    name = "model.layers.0.mlp.experts.gate_up_proj_scales"
+    for shard in folder.glob("*.safetensors"):
+        info = SafetensorsFile(shard).tensors.get(name)
+        if info is not None:
+            with open(shard, "r+b") as f:
+                f.seek(info.begin)
+                f.write(bytes([254]) * (info.end - info.begin))
+    r = subprocess.run([sys.executable, "-m", "tinyoss.cli", "run", "-m", str(folder), "hi", "-n", "2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "reading the prompt: the output of layer 0 (of 0..3) is not finite" in r.stderr
+    assert "warning" not in r.stderr.lower() and "encountered" not in r.stderr
+
+
 @pytest.mark.parametrize("call", [
     lambda m, path: tinyoss.load(123),
     lambda m, path: tinyoss.load(path, dense=3),

@@ -251,10 +251,10 @@ def info(
                                             "on a shard, past the page cache."),
 ) -> None:
     """Check a checkpoint (every tensor's presence, dtype and shape) and describe it."""
-    for flag, value in (("--available", available), ("--memory-bw", memory_bw),
-                        ("--disk-bw", disk_bw)):
-        if value is not None and not 0 < value < float("inf"):
-            fail(f"{flag} must be a positive number, got {value}")
+    for flag, value, most in (("--available", available, 1e6), ("--memory-bw", memory_bw, 1e5),
+                              ("--disk-bw", disk_bw, 1e5)):  # (1e300 overflowed into tracebacks)
+        if value is not None and not 0 < value <= most:
+            fail(f"{flag} must be a positive number up to {most:g}, got {value}")
     model = _model_folder(model_argument, model)
     from .store import Checkpoint
 

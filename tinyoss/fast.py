@@ -68,13 +68,14 @@ class TileMatmul:
     def product(self, x: np.ndarray, tile: np.ndarray) -> np.ndarray:
         """x [n, C] @ tile.T -> [n, r] in this thread's buffer (BLAS held to one thread): for up
         to FEW_TOKENS tokens taken as tile @ x.T and returned transposed (a view)."""
-        if x.shape[0] <= FEW_TOKENS:
-            ht = self.buffer("ht", tile.shape[0], x.shape[0])
-            np.matmul(tile, x.T, out=ht)
-            return ht.T
-        h = self.buffer("h", x.shape[0], tile.shape[0])
-        np.matmul(x, tile.T, out=h)
-        return h
+        with np.errstate(all="ignore"):  # NaN / inf from a bad weight: `_forward` names the
+            if x.shape[0] <= FEW_TOKENS:  # layer (numpy's warnings said nothing useful first)
+                ht = self.buffer("ht", tile.shape[0], x.shape[0])
+                np.matmul(tile, x.T, out=ht)
+                return ht.T
+            h = self.buffer("h", x.shape[0], tile.shape[0])
+            np.matmul(x, tile.T, out=h)
+            return h
 
     def workers(self) -> int:
         return numba.get_num_threads()
