@@ -89,3 +89,30 @@ def test_file_errors_name_the_file(tmp_path):
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(ConfigError, match="expected a JSON object"):
         load_config(tmp_path / "config.json")
+
+
+@pytest.mark.parametrize("change,message", [
+    # the published HF config spells the experts a token takes twice: they must agree
+    (lambda raw: raw.update(num_experts_per_tok=2),
+     r"keys 'num_experts_per_tok' \(2\) and 'experts_per_token' \(4\) disagree"),
+    (lambda raw: raw.update(initial_context_length=8192),
+     r"keys 'rope_scaling.original_max_position_embeddings' \(4096\) and 'initial_context_length' "
+     r"\(8192\) disagree"),
+    # a rope other than YaRN was read as YaRN
+    (lambda raw: raw["rope_scaling"].update(rope_type="linear"),
+     r"key 'rope_scaling.rope_type' must be \"yarn\" .*got 'linear'"),
+])
+def test_an_hf_config_that_contradicts_itself_is_named(change, message):
+    raw = json.loads(json.dumps(MANIFEST["gpt-oss-20b"]["hf"]["config"]))
+    change(raw)
+    with pytest.raises(ConfigError, match=f"x/config.json: {message}"):
+        config_from_dict(raw, "x/config.json")
+
+
+def test_a_key_written_twice_is_named(tmp_path):
+    """json keeps the last of two equal keys silently; the error that followed blamed a tensor."""
+    text = json.dumps(MANIFEST["gpt-oss-20b"]["hf"]["config"])
+    (tmp_path / "config.json").write_text(text.replace('"hidden_size": 2880',
+                                                       '"hidden_size": 2880, "hidden_size": 2048'))
+    with pytest.raises(ConfigError, match="config.json: key 'hidden_size' appears 2 times in one object"):
+        load_config(tmp_path / "config.json")

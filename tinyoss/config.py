@@ -162,6 +162,8 @@ def config_from_dict(raw: Any, source: str = "config.json") -> Config:
                 raise ConfigError(f"{source}: missing required key '{key}'")
             value = default
         values[field] = _coerce(value, kind, key, source)
+    if hf:
+        _check_hf_extras(raw, values, source)
     n_layers = values["num_hidden_layers"]
     if n_layers <= 0:  # before layer_types, which would otherwise take the blame
         raise ConfigError(f"{source}: key '{keys['num_hidden_layers']}' must be positive, "
@@ -173,6 +175,28 @@ def config_from_dict(raw: Any, source: str = "config.json") -> Config:
     config = Config(**values)
     _validate(config, source, keys)
     return config
+
+
+# HF configs spell some fields twice (the published one: both experts counts); each copy must agree
+_HF_TWINS = (("experts_per_token", ("experts_per_token",)),
+             ("initial_context_length", ("initial_context_length",)))
+
+
+def _check_hf_extras(raw: dict, values: dict[str, Any], source: str) -> None:
+    """What an HF config says beside the fields read: a second spelling of a field that disagrees
+    with the first, and a rope other than YaRN (the only one gpt-oss has, and the one computed)."""
+    for field, path in _HF_TWINS:
+        other = _lookup(raw, path)
+        if other is not REQUIRED and other != values[field]:
+            first = next(".".join(p) for f, p, *_ in _FIELDS if f == field)
+            raise ConfigError(f"{source}: keys '{first}' ({short_repr(values[field])}) and "
+                              f"'{'.'.join(path)}' ({short_repr(other)}) disagree")
+    scaling = raw.get("rope_scaling")
+    if isinstance(scaling, dict):
+        for key in ("rope_type", "type"):
+            if key in scaling and scaling[key] != "yarn":
+                raise ConfigError(f"{source}: key 'rope_scaling.{key}' must be \"yarn\" (gpt-oss's "
+                                  f"rope, the one computed here), got {short_repr(scaling[key])}")
 
 
 def _layer_sliding(raw: dict, hf: bool, n_layers: int, source: str) -> tuple[bool, ...]:
@@ -262,8 +286,16 @@ def read_json(path: Path, what: str = "file") -> Any:
             text = f.read().decode("utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: cannot read {what}: {e}") from None
+    def unique(pairs: list[tuple[str, Any]]) -> dict:
+        keys = [k for k, _ in pairs]
+        for k in keys:
+            if keys.count(k) > 1:  # (json keeps the last silently: which did the writer mean?)
+                raise ConfigError(f"{path}: key {short_repr(k)} appears {keys.count(k)} times in one "
+                                  "object")
+        return dict(pairs)
+
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=unique)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     except RecursionError:  # e.g. [[[[...]]]] 100000 deep: json recurses once per level
