@@ -176,6 +176,9 @@ def test_overflowing_expert_scales_are_one_error_without_numpy_warnings(make_che
     lambda m, path: tinyoss.chat(m, "hi", max_tokens="5"),
     lambda m, path: tinyoss.chat(m, "hi", reasoning=2),
     lambda m, path: tinyoss.chat(m, "hi", sampler=0.5),
+    lambda m, path: m.forward([1, 2], last_only=5),  # (was taken as true)
+    lambda m, path: m.forward_batch([1], None),  # (was len() of None)
+    lambda m, path: m.forward_reference([1], recorder=5),  # (was functools.partial's error)
 ])
 def test_a_wrong_type_is_a_type_error_and_a_tinyoss_error(model, make_checkpoint, call):
     with pytest.raises(TypeError) as err:

@@ -185,6 +185,24 @@ def test_unsampleable_logits_are_clear_errors(logits: np.ndarray) -> None:
             sampler.sample(logits)
 
 
+def test_float32_matrices_and_a_negative_n_top_are_named() -> None:
+    """The float32 fast path took a [2, 3] matrix into numpy's broadcasting error;
+    sample_with_logprobs(n_top=-3) returned no rivals silently."""
+    with pytest.raises(SamplingError, match="non-empty vector, got shape"):
+        Sampler(seed=1).sample(np.zeros((2, 3), np.float32))
+    with pytest.raises(SamplingError, match="n_top must be an integer >= 0, got -3"):
+        Sampler(seed=1).sample_with_logprobs(np.zeros(3, np.float32), -3)
+    with pytest.raises(TypeError, match="n_top must be an integer"):
+        Sampler(seed=1).sample_with_logprobs(np.zeros(3, np.float32), 1.5)
+
+
+def test_logits_at_float32_extremes_sample_without_warnings() -> None:
+    logits = np.array([-3e38, 3e38, -3e38], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (an overflow in the subtraction was warned)
+        assert Sampler(seed=0).sample(logits) == 1
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.integers(0, 2**32 - 1), st.integers(1, 7000), st.floats(0.05, 3.0), st.floats(0.0, 0.9))
 def test_the_plain_draw_is_the_reference_draw(seed, n, temperature, masked):

@@ -147,6 +147,7 @@ class Model:
         """
         from .fast import forward_fast
 
+        expect_type(last_only, bool, "last_only")
         tokens, cache = self._prepare(tokens, cache)
         return forward_fast(self.fast_weights, self.config, tokens, cache, last_only)
 
@@ -158,6 +159,9 @@ class Model:
         from .fast import forward_batch
 
         tokens = check_tokens(tokens, self.config.vocab_size)
+        if isinstance(caches, (str, bytes)) or not isinstance(caches, Sequence):
+            raise TinyossTypeError(f"caches must be a list of KVCache (one per token), got "
+                                   f"{type(caches).__name__}")
         if len(tokens) != len(caches) or len({id(c) for c in caches}) != len(caches):
             raise TinyossError(f"forward_batch needs one distinct cache per token: {len(tokens)} "
                                f"tokens, {len(caches)} caches")
@@ -170,6 +174,9 @@ class Model:
         """The same logits from the readable numpy definition (model.py).
 
         recorder(layer, name, value) sees every intermediate (see recorder.py)."""
+        if recorder is not None and not callable(recorder):
+            raise TinyossTypeError(f"recorder must be None or callable(layer, name, value), got "
+                                   f"{type(recorder).__name__}")
         tokens, cache = self._prepare(tokens, cache)
         return forward_reference(self.weights, self.config, tokens, cache, recorder,
                                  self.expert_input)

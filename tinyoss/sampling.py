@@ -197,7 +197,8 @@ class Sampler:
             return int(np.argmax(_check_logits(logits)))
         if not isinstance(logits, np.ndarray):
             logits = _check_logits(logits)  # a list: float64 (the float32 fast path below needs arrays)
-        if self.top_k == 0 and self.top_p == 1.0 and self.min_p == 0.0 and logits.dtype == np.float32:
+        if self.top_k == 0 and self.top_p == 1.0 and self.min_p == 0.0 and logits.dtype == np.float32 \
+                and logits.ndim == 1 and logits.size:  # (else the checks' errors, below)
             return self._draw_plain(logits)
         return draw(self.probabilities(logits), self.rng)
 
@@ -211,7 +212,8 @@ class Sampler:
         # max -> 1, in a reused buffer: three fresh 800 KB temporaries a token page-faulted (glibc
         # hands such blocks back to the OS when they are freed): 1.5 of the 1.7 ms this took
         weights = scratch("sampling", logits.size)
-        np.subtract(logits, top, out=weights)
+        with np.errstate(over="ignore"):  # (-3e38 - 3e38: -inf, whose exp is the 0 it should be)
+            np.subtract(logits, top, out=weights)
         if 1.0 / self.temperature > FLOAT32_MAX:  # below ~3e-39, (logit - top) / temperature is
             np.copyto(weights, weights == 0.0)  # 0 or -inf: the largest logits share the mass
         else:
@@ -232,6 +234,9 @@ class Sampler:
 
     def sample_with_logprobs(self, logits: np.ndarray, n_top: int = 0) -> Choice:
         """The next token, with its log-probability and the n_top most likely tokens'."""
+        _expect(n_top, (int, np.integer), "n_top", "an integer >= 0")
+        if n_top < 0:
+            raise SamplingError(f"n_top must be an integer >= 0, got {n_top}")
         token = self.sample(logits)
         logprobs = log_softmax(_check_logits(logits))
         return Choice(token, float(logprobs[token]), top_logprobs(logprobs, n_top))
