@@ -41,6 +41,12 @@ def test_a_model_too_small_for_the_tokenizer_is_refused_by_name(make_checkpoint,
         assert "Traceback" not in r.output and "outside the vocabulary" not in r.output
 
 
+def test_synth_json_needs_dry_run(tmp_path):
+    r = runner.invoke(app, ["synth", str(tmp_path / "m"), "--json"])  # (ignored: a model was written)
+    assert r.exit_code == 1 and "--json lists the tensors with --dry-run" in r.stderr
+    assert not (tmp_path / "m").exists()
+
+
 def test_synth_dry_run_json_lists_the_20b():
     r = runner.invoke(app, ["synth", "unused", "--preset", "20b", "--dry-run", "--json"])
     assert r.exit_code == 0
@@ -168,11 +174,22 @@ def test_bench_bad_arguments(make_checkpoint, args, message, code):
     assert r.exit_code == code and message in r.output
 
 
-def test_bench_repeat_must_be_positive(make_checkpoint):
-    r = runner.invoke(app, ["bench", str(make_checkpoint("both", seed=3, vocab_size=300)),
-                            "--repeat", "0"])
-    assert r.exit_code == 1 and "--repeat must be at least 1, got 0" in r.output
-    assert "Traceback" not in r.output
+def test_bench_repeat_is_bounded(make_checkpoint):
+    for value in ("0", "99999999999999999999"):  # (the second ran until killed)
+        r = runner.invoke(app, ["bench", str(make_checkpoint("both", seed=3, vocab_size=300)),
+                                "--repeat", value])
+        assert r.exit_code == 1 and f"--repeat must be from 1 to 1000, got {value}" in r.output
+        assert "Traceback" not in r.output
+
+
+def test_bench_runs_on_a_model_with_a_small_context(make_checkpoint):
+    """Its warm-up took 16 tokens of context whatever the model had: 'max_tokens must be in
+    1..8, got 16', naming no flag, for a prompt and decode that fit."""
+    small = make_checkpoint("both", seed=3, vocab_size=300, max_position_embeddings=8)
+    r = runner.invoke(app, ["bench", str(small), "--prompt", "4", "--decode-tokens", "2", "--threads",
+                            "1", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["decode"][0]["tok_s"] > 0
 
 
 def test_cache_lists_and_clears_the_q8_copies(make_checkpoint, tmp_path, monkeypatch):

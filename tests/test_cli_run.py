@@ -155,6 +155,8 @@ def test_chat_save_replaces_a_conversation_but_no_other_file(monkeypatch, tmp_pa
     assert r.exit_code == 0, r.output
     assert f"error: {mine} exists and is not a saved conversation" in r.stderr
     assert mine.read_text() == '{"todo": 1}\n'
+    r = runner.invoke(app, ["chat", "--date", DATE], input=f"/save {tmp_path}\n/quit\n")
+    assert f"error: {tmp_path} is a folder: give /save a file name" in r.stderr
     assert len(json.loads((tmp_path / "t.json").read_text())["messages"]) == 4  # replaced
 
 
@@ -165,6 +167,11 @@ def test_chat_says_how_to_go_on_when_the_conversation_outgrows_the_context(monke
     assert r.exit_code == 0, r.output
     assert r.stdout.count("It is 20°C in Paris.") == 1
     assert "does not fit the context (86 tokens) (/reset starts a new conversation)" in r.stderr
+    model = ScriptedModel(FINAL, max_position_embeddings=86)
+    monkeypatch.setattr(cli, "_open_model", lambda *args: model)
+    r = runner.invoke(app, ["chat", "--date", DATE], input="word " * 100 + "\n")
+    assert "does not fit the context (86 tokens)" in r.stderr  # a first message: no /reset to try
+    assert "/reset" not in r.stderr
 
 
 def test_chat_keeps_the_history_and_reuses_the_cache(monkeypatch):

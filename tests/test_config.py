@@ -116,3 +116,10 @@ def test_a_key_written_twice_is_named(tmp_path):
                                                        '"hidden_size": 2880, "hidden_size": 2048'))
     with pytest.raises(ConfigError, match="config.json: key 'hidden_size' appears 2 times in one object"):
         load_config(tmp_path / "config.json")
+
+
+def test_another_models_config_is_named():
+    """A llama config: 'missing required key num_local_experts' said less than it knew."""
+    raw = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32}
+    with pytest.raises(ConfigError, match="x/config.json: not a gpt-oss config .model_type 'llama'"):
+        config_from_dict(raw, "x/config.json")

@@ -202,8 +202,10 @@ def run(path, prompt_tokens: int = 512, depths=(0,), decode_tokens: int = 16, de
     # page faults or disk reads of experts the first tokens did not choose (see Model.prefault)
     progress("mapping the weights")
     model.prefault()
-    warm = model.new_cache(16)  # and the other first-call costs (BLAS, buffers)
-    model.forward(rng.integers(0, vocab, 8), warm, last_only=True)
+    # and the other first-call costs (BLAS, buffers); within a model's context however small
+    warm = model.new_cache(min(16, c.max_position_embeddings))
+    if warm.max_tokens > 1:
+        model.forward(rng.integers(0, vocab, min(8, warm.max_tokens - 1)), warm, last_only=True)
     model.forward(rng.integers(0, vocab, 1), warm, last_only=True)
 
     progress(f"prefill of {prompt_tokens} tokens")

@@ -161,6 +161,8 @@ def synth(
     window: Optional[int] = typer.Option(None, metavar="N", help="Override sliding_window."),
 ) -> None:
     """Write a random checkpoint in exactly the published layout."""
+    if as_json and not dry_run:  # (it was ignored, and the checkpoint written)
+        fail("--json lists the tensors with --dry-run; without it synth writes a checkpoint")
     seed = _seed(seed, announce=not dry_run)
     from . import synth as s
 
@@ -381,8 +383,9 @@ def bench(
 
     from . import bench as b
 
-    for flag, value in (("--prompt", prompt), ("--decode-tokens", decode_tokens), ("--repeat", repeat)):
+    for flag, value in (("--prompt", prompt), ("--decode-tokens", decode_tokens)):
         _check_range(flag, value, 1)
+    _check_range("--repeat", repeat, 1, 1000)  # (10**20 ran until killed)
     model = _model_folder(model_argument, model)
     try:
         depth_list = list(dict.fromkeys(int(d) for d in depths.split(",")))  # ("0,,4": an error)
@@ -890,6 +893,10 @@ class ChatSession:
         transcript = {"reasoning": self.options["reasoning"], "date": self.options["date"],
                       "instructions": self.options["instructions"], "system": self.system,
                       "messages": messages}
+        if path.is_dir():
+            typer.secho(f"error: {path} is a folder: give /save a file name", fg=typer.colors.RED,
+                        err=True)
+            return
         if path.exists() and not _is_transcript(path):  # (an earlier /save may be replaced)
             typer.secho(f"error: {path} exists and is not a saved conversation: give a new name "
                         "(it is left as it is)", fg=typer.colors.RED, err=True)
@@ -961,7 +968,9 @@ def chat(
             except TinyossError as e:  # e.g. a history too long for the context: the session goes on
                 from .generate import ContextFullError
 
-                hint = " (/reset starts a new conversation)" if isinstance(e, ContextFullError) else ""
+                # (a first message too long alone: starting over would not help)
+                hint = " (/reset starts a new conversation)" if isinstance(e, ContextFullError) \
+                    and session.history else ""
                 typer.secho(f"error: {e}{hint}", fg=typer.colors.RED, err=True)
 
 

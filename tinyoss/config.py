@@ -149,6 +149,9 @@ def config_from_dict(raw: Any, source: str = "config.json") -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
     hf = is_hf_config(raw)
+    if hf and raw.get("model_type", "gpt_oss") != "gpt_oss":  # (a llama's: "missing 'num_local_experts'")
+        raise ConfigError(f"{source}: not a gpt-oss config (model_type {short_repr(raw['model_type'])}; "
+                          "tinyoss runs gpt-oss-20b and gpt-oss-120b)")
     values: dict[str, Any] = {}
     keys: dict[str, str] = {}  # field -> the key this file spells it with (errors name that)
     for field, hf_path, orig_key, kind, default in _FIELDS:

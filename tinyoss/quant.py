@@ -141,7 +141,11 @@ def q8_copies(ckpt: Checkpoint, mats: dict[str, np.ndarray], folder: Path | None
             if cached is not None:
                 return cached
         except OSError as e:
-            warnings.warn(f"tinyoss: could not write the q8 cache {path} ({e.strerror or e}); "
+            why = e.strerror or e
+            blocker = next((p for p in path.parents if p.exists()), None)
+            if blocker is not None and not blocker.is_dir():  # ("File exists": mkdir's words)
+                why = f"{blocker} is a file, not a folder"
+            warnings.warn(f"tinyoss: could not write the q8 cache {path} ({why}); "
                           f"the int8 copies will be made again at the next load", stacklevel=3)
     return {name: bf16_to_q8(w) for name, w in mats.items()}
 
