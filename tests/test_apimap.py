@@ -561,7 +561,7 @@ CHAT_ERRORS = [  # (messages, tools, param, message pattern)
     (chat_tool_call(name="f"), None, "messages[2].tool_calls[0].function.arguments", "got null"),
     ([Q, CALLED, {"role": "tool", "tool_call_id": "c2", "content": "x"}], None, "messages[2].tool_call_id",
      "'c2' matches no tool call"),
-    ([Q, {"role": "tool", "content": "x"}], None, "messages[1].tool_call_id", "None matches no tool call"),
+    ([Q, {"role": "tool", "content": "x"}], None, "messages[1].tool_call_id", "tool_call_id is required"),
     ([Q, CALLED, {"role": "tool", "tool_call_id": "c1"}], None, "messages[2].content", "got null"),
     ([Q], "x", "tools", "must be an array"),
     ([Q], ["x"], "tools[0]", "must be an object"),

@@ -146,6 +146,31 @@ def test_tool_choice_with_a_function_that_is_no_object_is_a_400(served, errors_l
     assert not errors_logged
 
 
+def test_what_the_second_probe_found_is_named(served, errors_logged):
+    """A gzip body (was 'not valid JSON: can't decode byte 0x8b'), a trailing slash (a 307 with an
+    empty body), Responses' text as a string (blamed on 'text.format'), a tool message without
+    its tool_call_id ('None matches no tool call')."""
+    import gzip
+
+    url, _ = served
+    r = httpx.post(url + "/v1/chat/completions", content=gzip.compress(dumps(CHAT)),
+                   headers={"content-type": "application/json", "content-encoding": "gzip"})
+    assert_client_error(r, 415, None)
+    assert "Content-Encoding 'gzip' is not supported" in r.json()["error"]["message"]
+    for method, path in (("POST", "/v1/chat/completions/"), ("GET", "/v1/models/"), ("GET", "/health/")):
+        r = httpx.request(method, url + path, json=CHAT, follow_redirects=False)
+        assert_client_error(r, 404)
+    r = post(url, "/v1/responses", dumps({**RESPONSES, "text": "x"}))
+    assert_client_error(r, 400, "text")
+    assert "'text' must be an object" in r.json()["error"]["message"]
+    messages = [{"role": "user", "content": "hi"}, {"role": "tool", "content": "20 C"}]
+    r = post(url, "/v1/chat/completions", dumps({**CHAT, "messages": messages}))
+    assert_client_error(r, 400, "messages[1].tool_call_id")
+    assert "tool_call_id is required" in r.json()["error"]["message"]
+    assert not errors_logged
+    assert_healthy(url)
+
+
 def test_deeply_nested_tool_parameters_are_a_400(served, errors_logged):
     """~330 nested object schemas exhaust the recursion of harmony's TypeScript rendering."""
     url, _ = served

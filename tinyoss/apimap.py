@@ -317,6 +317,9 @@ def _chat_tool_result(message: dict[str, Any], param: str, calls: dict[str, Mess
     name = _optional_string(message, "name", param)
     if name:
         return tool_result(_call(name, ""), output)
+    if call_id is None:
+        raise RequestError(f"{param}.tool_call_id is required: the id of the tool call this message "
+                           "answers", f"{param}.tool_call_id")
     raise RequestError(f"{param}.tool_call_id {call_id!r} matches no tool call of an earlier assistant message",
                        f"{param}.tool_call_id")
 

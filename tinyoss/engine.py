@@ -199,8 +199,8 @@ class Engine:
                 raise Overloaded("the server is shutting down")
             free = len(self.slots) - len(self._busy)  # pending jobs about to take a free slot
             if len(self._pending) >= self.max_queue + free:
-                raise Overloaded(f"{len(self._busy)} requests are running and {len(self._pending)} "
-                                 f"waiting (the queue's limit)")
+                raise Overloaded(f"its {len(self.slots)} slots are taken and {self.max_queue} "
+                                 f"requests wait (--queue)")
             self._pending.append(stream)
             self._lock.notify()
         return stream

@@ -700,7 +700,10 @@ async def responses(server: Server, body: dict, request=None) -> Response:
     _check_fields(body, _RESPONSES_FIELDS, _RESPONSES_REFUSED)
     server.check_model(body)
     text = body.get("text")
-    if text is not None and (not isinstance(text, dict) or text.get("format", {"type": "text"}) != {"type": "text"}):
+    if text is not None and not isinstance(text, dict):
+        raise RequestError(f"'text' must be an object (e.g. {{\"format\": {{\"type\": \"text\"}}}}), got "
+                           f"{apimap._json_type(text)}", "text")
+    if text is not None and text.get("format", {"type": "text"}) != {"type": "text"}:
         raise RequestError("'text.format' other than {\"type\": \"text\"} is not supported", "text.format",
                            code="unsupported_parameter")
     if body.get("include") not in (None, []):
@@ -805,6 +808,10 @@ async def _responses_stream(response: dict, generation: Generation, finished) ->
 
 
 async def _read_json(request: Request, limit: int, seconds: float) -> dict:
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":  # (a gzip body was "not valid JSON: can't decode byte 0x8b")
+        raise RequestError(f"Content-Encoding {encoding!r} is not supported: send the body "
+                           "uncompressed", None, 415, "unsupported_media_type")
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise RequestError(f"the request body is {length} bytes; the limit is {limit}", None, 413,
@@ -932,6 +939,7 @@ def create_app(server: Server, cors_origins: list[str] | None = None) -> Starlet
                                      allow_headers=["Authorization", "Content-Type"]))
     app = Starlette(routes=routes, middleware=middleware,
                     exception_handlers={404: not_found, 405: not_allowed})
+    app.router.redirect_slashes = False  # (/v1/models/ was a 307 with an empty body: a 404 now)
     app.state.server = server
     return app
 
