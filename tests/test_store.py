@@ -194,6 +194,26 @@ def test_missing_shard(hf_copy):
         tinyoss.load(hf_copy)
 
 
+def test_a_shard_that_is_a_link_to_nothing_is_named(hf_copy):
+    shard = shard_holding(hf_copy, "lm_head.weight")
+    shard.unlink()
+    shard.symlink_to(shard.name)  # a loop (was reported as "missing")
+    with pytest.raises(CheckpointError, match=f"{shard.name}: shard listed in .* is a symbolic link to "
+                                              "nothing"):
+        tinyoss.load(hf_copy)
+
+
+def test_an_index_listing_a_tensor_no_shard_holds_is_warned(hf_copy):
+    path = hf_copy / "model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    shard = sorted(set(index["weight_map"].values()))[0]
+    index["weight_map"]["model.bogus.weight"] = shard  # (was accepted silently)
+    path.write_text(json.dumps(index))
+    with pytest.warns(UserWarning, match=f"lists 1 tensor.s. that no shard holds: 'model.bogus.weight' "
+                                         f"in {shard}"):
+        tinyoss.load(hf_copy)
+
+
 def test_index_that_lies(hf_copy):
     path = hf_copy / "model.safetensors.index.json"
     index = json.loads(path.read_text())

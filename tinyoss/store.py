@@ -477,6 +477,9 @@ class Checkpoint:
         files = {}
         for name in names:
             if not (self.path / name).exists():
+                if (self.path / name).is_symlink():  # (a loop or a dangling link: not "missing")
+                    raise CheckpointError(f"{self.path / name}: shard listed in {HF_INDEX} is a "
+                                          "symbolic link to nothing (dangling, or a loop)")
                 raise CheckpointError(f"{self.path / name}: shard listed in {HF_INDEX} is missing")
             files[name] = SafetensorsFile(self.path / name)
         self._weight_map = weight_map
@@ -492,6 +495,11 @@ class Checkpoint:
                                           f"and {f.path}")
                 where[name] = f
         if self._weight_map is not None:
+            absent = [(name, shard) for name, shard in self._weight_map.items() if name not in where]
+            if absent:  # (a gpt-oss tensor among them is an error below, naming it)
+                listed = ", ".join(f"{short_repr(n)} in {s}" for n, s in absent[:5])
+                warnings.warn(f"tinyoss: {self.path / HF_INDEX}: lists {len(absent)} tensor(s) that "
+                              f"no shard holds: {listed}", stacklevel=4)
             for name, shard in self._weight_map.items():
                 f = where.get(name)
                 if f is not None and f.path.name != shard:
