@@ -558,6 +558,10 @@ CHAT_ERRORS = [  # (messages, tools, param, message pattern)
     (chat_tool_call(arguments="{}"), None, "messages[2].tool_calls[0].function.name", "is required"),
     (chat_tool_call(name="", arguments="{}"), None, "messages[2].tool_calls[0].function.name", "must not be empty"),
     (chat_tool_call(name="f", arguments=5), None, "messages[2].tool_calls[0].function.arguments", "string of JSON"),
+    # an earlier call's name goes into a header (to=functions.NAME): the tools' own rule (was accepted)
+    (chat_tool_call(name="a b<|end|>", arguments="{}"), None, "messages[2].tool_calls[0].function.name",
+     r"'a b<\|end\|>' must match"),
+    ([Q, {"role": "tool", "name": "x y", "content": "r"}], None, "messages[1].name", "'x y' must match"),
     (chat_tool_call(name="f"), None, "messages[2].tool_calls[0].function.arguments", "got null"),
     ([Q, CALLED, {"role": "tool", "tool_call_id": "c2", "content": "x"}], None, "messages[2].tool_call_id",
      "'c2' matches no tool call"),
@@ -591,6 +595,7 @@ def test_chat_request_errors(messages: Any, tools: Any, param: str, pattern: str
 
 FC = {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}
 RESPONSES_ERRORS = [  # (input, instructions, tools, param, message pattern)
+    ([{**FC, "name": "x<|call|>"}], None, None, "input[0].name", r"'x<\|call\|>' must match"),
     (None, None, None, "input", "string or a non-empty array"),
     ([], None, None, "input", "non-empty"),
     (5, None, None, "input", "string or a non-empty array"),

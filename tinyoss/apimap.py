@@ -124,6 +124,15 @@ def _name(obj: dict[str, Any], key: str, param: str) -> str:
     return name
 
 
+def _function_name(obj: dict[str, Any], key: str, param: str) -> str:
+    """A function's name, as OpenAI's rule has it: it goes into a harmony header (`to=functions.
+    NAME`), where a space or a special token's text would make the header read otherwise."""
+    name = _name(obj, key, param)
+    if not TOOL_NAME.fullmatch(name):
+        raise RequestError(f"{param}.{key} {name!r} must match ^[a-zA-Z0-9_-]{{1,64}}$", f"{param}.{key}")
+    return name
+
+
 def _text(content: Any, param: str) -> str:
     """Message content: a string, or an array of text parts whose texts are concatenated."""
     if isinstance(content, str):
@@ -217,9 +226,7 @@ def function_tools(tools: Any, api: str) -> list[ToolDescription]:
                                f"tools[{i}].type")
         param = f"tools[{i}].function" if api == "chat" else f"tools[{i}]"
         spec = _object(tool.get("function"), param) if api == "chat" else tool
-        name = _name(spec, "name", param)
-        if not TOOL_NAME.fullmatch(name):
-            raise RequestError(f"{param}.name {name!r} must match ^[a-zA-Z0-9_-]{{1,64}}$", f"{param}.name")
+        name = _function_name(spec, "name", param)
         if any(d.name == name for d in descriptions):
             raise RequestError(f"{param}.name {name!r}: two tools have this name", f"{param}.name")
         parameters = spec.get("parameters")
@@ -300,7 +307,7 @@ def _chat_tool_call(raw: Any, param: str, calls: dict[str, Message]) -> Message:
         raise RequestError(f"{param}.type {call.get('type')!r} is not supported: only function calls",
                            f"{param}.type")
     function = _object(call.get("function"), f"{param}.function")
-    message = _call(_name(function, "name", f"{param}.function"),
+    message = _call(_function_name(function, "name", f"{param}.function"),
                     _arguments(function.get("arguments"), f"{param}.function.arguments"))
     call_id = _optional_string(call, "id", param)
     if call_id is not None:
@@ -314,9 +321,8 @@ def _chat_tool_result(message: dict[str, Any], param: str, calls: dict[str, Mess
     call_id = _optional_string(message, "tool_call_id", param)
     if call_id in calls:
         return tool_result(calls[call_id], output)
-    name = _optional_string(message, "name", param)
-    if name:
-        return tool_result(_call(name, ""), output)
+    if message.get("name"):
+        return tool_result(_call(_function_name(message, "name", param), ""), output)
     if call_id is None:
         raise RequestError(f"{param}.tool_call_id is required: the id of the tool call this message "
                            "answers", f"{param}.tool_call_id")
@@ -363,7 +369,7 @@ def responses_conversation(input: Any, instructions: Any = None, tools: Any = No
             if reasoning:
                 turns.append(Message.assistant(reasoning, "analysis"))
         elif kind == "function_call":
-            function_call = _call(_name(item, "name", param), _arguments(item.get("arguments"), f"{param}.arguments"))
+            function_call = _call(_function_name(item, "name", param), _arguments(item.get("arguments"), f"{param}.arguments"))
             calls[_string(item, "call_id", param)] = function_call
             turns.append(function_call)
         elif kind == "function_call_output":
