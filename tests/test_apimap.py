@@ -560,8 +560,8 @@ CHAT_ERRORS = [  # (messages, tools, param, message pattern)
     (chat_tool_call(name="f", arguments=5), None, "messages[2].tool_calls[0].function.arguments", "string of JSON"),
     # an earlier call's name goes into a header (to=functions.NAME): the tools' own rule (was accepted)
     (chat_tool_call(name="a b<|end|>", arguments="{}"), None, "messages[2].tool_calls[0].function.name",
-     r"'a b<\|end\|>' must match"),
-    ([Q, {"role": "tool", "name": "x y", "content": "r"}], None, "messages[1].name", "'x y' must match"),
+     r"'a b<\|end\|>' is not a function name"),
+    ([Q, {"role": "tool", "name": "x y", "content": "r"}], None, "messages[1].name", "'x y' is not a function name"),
     (chat_tool_call(name="f"), None, "messages[2].tool_calls[0].function.arguments", "got null"),
     ([Q, CALLED, {"role": "tool", "tool_call_id": "c2", "content": "x"}], None, "messages[2].tool_call_id",
      "'c2' matches no tool call"),
@@ -595,7 +595,7 @@ def test_chat_request_errors(messages: Any, tools: Any, param: str, pattern: str
 
 FC = {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}
 RESPONSES_ERRORS = [  # (input, instructions, tools, param, message pattern)
-    ([{**FC, "name": "x<|call|>"}], None, None, "input[0].name", r"'x<\|call\|>' must match"),
+    ([{**FC, "name": "x<|call|>"}], None, None, "input[0].name", r"'x<\|call\|>' is not a function name"),
     (None, None, None, "input", "string or a non-empty array"),
     ([], None, None, "input", "non-empty"),
     (5, None, None, "input", "string or a non-empty array"),
@@ -661,3 +661,17 @@ def test_any_json_is_a_conversation_or_a_request_error(messages: Any, tools: Any
             assert error.status == 400 and error.param
             continue
         ours(conversation)  # what we accept renders
+
+
+def test_a_call_the_server_returned_goes_back_in_the_next_turn() -> None:
+    """The server returns a call to `browser.search` as a tool call (a recipient outside
+    functions.): the next request carries it back, and must be taken (the tools' own name rule
+    refused the dot)."""
+    messages = [Q, {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {
+        "name": "browser.search", "arguments": '{"q": "x"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "r"}]
+    conversation = chat_conversation(messages)
+    assert [m.recipient for m in conversation.messages if m.recipient] == ["browser.search", "assistant"]
+    items = [{"type": "function_call", "call_id": "c1", "name": "browser.search", "arguments": "{}"},
+             {"type": "function_call_output", "call_id": "c1", "output": "r"}]
+    assert responses_conversation(items).messages[0].recipient == "browser.search"

@@ -310,6 +310,7 @@ def test_seeded_sampling_is_reproducible(tiny_model):
     ({"reasoning": "bogus"}, g.GenerationError, "reasoning must be one of low, medium, high, got 'bogus'"),
     ({"reasoning": "HIGH"}, g.GenerationError, "reasoning must be one of"),
     ({"date": "garbage"}, g.GenerationError, "date must be YYYY-MM-DD, got 'garbage'"),
+    ({"date": "20240101"}, g.GenerationError, "date must be YYYY-MM-DD"),  # (fromisoformat takes it)
     ({"logprobs": 1.5}, TypeError, "logprobs must be None or an int, got float"),
     ({"logprobs": "x"}, TypeError, "logprobs must be None or an int, got str"),
     ({"logprobs": True}, TypeError, "logprobs must be None or an int, got bool"),
@@ -324,6 +325,12 @@ def test_bad_options_are_named_before_any_work(options, error, message):
     with pytest.raises(error, match=message.replace("(", r"\(")):
         g.chat(model, "hi", **options)
     assert model.fed == []
+
+
+def test_numpy_integers_and_instructions_alone_are_taken():
+    model = ScriptedModel(FINAL)
+    reply = g.chat(model, [], instructions="Say hi", logprobs=np.int64(2), max_tool_rounds=np.int64(1))
+    assert reply.text == "It is 20°C in Paris." and reply.messages[-1].channel == "final"
 
 
 def test_a_context_of_another_model_is_refused():

@@ -81,6 +81,20 @@ def test_a_cache_file_whose_data_changed_is_rebuilt(checkpoint, tmp_path):
         tinyoss.load(checkpoint, dense="q8", q8_cache=tmp_path)
 
 
+def test_a_checkpoint_path_with_sixteen_zeros_keeps_its_cache(checkpoint, tmp_path_factory, tmp_path):
+    """The checksum's place in the header was found as the first run of 16 zeros: one inside the
+    source key (a folder's name, a modification time) put it there, and the cache was rebuilt at
+    every load."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("z") / ("m" + "0" * 16)
+    shutil.copytree(checkpoint, folder)
+    tinyoss.load(folder, dense="q8", q8_cache=tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tinyoss.load(folder, dense="q8", q8_cache=tmp_path)
+
+
 @pytest.mark.parametrize("size", [0, 1, 7, 8, 9, 24, 31])
 def test_the_checksum_counts_every_byte(size):
     data = np.arange(1, size + 1, dtype=np.uint8)

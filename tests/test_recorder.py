@@ -155,6 +155,23 @@ def test_save_replaces_only_a_recording(rec, tmp_path):
     assert mine.stat().st_mode & 0o777 == 0o666 & ~umask  # an ordinary new file's mode
 
 
+def test_a_npy_file_is_neither_replaced_nor_loaded(rec, tmp_path):
+    """np.load of a .npy is an array, not an archive: `with` on it was a TypeError traceback."""
+    npy = tmp_path / "a.npy"
+    np.save(npy, np.arange(3))
+    with pytest.raises(TinyossError, match="exists and is not a tinyoss recording"):
+        rec.save(npy)
+    assert np.array_equal(np.load(npy), np.arange(3))
+    with pytest.raises(TinyossError, match="not a .npz recording"):
+        Recording.load(npy)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(TinyossError, match="not a regular file"):  # (is_recording blocked on it)
+        rec.save(fifo)
+    with pytest.raises(TinyossError, match="can't write beside it"):  # a name near the limit
+        rec.save(tmp_path / ("r" * 250))
+
+
 def test_load_names_an_incomplete_recording(rec, tmp_path):
     path = tmp_path / "r.npz"
     rec.save(path)

@@ -404,7 +404,7 @@ def test_overload_is_a_503_with_retry_after(model):
         r = httpx.post(f"{url}/v1/chat/completions", json={"model": MODEL_ID, "messages": user("Hi")})
         assert r.status_code == 503 and r.headers["retry-after"] and r.json()["error"]["code"] == "overloaded"
         # the limits as `serve` announced them (it said '1 requests are running and 0 waiting')
-        assert "its 1 slots are taken and 0 requests wait (--queue)" in r.json()["error"]["message"]
+        assert "all 1 of its slots (--parallel) are taken and 0 requests wait" in r.json()["error"]["message"]
         with pytest.raises(openai.InternalServerError):
             c.chat.completions.create(model=MODEL_ID, messages=user("Hi"))
         long.close()

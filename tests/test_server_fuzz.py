@@ -167,8 +167,21 @@ def test_what_the_second_probe_found_is_named(served, errors_logged):
     r = post(url, "/v1/chat/completions", dumps({**CHAT, "messages": messages}))
     assert_client_error(r, 400, "messages[1].tool_call_id")
     assert "tool_call_id is required" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/chat/completions", content=dumps({**CHAT, "max_tokens": 2}),
+                   headers={"content-type": "application/json", "content-encoding": ""})
+    assert r.status_code == 200, r.text  # an empty Content-Encoding is none
     assert not errors_logged
     assert_healthy(url)
+
+
+def test_a_request_of_only_a_system_message_is_answered(served, errors_logged):
+    """Its text becomes the developer's instructions and the conversation has no other message:
+    that is a prompt (OpenAI answers it), not an empty conversation (a 500 for a while)."""
+    url, _ = served
+    r = post(url, "/v1/chat/completions", dumps({**CHAT, "max_tokens": 2,
+                                                "messages": [{"role": "system", "content": "Say hi"}]}))
+    assert r.status_code == 200, r.text
+    assert not errors_logged
 
 
 def test_deeply_nested_tool_parameters_are_a_400(served, errors_logged):

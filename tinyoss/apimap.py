@@ -125,11 +125,21 @@ def _name(obj: dict[str, Any], key: str, param: str) -> str:
 
 
 def _function_name(obj: dict[str, Any], key: str, param: str) -> str:
-    """A function's name, as OpenAI's rule has it: it goes into a harmony header (`to=functions.
-    NAME`), where a space or a special token's text would make the header read otherwise."""
+    """A tool's name as `tools` defines it: OpenAI's rule."""
     name = _name(obj, key, param)
     if not TOOL_NAME.fullmatch(name):
         raise RequestError(f"{param}.{key} {name!r} must match ^[a-zA-Z0-9_-]{{1,64}}$", f"{param}.{key}")
+    return name
+
+
+def _called_name(obj: dict[str, Any], key: str, param: str) -> str:
+    """The name of a call in an earlier turn: any the model may have written (`browser.search`,
+    which this server returns as a call, included), but nothing that would make the harmony header
+    it goes into (`to=functions.NAME`) read otherwise: no whitespace, control characters or `<|`."""
+    name = _name(obj, key, param)
+    if len(name) > 256 or any(c.isspace() or ord(c) < 32 for c in name) or "<|" in name or "|>" in name:
+        raise RequestError(f"{param}.{key} {name!r} is not a function name (no whitespace, control "
+                           "characters or special tokens' text, at most 256 characters)", f"{param}.{key}")
     return name
 
 
@@ -307,7 +317,7 @@ def _chat_tool_call(raw: Any, param: str, calls: dict[str, Message]) -> Message:
         raise RequestError(f"{param}.type {call.get('type')!r} is not supported: only function calls",
                            f"{param}.type")
     function = _object(call.get("function"), f"{param}.function")
-    message = _call(_function_name(function, "name", f"{param}.function"),
+    message = _call(_called_name(function, "name", f"{param}.function"),
                     _arguments(function.get("arguments"), f"{param}.function.arguments"))
     call_id = _optional_string(call, "id", param)
     if call_id is not None:
@@ -322,7 +332,7 @@ def _chat_tool_result(message: dict[str, Any], param: str, calls: dict[str, Mess
     if call_id in calls:
         return tool_result(calls[call_id], output)
     if message.get("name"):
-        return tool_result(_call(_function_name(message, "name", param), ""), output)
+        return tool_result(_call(_called_name(message, "name", param), ""), output)
     if call_id is None:
         raise RequestError(f"{param}.tool_call_id is required: the id of the tool call this message "
                            "answers", f"{param}.tool_call_id")
@@ -369,7 +379,7 @@ def responses_conversation(input: Any, instructions: Any = None, tools: Any = No
             if reasoning:
                 turns.append(Message.assistant(reasoning, "analysis"))
         elif kind == "function_call":
-            function_call = _call(_function_name(item, "name", param), _arguments(item.get("arguments"), f"{param}.arguments"))
+            function_call = _call(_called_name(item, "name", param), _arguments(item.get("arguments"), f"{param}.arguments"))
             calls[_string(item, "call_id", param)] = function_call
             turns.append(function_call)
         elif kind == "function_call_output":

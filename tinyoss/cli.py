@@ -508,11 +508,15 @@ def _open_model(name: str, dense: Dense, threads: Optional[int], kv: Kv = Kv.f32
     from .hub import resolve_model
     from .runtime import load
 
+    from .config import load_config
+    from .store import resolve_checkpoint_dir
+
     path = resolve_model(name, announce=lambda line: typer.echo(line, err=True))
     _set_threads(threads)
+    folder, _ = resolve_checkpoint_dir(path)  # (before the load: --dense q8 would write its cache)
+    _check_text_vocab(load_config(folder / "config.json").vocab_size, path)
     with _stderr().status(f"loading {path}"):
         model = load(path, dense=dense.value, kv=kv.value, expert_input=expert_input.value)
-    _check_text_vocab(model.config.vocab_size, path)
     # map the weight pages in the background while the kernels are readied and the prompt is
     # prefilled (one call instead of page faults spread over the first tokens); a daemon: exit
     # doesn't wait

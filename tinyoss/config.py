@@ -290,12 +290,13 @@ def read_json(path: Path, what: str = "file") -> Any:
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: cannot read {what}: {e}") from None
     def unique(pairs: list[tuple[str, Any]]) -> dict:
-        keys = [k for k, _ in pairs]
-        for k in keys:
-            if keys.count(k) > 1:  # (json keeps the last silently: which did the writer mean?)
-                raise ConfigError(f"{path}: key {short_repr(k)} appears {keys.count(k)} times in one "
-                                  "object")
-        return dict(pairs)
+        out = dict(pairs)
+        if len(out) < len(pairs):  # (json keeps the last silently: which did the writer mean?)
+            seen: set[str] = set()
+            twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+            raise ConfigError(f"{path}: key {short_repr(twice)} appears more than once in one "
+                              "object")
+        return out
 
     try:
         return json.loads(text, object_pairs_hook=unique)

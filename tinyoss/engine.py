@@ -199,8 +199,8 @@ class Engine:
                 raise Overloaded("the server is shutting down")
             free = len(self.slots) - len(self._busy)  # pending jobs about to take a free slot
             if len(self._pending) >= self.max_queue + free:
-                raise Overloaded(f"its {len(self.slots)} slots are taken and {self.max_queue} "
-                                 f"requests wait (--queue)")
+                raise Overloaded(f"all {len(self.slots)} of its slots (--parallel) are taken and "
+                                 f"{self.max_queue} requests wait, its queue's limit (--queue)")
             self._pending.append(stream)
             self._lock.notify()
         return stream

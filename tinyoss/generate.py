@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Generator, Iterator, Sequence
@@ -307,7 +308,9 @@ def system_message(existing: Message | None, reasoning: str | None, date: str | 
         raise GenerationError(f"reasoning must be one of {', '.join(e.value for e in ReasoningEffort)}, "
                               f"got {reasoning!r}")
     if date is not None:
-        try:
+        try:  # (3.11's fromisoformat also takes 20240101 and 2024-W01-1)
+            if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", date):
+                raise ValueError
             datetime.date.fromisoformat(date)
         except ValueError:
             raise GenerationError(f"date must be YYYY-MM-DD, got {date!r}") from None
@@ -350,7 +353,8 @@ def prepare_conversation(
         raise TinyossTypeError("messages must be a str or a list of tinyoss.harmony.Message, got "
                                f"{type(messages).__name__}")
     rest = [Message.user(messages)] if isinstance(messages, str) else list(messages)
-    if not rest:
+    # (instructions alone are a conversation: the server's request of only a system message)
+    if not rest and instructions is None and not tools:
         raise GenerationError("messages is empty: give at least one message (a str is one user "
                               "message)")
     system, rest = _leading(rest, Role.SYSTEM)
@@ -574,12 +578,12 @@ def generate(
             raise GenerationError("context was made for another model: Context(model) with the "
                                   "model given here")
     if logprobs is not None:
-        if isinstance(logprobs, bool) or not isinstance(logprobs, int):
+        if isinstance(logprobs, bool) or not isinstance(logprobs, (int, np.integer)):
             raise TinyossTypeError(f"logprobs must be None or an int, got {type(logprobs).__name__}")
         if not 0 <= logprobs < model.config.vocab_size:
             raise GenerationError(f"logprobs must be from 0 to {model.config.vocab_size - 1} (the "
                                   f"rivals shown per token), got {logprobs}")
-    if isinstance(max_tool_rounds, bool) or not isinstance(max_tool_rounds, int):
+    if isinstance(max_tool_rounds, bool) or not isinstance(max_tool_rounds, (int, np.integer)):
         raise TinyossTypeError(f"max_tool_rounds must be an int, got {type(max_tool_rounds).__name__}")
     if max_tool_rounds < 0:
         raise GenerationError(f"max_tool_rounds must be >= 0, got {max_tool_rounds}")

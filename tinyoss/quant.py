@@ -183,7 +183,8 @@ def _write_cache(path: Path, key: str, mats: dict[str, np.ndarray]) -> None:
                     s = np.frombuffer(mm, np.uint16, R * (C // 32), len(header) + scales_at)
                     bf16_to_q8_into(w, q, s.reshape(R, C // 32))
                     del q, s
-                at = header.index(_NO_SUM.encode())  # (the source key is JSON: no such run)
+                place = f'"checksum":"{_NO_SUM}"'.encode()  # (the source key may hold 16 zeros)
+                at = header.index(place) + len(place) - 17
                 data = np.frombuffer(mm, np.uint8, offset=len(header))
                 mm[at:at + 16] = data_checksum(data).encode()
                 del data

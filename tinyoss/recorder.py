@@ -210,6 +210,8 @@ class Recording:
             raise TinyossError(f"{path} is a folder: give the recording a file name")
         if not path.parent.is_dir():
             raise TinyossError(f"{path}: no such folder {path.parent}")
+        if path.exists() and not path.is_file():  # (a FIFO: np.load would block)
+            raise TinyossError(f"{path}: not a regular file; give the recording a new name")
         if path.exists() and not is_recording(path):
             raise TinyossError(f"{path}: the file exists and is not a tinyoss recording: give a new "
                                "name (it is left as it is)")
@@ -218,7 +220,10 @@ class Recording:
                   "lens_ids": self.lens_ids, "lens_logits": self.lens_logits}
         for L, layer in enumerate(self.layers):
             arrays.update({f"layer{L}.{name}": value for name, value in layer.items()})
-        fd, part = _new_file_beside(path)
+        try:
+            fd, part = _new_file_beside(path)
+        except OSError as e:  # (a name near the system's limit: ours is ~15 characters longer)
+            raise TinyossError(f"{path}: can't write beside it ({e.strerror or e})") from None
         try:  # into a file beside it, then renamed: never half a recording at `path`
             with os.fdopen(fd, "wb") as f:  # (a file object: numpy would append .npz to a name)
                 np.savez_compressed(f, **arrays)
@@ -234,7 +239,10 @@ class Recording:
             raise TinyossError(f"{path}: no such recording file" if not path.exists() else
                                f"{path}: a recording is a regular file, this is not one")
         try:
-            with np.load(path, allow_pickle=False) as f:
+            loaded = np.load(path, allow_pickle=False)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):  # (a .npy: one array, no archive)
+                raise ValueError("one array, not an archive of them")
+            with loaded as f:
                 data = {key: f[key] for key in f.files}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
             # (numpy calls any file that is not .npy/.npz "pickled data": not what it is)
@@ -296,10 +304,15 @@ def _new_file_beside(path: Path) -> tuple[int, str]:
 def is_recording(path: str | os.PathLike) -> bool:
     """Whether the file at path is a tinyoss recording (what `inspect --save` may replace)."""
     try:
-        with np.load(path, allow_pickle=False) as f:
+        if not Path(path).is_file():  # (a FIFO would block)
+            return False
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a plain .npy array
+            return False
+        with loaded as f:
             return "format" in f.files and str(f["format"]) == FORMAT
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, AttributeError):
-        return False  # (AttributeError: a plain .npy array has no .files)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return False
 
 
 def format_summary(rec: Recording, token_text: Callable[[int], str] = str,

@@ -411,9 +411,12 @@ class Server:
 
     def prompt(self, conversation: apimap.Conversation, effort: str | None, tool_choice: str) -> list[int]:
         tools = conversation.tools if tool_choice != "none" else []
-        messages = prepare_conversation(conversation.messages, reasoning=effort or "medium",
-                                        date=self.date or datetime.date.today().isoformat(),
-                                        instructions=conversation.instructions, tools=tools)
+        try:
+            messages = prepare_conversation(conversation.messages, reasoning=effort or "medium",
+                                            date=self.date or datetime.date.today().isoformat(),
+                                            instructions=conversation.instructions, tools=tools)
+        except TinyossError as err:  # (checked by apimap first: a 400, never a 500, if one is missed)
+            raise RequestError(str(err), "messages") from None
         return harmony.render_conversation_for_completion(messages, auto_drop_analysis=False)
 
     def job(self, prompt: list[int], max_tokens: int | None, max_tokens_field: str, sampler: Sampler,
@@ -808,8 +811,8 @@ async def _responses_stream(response: dict, generation: Generation, finished) ->
 
 
 async def _read_json(request: Request, limit: int, seconds: float) -> dict:
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding != "identity":  # (a gzip body was "not valid JSON: can't decode byte 0x8b")
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):  # (a gzip body was "not valid JSON: can't decode byte 0x8b")
         raise RequestError(f"Content-Encoding {encoding!r} is not supported: send the body "
                            "uncompressed", None, 415, "unsupported_media_type")
     length = request.headers.get("content-length")

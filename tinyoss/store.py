@@ -495,11 +495,6 @@ class Checkpoint:
                                           f"and {f.path}")
                 where[name] = f
         if self._weight_map is not None:
-            absent = [(name, shard) for name, shard in self._weight_map.items() if name not in where]
-            if absent:  # (a gpt-oss tensor among them is an error below, naming it)
-                listed = ", ".join(f"{short_repr(n)} in {s}" for n, s in absent[:5])
-                warnings.warn(f"tinyoss: {self.path / HF_INDEX}: lists {len(absent)} tensor(s) that "
-                              f"no shard holds: {listed}", stacklevel=4)
             for name, shard in self._weight_map.items():
                 f = where.get(name)
                 if f is not None and f.path.name != shard:
@@ -535,6 +530,13 @@ class Checkpoint:
             arr = f.array(spec.name)
             for internal, lo, hi in spec.views:
                 views[internal] = arr[lo:hi]
+        # every tensor the model reads is there; what else the index lists and no shard holds
+        # (harmless, but a sign of a damaged download) is said once
+        absent = [(n, shard) for n, shard in (self._weight_map or {}).items() if n not in where]
+        if absent:
+            listed = ", ".join(f"{short_repr(n)} in {shard}" for n, shard in absent[:5])
+            warnings.warn(f"tinyoss: {self.path / HF_INDEX}: lists {len(absent)} tensor(s) that no "
+                          f"shard holds: {listed}", stacklevel=3)
         return views
 
     def __getitem__(self, name: str) -> np.ndarray:
