@@ -305,11 +305,27 @@ def test_kernels_do_not_recompile(make_checkpoint, dense, kv, tmp_path, monkeypa
 
 
 @SETTINGS
+@given(st.integers(0, 2**32 - 1), st.integers(1, 6), st.integers(1, 200), st.booleans())
+def test_split_x_equals_numpy_indexing(seed, m, C, split):
+    """bf16_split_x: each whole 32 columns even-then-odd (BF16_SPLIT_ORDER, a permutation of
+    0..31), the last C % 32 as they are; unchanged without `split`."""
+    from tinyoss.simd import BF16_SPLIT_ORDER
+
+    assert sorted(BF16_SPLIT_ORDER) == list(range(32))
+    xs = np.random.default_rng(seed).standard_normal((m, C)).astype(np.float32)
+    order = np.arange(C)
+    if split:
+        main = C - C % 32
+        order[:main] = (np.arange(0, main, 32)[:, None] + np.array(BF16_SPLIT_ORDER)).reshape(-1)
+    np.testing.assert_array_equal(kernels.bf16_split_x(xs, split), xs[:, order])
+
+
+@SETTINGS
 @given(st.integers(0, 2**32 - 1), st.integers(1, 40), st.integers(1, 40),
        st.integers(1, 40) | st.integers(500, 1100), st.integers(1, 9))
 def test_qkv_and_few_token_matmuls_equal_linear(seed, rq, rk, C, m):
     """The few-token bf16 kernels (tokens four at a time, then the rest; rows four at a time with
-    AVX-512, x in BF16_SPLIT_ORDER, then two, then one; columns in chunks of
+    AVX-512, x in BF16_SPLIT_ORDER, then two, then one, else one at a time; columns in chunks of
     X_CHUNK_BYTES, from 500 on more than one; C % 32 columns one by one) against the linear twin;
     q, k, v in one launch equal to three matmuls."""
     rng = np.random.default_rng(seed)
@@ -678,7 +694,8 @@ def test_smaller_cpu_paths_equal_their_twins(path, cpu, check):
             "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-k', "
             "'moe_matvec or mxfp4_matmul or grouped_moe or kernel_equals_numpy or decode_attention or "
             "swiglu_lanes or plain_row_dot or real_width or softmax_rows or vector_exp or "
-            "lane_order or every_scale or x8_moe or swiglu_x8 or x8_order or bf16_keys', "
+            "lane_order or every_scale or x8_moe or swiglu_x8 or x8_order or bf16_keys or "
+            "few_token_matmuls or split_x', "
             f"{os.path.join(here, 'test_kernels.py')!r}, {os.path.join(here, 'test_mxfp4.py')!r}]))")
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=600)

@@ -22,8 +22,7 @@ from . import mxfp4
 from .simd import (HAVE_AVX2, HAVE_AVX512, HAVE_SIMD, KERNELS, MAX_GROUP, MXFP4_LANE_ORDER,
                    MXFP4_PAIR_ORDER, MXFP4_Q8_GROUP, MXFP4_Q8_ROWS, MXFP4_QUAD_ORDER, MXFP4_ROWS,
                    Q8_TILE_ROWS, Q8_TILE_TOKENS, QK_DIM, QK_HEADS, VALUE_QUERIES, X8_TILES,
-                   BF16_SPLIT_ORDER, as_float32, bf16_row_dots, bf16_row_pair_dots,
-                   bf16_split_row_dots, exp_shifted_sum, float32_bits,
+                   BF16_SPLIT_ORDER, as_float32, bf16_row_dots, bf16_split_row_dots, exp_shifted_sum, float32_bits,
                    kv_float, max_nan, mxfp4_block_decode_simd, mxfp4_matvec_rows,
                    mxfp4_matvec_rows_two, mxfp4_q8_row_dots, mxfp4_q8_tile_dots, mxfp4_row_dots,
                    q8_row_dot, q8_row_dots, q8_row_pair_dots, qk8_scores, weighted_rows64,
@@ -727,11 +726,11 @@ def _rope_token(x, cos, sin, out, i):
 # dense bf16 and int8 weights
 
 
-BF16_PAIRS = HAVE_AVX512  # the few-token bf16 matmul takes two rows a call (32 vector registers)
 BF16_QUADS = HAVE_AVX512  # f32_bf16w_matmul (2+ tokens) takes four rows a call, x in
-# BF16_SPLIT_ORDER (simd.bf16_split_row_dots). Against the pair step, one process alternating
-# (2026-12-07, Zen 4, 2 threads, 2880 columns, 4 tokens): 4096 rows from L3 686 -> 587 us; the
-# 20b's unembedding from RAM 37.3 -> 32.6 ms (one token's matvec: 30.8)
+# BF16_SPLIT_ORDER (simd.bf16_split_row_dots; 32 vector registers). Against the step before it
+# (two rows a call, each x load serving both), one process alternating (2026-12-07, Zen 4, 2
+# threads, 2880 columns, 4 tokens): 4096 rows from L3 686 -> 587 us; the 20b's unembedding from
+# RAM 37.3 -> 32.6 ms (one token's matvec: 30.8). Without AVX-512, one row a call.
 _SPLIT = np.array(BF16_SPLIT_ORDER, np.int64)
 X_CHUNK_BYTES = 8192  # the few-token row dots go through the columns in chunks whose inputs (all
 # tokens' x) take at most this much L1: four tokens' whole 2880-float rows (46 KB) were evicted by
@@ -773,7 +772,8 @@ def _bf16_split_rows(flat, C, flat_x, m, flat_out, R, main, r0, r1):
 @jit()
 def bf16_split_x(xs, split):
     """A copy of xs [m, C] with each 32 columns in BF16_SPLIT_ORDER where `split` (the last C % 32
-    as they are), else as it is: the x of `_bf16_rows(..., split=True)`."""
+    as they are), else as it is: the x of `_bf16_rows(..., split=True)`. Twin: numpy indexing
+    by the permutation (test_kernels)."""
     m, C = xs.shape
     out = np.empty((m, C), np.float32)
     main = C - C % 32 if split else 0
@@ -787,15 +787,15 @@ def bf16_split_x(xs, split):
 
 
 @jit(fastmath=True)
-def _bf16_rows(w, xs, bias, out, r0, r1, pairs=BF16_PAIRS, split=False):
+def _bf16_rows(w, xs, bias, out, r0, r1, split=False):
     """Rows r0..r1 of out[j, r] = sum_c bf16(w[r, c]) xs[j, c] (+ bf16(bias[r])) for every
     token j: 32 columns a step in vector IR (simd.bf16_row_dots, each row widened once per
-    four tokens; with AVX-512 two rows a call, bf16_row_pair_dots, each x load serving both),
-    the last C % 32 one by one. Several tokens go through the columns in chunks (X_CHUNK_BYTES),
-    all rows of one chunk before the next, each chunk's sums added to the last. `split` (2+
-    tokens, xs from `bf16_split_x`, BF16_QUADS): four rows a call (simd.bf16_split_row_dots).
-    A row's sums may round apart with and without `pairs` (two different loops of vector code):
-    the router's ties need every row through one code."""
+    four tokens), the last C % 32 one by one. Several tokens go through the columns in chunks
+    (X_CHUNK_BYTES), all rows of one chunk before the next, each chunk's sums added to the last.
+    `split` (2+ tokens, xs from `bf16_split_x`, BF16_QUADS): four rows a call
+    (simd.bf16_split_row_dots), then two, then one. A row's sums may round apart with and
+    without `split` (different loops of vector code): the router's ties need every row through
+    one code, so it passes none."""
     R, C = w.shape
     m = xs.shape[0]
     flat, flat_x, flat_out = w.reshape(-1), xs.reshape(-1), out.reshape(-1)
@@ -807,30 +807,18 @@ def _bf16_rows(w, xs, bias, out, r0, r1, pairs=BF16_PAIRS, split=False):
         _bf16_split_rows(flat, C, flat_x, m, flat_out, R, main, r0, r1)
     else:
         chunk = max(32, X_CHUNK_BYTES // (4 * min(m, MAX_GROUP)) // 32 * 32)
-        part = np.empty(2 * MAX_GROUP, np.float32)
+        part = np.empty(MAX_GROUP, np.float32)
         for c0 in range(0, max(main, 1), chunk):  # (C < 32: one pass of none, storing zeros)
             n = min(chunk, main - c0)
-            r = r0
-            while r < r1:
-                pair = pairs and r + 1 < r1
+            for r in range(r0, r1):
                 for j0 in range(0, m, MAX_GROUP):
                     g = min(MAX_GROUP, m - j0)
-                    if c0 == 0 and pair:
-                        bf16_row_pair_dots(g, flat, r * C, flat_x, j0 * C, C, n, flat_out,
-                                           j0 * R + r, R)
-                    elif c0 == 0:
+                    if c0 == 0:
                         bf16_row_dots(g, flat, r * C, flat_x, j0 * C, C, n, flat_out, j0 * R + r, R)
-                    elif pair:
-                        bf16_row_pair_dots(g, flat, r * C + c0, flat_x, j0 * C + c0, C, n, part,
-                                           0, 2)
-                        for j in range(g):  # through the view the intrinsic wrote (see NOALIAS)
-                            flat_out[(j0 + j) * R + r] += part[2 * j]
-                            flat_out[(j0 + j) * R + r + 1] += part[2 * j + 1]
                     else:
                         bf16_row_dots(g, flat, r * C + c0, flat_x, j0 * C + c0, C, n, part, 0, 1)
-                        for j in range(g):
+                        for j in range(g):  # through the view the intrinsic wrote (see NOALIAS)
                             flat_out[(j0 + j) * R + r] += part[j]
-                r += 2 if pair else 1
     for r in range(r0, r1):
         for j in range(m):
             acc = flat_out[j * R + r]  # through the view the intrinsic wrote (see NOALIAS)
@@ -886,7 +874,7 @@ def f32_bf16w_matmul(w, xs, bias, out):
     n_tasks = (R + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in numba.prange(n_tasks):
         _bf16_rows(w, xp, bias, out, task * ROWS_PER_TASK, min((task + 1) * ROWS_PER_TASK, R),
-                   BF16_PAIRS, split)
+                   split)
 
 
 @jit(fastmath=True)
@@ -908,13 +896,13 @@ def f32_bf16w_qkv_matmul(wq, bq, oq, wk, bk, ok, wv, bv, ov, xs):
     for task in numba.prange(tq + tk + tv):
         if task < tq:
             r0 = task * ROWS_PER_TASK
-            _bf16_rows(wq, xp, bq, oq, r0, min(r0 + ROWS_PER_TASK, wq.shape[0]), BF16_PAIRS, split)
+            _bf16_rows(wq, xp, bq, oq, r0, min(r0 + ROWS_PER_TASK, wq.shape[0]), split)
         elif task < tq + tk:
             r0 = (task - tq) * ROWS_PER_TASK
-            _bf16_rows(wk, xp, bk, ok, r0, min(r0 + ROWS_PER_TASK, wk.shape[0]), BF16_PAIRS, split)
+            _bf16_rows(wk, xp, bk, ok, r0, min(r0 + ROWS_PER_TASK, wk.shape[0]), split)
         else:
             r0 = (task - tq - tk) * ROWS_PER_TASK
-            _bf16_rows(wv, xp, bv, ov, r0, min(r0 + ROWS_PER_TASK, wv.shape[0]), BF16_PAIRS, split)
+            _bf16_rows(wv, xp, bv, ov, r0, min(r0 + ROWS_PER_TASK, wv.shape[0]), split)
 
 
 def bf16_to_q8(w):

@@ -1181,7 +1181,8 @@ def q8_row_pair_dots(typingctx, g, q, q_off, scales, s_off, x, x_off, x_len, nb,
 
 
 def _bf16_dots(rows: int):
-    """The codegen of bf16_row_dots (rows=1) and bf16_row_pair_dots (rows=2)."""
+    """The codegen of bf16_row_dots (rows=1; `_few_token_dots` takes more, as the int8 rows'
+    pair step does)."""
 
     def codegen(context, builder, signature, args):
         g, w_a, w_off, x_a, x_off, x_len, n, out_a, o_off, o_stride = args
@@ -1230,8 +1231,8 @@ def bf16_row_dots(typingctx, g, w, w_off, x, x_off, x_len, n, out, o_off, o_stri
 
 
 # The few-token bf16 matmul with AVX-512 (batched decode, short prefills: 2-4 tokens) takes four
-# rows a step, each x load serving all four (the pair step's x loads held it: 8 loads of x and 2
-# of w for 16 multiply-adds), and x's columns in BF16_SPLIT_ORDER: 32 bf16 of a row load as 16
+# rows a step, each x load serving all four (two rows a step, as it was, were held by their x
+# loads: 8 loads of x and 2 of w for 16 multiply-adds), and x's columns in BF16_SPLIT_ORDER: 32 bf16 of a row load as 16
 # 32-bit lanes, the even columns widen by one shift, the odd ones by one mask (`_widen`: two
 # zero-extends and two shifts per 32). Per 32 columns and four tokens: 4 loads of w, 8 of x, 8
 # widening instructions, 32 multiply-adds into 16 <16 x float> sums (and 4 x + 8 w registers).
@@ -1295,16 +1296,6 @@ def bf16_split_row_dots(typingctx, rows, g, w, w_off, x, x_off, x_len, n, out, o
     codegen = _bf16_split_dots(rows.literal_value)
     return sig, lambda context, builder, signature, args: codegen(
         context, builder, types.void(*signature.args[1:]), args[1:])
-
-
-@intrinsic
-def bf16_row_pair_dots(typingctx, g, w, w_off, x, x_off, x_len, n, out, o_off, o_stride):
-    """`bf16_row_dots` of two rows at once, w_off's and the one x_len after it:
-    out[o_off + j * o_stride + rr] for row rr in 0, 1. Each x load serves both rows, which a few
-    tokens need (one row a step: one x load per multiply-add, and the loads, not the arithmetic,
-    held the four-token matmul to ~45 G multiply-adds a second from L3 on a Zen 4). Needs 32
-    vector registers for four tokens (AVX-512): `kernels.BF16_PAIRS`."""
-    return _bf16_dots_signature(w, x, out), _bf16_dots(2)
 
 
 # --- decode attention: one KV head's 8 query heads (gpt-oss: 64 query heads on 8 KV heads) ------
