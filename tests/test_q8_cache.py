@@ -49,31 +49,29 @@ def test_copies_are_written_once_then_mapped_from_the_file(checkpoint, tmp_path,
     assert np.array_equal(_logits(again), want)
 
 
-def test_a_truncated_cache_file_is_rebuilt(checkpoint, tmp_path):
-    want = _logits(tinyoss.load(checkpoint, dense="q8", q8_cache=tmp_path))
-    (path,) = tmp_path.glob("q8-*.safetensors")
+def _truncate(path):
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
-    with pytest.warns(UserWarning, match="ignoring the q8 cache"):
-        model = tinyoss.load(checkpoint, dense="q8", q8_cache=tmp_path)
-    assert np.array_equal(_logits(model), want)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # rewritten whole
-        tinyoss.load(checkpoint, dense="q8", q8_cache=tmp_path)
 
 
-def test_a_cache_file_whose_data_changed_is_rebuilt(checkpoint, tmp_path):
+def _flip_a_bit(path):
     """One flipped bit in the int8 copies (a bad disk, a stray write): the copy it maps would be
     wrong with every header check passing; the checksum written with it tells."""
+    at = os.path.getsize(path) - 1000
+    with open(path, "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0x10]))
+
+
+@pytest.mark.parametrize("damage,warning", [(_truncate, "ignoring the q8 cache"),
+                                            (_flip_a_bit, "data changed since it was written")])
+def test_a_damaged_cache_file_is_rebuilt(checkpoint, tmp_path, damage, warning):
     want = _logits(tinyoss.load(checkpoint, dense="q8", q8_cache=tmp_path))
     (path,) = tmp_path.glob("q8-*.safetensors")
-    size = os.path.getsize(path)
-    with open(path, "r+b") as f:
-        f.seek(size - 1000)
-        byte = f.read(1)
-        f.seek(size - 1000)
-        f.write(bytes([byte[0] ^ 0x10]))
-    with pytest.warns(UserWarning, match="data changed since it was written"):
+    damage(path)
+    with pytest.warns(UserWarning, match=warning):
         model = tinyoss.load(checkpoint, dense="q8", q8_cache=tmp_path)
     assert np.array_equal(_logits(model), want)
     with warnings.catch_warnings():
