@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import tinyoss  # noqa: E402
-from serving import MODEL_ID, serve  # noqa: E402
+from serving import MODEL_ID, Scripted, serve  # noqa: E402
 
 CTX = 4096
 TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {
@@ -247,11 +247,19 @@ def test_random_responses_fields_never_make_a_500(served, changes):
 # ---------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def endless(model):
+    """A server whose replies to "hi" go on (the random model's own may end at any token)."""
+    with serve(Scripted(model, {"hi": "<|channel|>final<|message|>" + "la " * 5000}), parallel=1,
+               ctx=CTX) as (url, server):
+        yield url, server
+
+
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
-def test_a_non_streamed_request_whose_client_left_frees_its_slot(served, path):
+def test_a_non_streamed_request_whose_client_left_frees_its_slot(endless, path):
     """An HTTP client that times out (the openai client then retries, twice by default) must not
     leave its generation running to max_tokens (by default the whole context)."""
-    url, server = served
+    url, server = endless
     body = dict(CHAT) if path.endswith("completions") else dict(RESPONSES)
     body.pop("max_tokens", None), body.pop("max_output_tokens", None)  # the whole context
     data = dumps(body)
