@@ -305,19 +305,18 @@ def test_kernels_do_not_recompile(make_checkpoint, dense, kv, tmp_path, monkeypa
 
 
 @SETTINGS
-@given(st.integers(0, 2**32 - 1), st.integers(1, 6), st.integers(1, 200), st.booleans())
-def test_split_x_equals_numpy_indexing(seed, m, C, split):
+@given(st.integers(0, 2**32 - 1), st.integers(1, 6), st.integers(1, 200))
+def test_split_x_equals_numpy_indexing(seed, m, C):
     """bf16_split_x: each whole 32 columns even-then-odd (BF16_SPLIT_ORDER, a permutation of
-    0..31), the last C % 32 as they are; unchanged without `split`."""
+    0..31), the last C % 32 as they are."""
     from tinyoss.simd import BF16_SPLIT_ORDER
 
     assert sorted(BF16_SPLIT_ORDER) == list(range(32))
     xs = np.random.default_rng(seed).standard_normal((m, C)).astype(np.float32)
+    main = C - C % 32
     order = np.arange(C)
-    if split:
-        main = C - C % 32
-        order[:main] = (np.arange(0, main, 32)[:, None] + np.array(BF16_SPLIT_ORDER)).reshape(-1)
-    np.testing.assert_array_equal(kernels.bf16_split_x(xs, split), xs[:, order])
+    order[:main] = (np.arange(0, main, 32)[:, None] + np.array(BF16_SPLIT_ORDER)).reshape(-1)
+    np.testing.assert_array_equal(kernels.bf16_split_x(xs), xs[:, order])
 
 
 @SETTINGS

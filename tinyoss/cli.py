@@ -1012,17 +1012,12 @@ def inspect_(
     if not prompt.strip():
         fail("the prompt is empty")
     if save is not None:  # fail before the (slow) forward pass, not after it
-        if save.is_dir():
-            fail(f"--save {save}: is a folder, give a file name")
-        if not save.parent.is_dir():
-            fail(f"--save {save}: no such folder {save.parent}")
-        if not os.access(save.parent, os.W_OK) or (save.exists() and not os.access(save, os.W_OK)):
-            fail(f"--save {save}: not writable")
-        from .recorder import is_recording
+        from .recorder import check_target
 
-        if save.exists() and not is_recording(save):  # (an earlier recording may be replaced)
-            fail(f"--save {save}: the file exists and is not a tinyoss recording: give a new name "
-                 "(it is left as it is)")
+        try:
+            check_target(save)
+        except TinyossError as e:
+            fail(f"--save {e}")
     tokenizer = get_tokenizer()
     if raw:
         tokens = tokenizer.encode(prompt, allowed_special="all")

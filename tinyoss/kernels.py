@@ -22,7 +22,8 @@ from . import mxfp4
 from .simd import (HAVE_AVX2, HAVE_AVX512, HAVE_SIMD, KERNELS, MAX_GROUP, MXFP4_LANE_ORDER,
                    MXFP4_PAIR_ORDER, MXFP4_Q8_GROUP, MXFP4_Q8_ROWS, MXFP4_QUAD_ORDER, MXFP4_ROWS,
                    Q8_TILE_ROWS, Q8_TILE_TOKENS, QK_DIM, QK_HEADS, VALUE_QUERIES, X8_TILES,
-                   BF16_SPLIT_ORDER, as_float32, bf16_row_dots, bf16_split_row_dots, exp_shifted_sum, float32_bits,
+                   BF16_SPLIT_ORDER, as_float32, bf16_row_dots, bf16_split_row_dots,
+                   exp_shifted_sum, float32_bits,
                    kv_float, max_nan, mxfp4_block_decode_simd, mxfp4_matvec_rows,
                    mxfp4_matvec_rows_two, mxfp4_q8_row_dots, mxfp4_q8_tile_dots, mxfp4_row_dots,
                    q8_row_dot, q8_row_dots, q8_row_pair_dots, qk8_scores, weighted_rows64,
@@ -770,13 +771,13 @@ def _bf16_split_rows(flat, C, flat_x, m, flat_out, R, main, r0, r1):
 
 
 @jit()
-def bf16_split_x(xs, split):
-    """A copy of xs [m, C] with each 32 columns in BF16_SPLIT_ORDER where `split` (the last C % 32
-    as they are), else as it is: the x of `_bf16_rows(..., split=True)`. Twin: numpy indexing
-    by the permutation (test_kernels)."""
+def bf16_split_x(xs):
+    """A copy of xs [m, C] with each whole 32 columns in BF16_SPLIT_ORDER (the last C % 32 as
+    they are): the x of `_bf16_rows(..., split=True)`. Twin: numpy indexing by the permutation
+    (test_kernels)."""
     m, C = xs.shape
     out = np.empty((m, C), np.float32)
-    main = C - C % 32 if split else 0
+    main = C - C % 32
     for j in range(m):
         for b in range(0, main, 32):
             for i in range(32):
@@ -870,7 +871,7 @@ def f32_bf16w_matmul(w, xs, bias, out):
     Twin: model.linear (rtol 1e-5)."""
     R = w.shape[0]
     split = BF16_QUADS and xs.shape[0] > 1
-    xp = bf16_split_x(xs, split)
+    xp = bf16_split_x(xs) if split else xs  # (one token, each decode step: no copy)
     n_tasks = (R + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in numba.prange(n_tasks):
         _bf16_rows(w, xp, bias, out, task * ROWS_PER_TASK, min((task + 1) * ROWS_PER_TASK, R),
@@ -892,7 +893,7 @@ def f32_bf16w_qkv_matmul(wq, bq, oq, wk, bk, ok, wv, bv, ov, xs):
     tk = (wk.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     tv = (wv.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     split = BF16_QUADS and xs.shape[0] > 1
-    xp = bf16_split_x(xs, split)
+    xp = bf16_split_x(xs) if split else xs  # (one token, each decode step: no copy)
     for task in numba.prange(tq + tk + tv):
         if task < tq:
             r0 = task * ROWS_PER_TASK

@@ -37,7 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CheckpointError, TinyossError, expect_type
-from .store import Checkpoint, SafetensorsFile, bf16_to_f32, f32_to_bf16, safetensors_header
+from .store import (Checkpoint, SafetensorsFile, bf16_to_f32, f32_to_bf16, header_metadata,
+                    nearest_existing, safetensors_header)
 
 CACHE_FORMAT = "tinyoss-q8-3"  # bump when the int8 format or its tensor names change (-3: the
 # data's checksum in the metadata)
@@ -141,9 +142,8 @@ def q8_copies(ckpt: Checkpoint, mats: dict[str, np.ndarray], folder: Path | None
             if cached is not None:
                 return cached
         except OSError as e:
-            why = e.strerror or e
-            blocker = next((p for p in path.parents if p.exists()), None)
-            if blocker is not None and not blocker.is_dir():  # ("File exists": mkdir's words)
+            why, blocker = e.strerror or e, nearest_existing(path.parent)
+            if not blocker.is_dir():  # ("File exists": mkdir's words)
                 why = f"{blocker} is a file, not a folder"
             warnings.warn(f"tinyoss: could not write the q8 cache {path} ({why}); "
                           f"the int8 copies will be made again at the next load", stacklevel=3)
@@ -251,17 +251,7 @@ def _own_files(folder: Path) -> list[Path]:
 def _is_own(path: Path) -> bool:
     """Whether a file's safetensors header says this module wrote it (any CACHE_FORMAT, in
     whole or in part: a truncated or altered data section still counts)."""
-    try:
-        if not path.is_file():  # (a FIFO would block the open)
-            return False
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if n > 1 << 24:
-                return False
-            metadata = json.loads(f.read(n)).get("__metadata__", {})
-        return isinstance(metadata, dict) and str(metadata.get("format", "")).startswith("tinyoss-q8")
-    except (OSError, ValueError, AttributeError):
-        return False
+    return str(header_metadata(path).get("format", "")).startswith("tinyoss-q8")
 
 
 def _folder(folder) -> Path | None:
@@ -269,10 +259,7 @@ def _folder(folder) -> Path | None:
 
 
 def _source(path: Path) -> str:
-    try:
-        return SafetensorsFile(path).metadata.get("source", "")
-    except (CheckpointError, OSError):
-        return ""
+    return str(header_metadata(path).get("source", ""))
 
 
 def _same_checkpoint(a: str, b: str) -> bool:

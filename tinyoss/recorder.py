@@ -205,16 +205,7 @@ class Recording:
     def save(self, path: str | os.PathLike) -> None:
         """Write every array to one .npz file (compressed), at exactly `path`: a new file, or an
         earlier recording replaced; any other file there is left as it is (TinyossError)."""
-        path = Path(expect_type(path, (str, os.PathLike), "path"))
-        if path.is_dir():
-            raise TinyossError(f"{path} is a folder: give the recording a file name")
-        if not path.parent.is_dir():
-            raise TinyossError(f"{path}: no such folder {path.parent}")
-        if path.exists() and not path.is_file():  # (a FIFO: np.load would block)
-            raise TinyossError(f"{path}: not a regular file; give the recording a new name")
-        if path.exists() and not is_recording(path):
-            raise TinyossError(f"{path}: the file exists and is not a tinyoss recording: give a new "
-                               "name (it is left as it is)")
+        path = check_target(path)
         arrays = {"format": np.array(FORMAT), "tokens": self.tokens, "positions": self.positions,
                   "sliding": self.sliding, "window": np.array(self.window), "logits": self.logits,
                   "lens_ids": self.lens_ids, "lens_logits": self.lens_logits}
@@ -239,10 +230,7 @@ class Recording:
             raise TinyossError(f"{path}: no such recording file" if not path.exists() else
                                f"{path}: a recording is a regular file, this is not one")
         try:
-            loaded = np.load(path, allow_pickle=False)
-            if not isinstance(loaded, np.lib.npyio.NpzFile):  # (a .npy: one array, no archive)
-                raise ValueError("one array, not an archive of them")
-            with loaded as f:
+            with _npz(path) as f:
                 data = {key: f[key] for key in f.files}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
             # (numpy calls any file that is not .npy/.npz "pickled data": not what it is)
@@ -301,15 +289,39 @@ def _new_file_beside(path: Path) -> tuple[int, str]:
     raise TinyossError(f"{path.parent}: could not make a temporary file there")
 
 
+def check_target(path: str | os.PathLike) -> Path:
+    """`path` as a place `Recording.save` may write: a new file in a folder that exists, or an
+    earlier recording (replaced); anything else is a TinyossError naming it, left as it is.
+    `inspect --save` asks before its forward pass."""
+    path = Path(expect_type(path, (str, os.PathLike), "path"))
+    if path.is_dir():
+        raise TinyossError(f"{path} is a folder: give the recording a file name")
+    if not path.parent.is_dir():
+        raise TinyossError(f"{path}: no such folder {path.parent}")
+    if path.exists() and not path.is_file():  # (a FIFO: np.load would block)
+        raise TinyossError(f"{path}: not a regular file; give the recording a new name")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise TinyossError(f"{path}: not writable")
+    if path.exists() and not is_recording(path):
+        raise TinyossError(f"{path}: the file exists and is not a tinyoss recording: give a new "
+                           "name (it is left as it is)")
+    return path
+
+
+def _npz(path) -> np.lib.npyio.NpzFile:
+    """np.load of an .npz archive; ValueError for anything else (a .npy is one array)."""
+    loaded = np.load(path, allow_pickle=False)
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ValueError("one array, not an archive of them")
+    return loaded
+
+
 def is_recording(path: str | os.PathLike) -> bool:
-    """Whether the file at path is a tinyoss recording (what `inspect --save` may replace)."""
+    """Whether the file at path is a tinyoss recording (what `Recording.save` may replace)."""
     try:
         if not Path(path).is_file():  # (a FIFO would block)
             return False
-        loaded = np.load(path, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a plain .npy array
-            return False
-        with loaded as f:
+        with _npz(path) as f:
             return "format" in f.files and str(f["format"]) == FORMAT
     except (OSError, ValueError, EOFError, zipfile.BadZipFile):
         return False

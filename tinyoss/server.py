@@ -412,12 +412,10 @@ class Server:
     def prompt(self, conversation: apimap.Conversation, effort: str | None, tool_choice: str) -> list[int]:
         tools = conversation.tools if tool_choice != "none" else []
         try:
-            messages = prepare_conversation(conversation.messages, reasoning=effort or "medium",
-                                            date=self.date or datetime.date.today().isoformat(),
-                                            instructions=conversation.instructions, tools=tools)
+            return render_prompt(conversation.messages, effort or "medium", self.date,
+                                 conversation.instructions, tools)
         except TinyossError as err:  # (checked by apimap first: a 400, never a 500, if one is missed)
             raise RequestError(str(err), "messages") from None
-        return harmony.render_conversation_for_completion(messages, auto_drop_analysis=False)
 
     def job(self, prompt: list[int], max_tokens: int | None, max_tokens_field: str, sampler: Sampler,
             logprobs: int | None, constraint: Constraint | None) -> Job:
@@ -445,12 +443,19 @@ class Server:
             self.responses.popitem(last=False)
 
 
+def render_prompt(messages: list[harmony.Message], effort: str, date: str | None = None,
+                  instructions: str | None = None, tools=()) -> list[int]:
+    """A request's prompt: its messages after the system message (date: default today) and
+    the developer's (instructions, tools), rendered for the assistant's reply."""
+    messages = prepare_conversation(messages, reasoning=effort, instructions=instructions, tools=tools,
+                                    date=date or datetime.date.today().isoformat())
+    return harmony.render_conversation_for_completion(messages, auto_drop_analysis=False)
+
+
 def shortest_prompt() -> int:
     """Tokens of the shortest prompt a request can make (one one-word user message, no tools):
     a server whose context is not longer answers nothing."""
-    messages = prepare_conversation([harmony.Message.user("hi")], reasoning="low",
-                                    date=datetime.date.today().isoformat())
-    return len(harmony.render_conversation_for_completion(messages, auto_drop_analysis=False))
+    return len(render_prompt([harmony.Message.user("hi")], "low"))
 
 
 def _sampler(body: dict) -> Sampler:

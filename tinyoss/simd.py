@@ -1180,9 +1180,8 @@ def q8_row_pair_dots(typingctx, g, q, q_off, scales, s_off, x, x_off, x_len, nb,
     return None if sig is None else (sig, _q8_dots(2))
 
 
-def _bf16_dots(rows: int):
-    """The codegen of bf16_row_dots (rows=1; `_few_token_dots` takes more, as the int8 rows'
-    pair step does)."""
+def _bf16_dots():
+    """The codegen of bf16_row_dots."""
 
     def codegen(context, builder, signature, args):
         g, w_a, w_off, x_a, x_off, x_len, n, out_a, o_off, o_stride = args
@@ -1204,7 +1203,7 @@ def _bf16_dots(rows: int):
                 return _widen(builder, builder.load(builder.bitcast(
                     builder.gep(wptr, [roff]), v32i16.as_pointer()), align=2))
 
-            _few_token_dots(builder, rows, group, builder.udiv(n, _const(32)), x_len, xptr,
+            _few_token_dots(builder, 1, group, builder.udiv(n, _const(32)), x_len, xptr,
                             optr, o_stride, row_values)
 
         _for_group(builder, g, row)
@@ -1227,20 +1226,23 @@ def bf16_row_dots(typingctx, g, w, w_off, x, x_off, x_len, n, out, o_off, o_stri
     rows ahead where L1D is large enough (BF16_PREFETCH; on the 20b's unembedding, in one process
     alternating with the kernel without it: 1.13-1.38x, medians of 10, 4 to 16 rows ahead, Zen 5).
     Plain LLVM vector IR."""
-    return _bf16_dots_signature(w, x, out), _bf16_dots(1)
+    return _bf16_dots_signature(w, x, out), _bf16_dots()
 
 
 # The few-token bf16 matmul with AVX-512 (batched decode, short prefills: 2-4 tokens) takes four
 # rows a step, each x load serving all four (two rows a step, as it was, were held by their x
-# loads: 8 loads of x and 2 of w for 16 multiply-adds), and x's columns in BF16_SPLIT_ORDER: 32 bf16 of a row load as 16
-# 32-bit lanes, the even columns widen by one shift, the odd ones by one mask (`_widen`: two
+# loads: 8 loads of x and 2 of w for 16 multiply-adds), and x's columns in BF16_SPLIT_ORDER: 32
+# bf16 of a row load as 16 32-bit lanes, the even columns widen by one shift, the odd ones by one mask (`_widen`: two
 # zero-extends and two shifts per 32). Per 32 columns and four tokens: 4 loads of w, 8 of x, 8
 # widening instructions, 32 multiply-adds into 16 <16 x float> sums (and 4 x + 8 w registers).
 BF16_SPLIT_ORDER = [2 * i for i in range(16)] + [2 * i + 1 for i in range(16)]  # x within 32
 
 
 def _bf16_split_dots(rows: int):
-    """The codegen of bf16_split_row_dots: `rows` rows (1, 2 or 4) against g <= MAX_GROUP x."""
+    """The codegen of bf16_split_row_dots: `rows` rows (1, 2 or 4) against g <= MAX_GROUP x.
+    Its own loop rather than `_few_token_dots`: a row's even and odd products go into one
+    <16 x float> sum, where `_few_token_dots`' <32 x float> sums would take all 32 vector
+    registers for four rows and four tokens."""
 
     def codegen(context, builder, signature, args):
         g, w_a, w_off, x_a, x_off, x_len, n, out_a, o_off, o_stride = args

@@ -169,6 +169,15 @@ def map_pages(arrays) -> None:
 _SCRATCH = threading.local()
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path`, or the nearest of its parents that exists (a link to nothing counts: it is in the
+    way as much): where a folder about to be made would meet what is there, e.g. a file."""
+    for p in (path, *path.parents):
+        if p.exists() or p.is_symlink():
+            return p
+    return Path(path.anchor or ".")
+
+
 def scratch(name: str, n: int) -> np.ndarray:
     """This thread's reused float32 buffer `name`, as n values (uninitialized). A fresh array of
     a few hundred KB or more is fresh memory, page-faulted in on every decoded token (glibc gives
@@ -281,6 +290,23 @@ def safetensors_header(entries, metadata: dict[str, str]) -> bytes:
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # pad so the data starts 8-byte aligned
     return struct.pack("<Q", len(raw)) + raw
+
+
+def header_metadata(path: Path) -> dict:
+    """A safetensors file's `__metadata__`, read from its header alone ({} if there is none or
+    the file is no safetensors): whatever its tensors' data (a truncated file still says who
+    wrote it). Not a regular file: {} (a FIFO would block the open)."""
+    try:
+        if not path.is_file():
+            return {}
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n > MAX_HEADER_BYTES:
+                return {}
+            metadata = json.loads(f.read(n)).get("__metadata__", {})
+        return metadata if isinstance(metadata, dict) else {}
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return {}
 
 
 def parse_header(f, size: int, path: Path) -> tuple[dict[str, TensorInfo], dict]:

@@ -28,7 +28,7 @@ import numpy as np
 
 from .config import MAX_LAYERS, Config, config_from_dict, to_hf_dict, to_original_dict
 from .errors import ConfigError, TinyossError, TinyossTypeError, expect_type
-from .store import (_ITEMSIZE, HF_INDEX, Spec, f32_to_bf16, layout_table,
+from .store import (_ITEMSIZE, HF_INDEX, Spec, f32_to_bf16, layout_table, nearest_existing,
                     safetensors_header)
 
 ROWS_PER_CHUNK = 8192  # rows of a 2-D tensor generated at once (bounded memory)
@@ -286,10 +286,8 @@ def _strangers(folder: Path, entries: list[Path], top: bool) -> list[str]:
 
 def free_bytes(folder: Path) -> int:
     """Bytes free for this user on the filesystem of `folder` (or of its nearest existing
-    parent)."""
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    return shutil.disk_usage(folder).free
+    parent, a folder: write_checkpoint checks that first)."""
+    return shutil.disk_usage(nearest_existing(folder)).free
 
 
 def write_checkpoint(out: str | Path, c: Config, layout: str = "hf", preset: str = "tiny",
@@ -315,14 +313,14 @@ def write_checkpoint(out: str | Path, c: Config, layout: str = "hf", preset: str
             raise TinyossError(reason)
         if not force and any(target.iterdir()):
             raise TinyossError(f"{out}: already exists (use --force to replace it)")
+    above = nearest_existing(target.parent)
+    if not above.is_dir():  # (mkdir would say only "File exists")
+        raise TinyossError(f"{out}: {above} is a file, not a folder")
     needed = total_bytes(c, layout) + (1 << 20)  # + headers and configs: kilobytes
     free = free_bytes(target.parent)
     if needed > free:
         raise TinyossError(f"{out}: the checkpoint needs {needed / 1e9:.2f} GB and its disk has "
                            f"{free / 1e9:.2f} GB free")
-    above = next(p for p in [target.parent, *target.parent.parents] if p.exists() or p.is_symlink())
-    if not above.is_dir():  # (mkdir would say only "File exists")
-        raise TinyossError(f"{out}: {above} is a file, not a folder")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     umask = os.umask(0)
