@@ -519,10 +519,11 @@ def test_mxfp4_matmul_equals_decode_then_matmul(seed, R, nb, m):
 
 @SETTINGS
 @given(st.integers(0, 2**32 - 1), st.integers(1, 40), st.integers(1, 9),
-       st.lists(st.integers(1, 9), min_size=1, max_size=5))
-def test_grouped_moe_matmul_equals_decode_then_matmul(seed, R, nb, group_sizes):
+       st.lists(st.integers(1, 9), min_size=1, max_size=5), st.integers(1, 7))
+def test_grouped_moe_matmul_equals_decode_then_matmul(seed, R, nb, group_sizes, threads):
     """Batched decode's experts: each routed expert (distinct, any order) with its group of
-    tokens, one launch; groups of one token take the two-row matvec."""
+    tokens, one launch; groups of one token take the two-row matvec; the rows split into
+    `threads` shares (more than the rows, or than numba's threads, as well)."""
     rng = np.random.default_rng(seed)
     E = 6
     blocks = rng.integers(0, 256, (E, R, nb, 16), dtype=np.uint8)
@@ -532,7 +533,8 @@ def test_grouped_moe_matmul_equals_decode_then_matmul(seed, R, nb, group_sizes):
     starts = np.concatenate([[0], np.cumsum(group_sizes)]).astype(np.int64)
     x = rng.standard_normal((starts[-1], nb * 32)).astype(np.float32)
     out = np.full((starts[-1], R), np.nan, np.float32)
-    kernels.f32_mf4w_moe_matmul(blocks, scales, bias, experts, starts, kernels.to_lane_order(x), out)
+    kernels.f32_mf4w_moe_matmul(blocks, scales, bias, experts, starts, kernels.to_lane_order(x), out,
+                                threads)
     for g, e in enumerate(experts):
         rows = slice(starts[g], starts[g + 1])
         w = mxfp4.decode(blocks[e], scales[e])
@@ -1076,10 +1078,10 @@ def test_x8_tile_matmul_at_the_real_width():
 
 
 @SETTINGS
-@given(moe_case(), st.integers(1, 12))
-def test_x8_moe_matmul_equals_rounded_x_then_matmul(case, n):
-    """Batched decode's experts with int8 inputs (f32_mf4w_q8x_moe_matmul: rows in parallel
-    tasks, each through mxfp4_q8_matmul_rows): every routed expert's tokens, grouped as
+@given(moe_case(), st.integers(1, 12), st.integers(1, 7))
+def test_x8_moe_matmul_equals_rounded_x_then_matmul(case, n, threads):
+    """Batched decode's experts with int8 inputs (f32_mf4w_q8x_moe_matmul: each of `threads`
+    shares of the rows through mxfp4_q8_matmul_rows): every routed expert's tokens, grouped as
     fast.experts_grouped groups them, against the float matmul of the int8-rounded x."""
     blocks, scales, bias, _, _ = case
     E, R, nb, _ = blocks.shape
@@ -1092,7 +1094,7 @@ def test_x8_moe_matmul_equals_rounded_x_then_matmul(case, n):
     c = np.empty((len(x), kernels.x8_lane_slots(nb)), np.int32)
     kernels.x8_quantize_blocks(x, q, d, c, 0)
     out = np.full((len(x), R), np.nan, np.float32)
-    kernels.f32_mf4w_q8x_moe_matmul(blocks, scales, bias, chosen, starts, q, d, c, out)
+    kernels.f32_mf4w_q8x_moe_matmul(blocks, scales, bias, chosen, starts, q, d, c, out, threads)
     xr = quant.x8_round_trip(x).astype(np.float64)
     for e, t0, t1 in zip(chosen, starts[:-1], starts[1:]):
         w = mxfp4.decode(blocks[e], scales[e]).astype(np.float64)

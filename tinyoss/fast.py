@@ -456,24 +456,25 @@ def experts_grouped(c: Config, fl: FastLayer, t: np.ndarray, experts: np.ndarray
     chosen = chosen.astype(np.int64)
     h = np.empty((n * k, 2 * c.intermediate_size), np.float32)
     y = np.empty((n * k, c.hidden_size), np.float32)
+    threads = numba.get_num_threads()  # each thread a share of every expert's rows
     if fl.x8 and kernels.X8_TILES:  # int8 products (as prefill's experts_x8), one launch each
         tq = x8_arrays(n, c.hidden_size)
         kernels.x8_quantize_blocks(t, *tq, 0)  # each token once, then a row per pair
         xq, aq = tuple(v[tok] for v in tq), x8_arrays(n * k, c.intermediate_size)
         kernels.f32_mf4w_q8x_moe_matmul(lw.mlp1_blocks, lw.mlp1_scales, lw.mlp1_bias, chosen,
-                                        starts, *xq, h)
+                                        starts, *xq, h, threads)
         kernels.f32_swiglu_x8(h, np.float32(c.swiglu_limit), np.float32(SWIGLU_ALPHA), *aq)
         kernels.f32_mf4w_q8x_moe_matmul(lw.mlp2_blocks, lw.mlp2_scales, lw.mlp2_bias, chosen,
-                                        starts, *aq, y)
+                                        starts, *aq, y, threads)
     else:
         xs = np.empty((n * k, c.hidden_size), np.float32)  # each pair's token, in lane order
         kernels.f32_gather_rows(kernels.to_lane_order(x8_round_trip(t) if fl.x8 else t), tok, xs)
         kernels.f32_mf4w_moe_matmul(lw.mlp1_blocks, lw.mlp1_scales, lw.mlp1_bias, chosen, starts,
-                                    xs, h)
+                                    xs, h, threads)
         a = kernels.to_lane_order(x8_round_trip(swiglu(h, c.swiglu_limit))) if fl.x8 else \
             swiglu_lanes(c, h)
         kernels.f32_mf4w_moe_matmul(lw.mlp2_blocks, lw.mlp2_scales, lw.mlp2_bias, chosen, starts,
-                                    a, y)
+                                    a, y, threads)
     pairs = np.empty(n * k, np.int64)
     pairs[order] = np.arange(n * k)  # the row of y of each (token, slot)
     out = np.empty_like(x)

@@ -282,28 +282,48 @@ def f32_mf4w_matmul(blocks, scales, bias, xl, out):
                 flat_out[j * R + r] += b  # through the view the intrinsic wrote (see NOALIAS)
 
 
+@jit()
+def _workers(threads, R, align):
+    """Shares a row-shared parallel loop (`_row_share`) splits R rows into: one per thread
+    (numba.get_num_threads(), passed in: read inside, it keeps a kernel from numba's disk
+    cache), at most one per `align` rows."""
+    return max(1, min(threads, (R + align - 1) // align))
+
+
+@jit()
+def _row_share(R, w, workers, align):
+    """Rows r0..r1 of R that worker w of `workers` takes: equal shares in whole runs of `align`
+    rows (the last may be shorter). A parallel loop of workers * G tasks (task // G the share,
+    task % G the expert) gives, under numba's static schedule, each thread its share of every
+    expert's rows, whatever each expert costs."""
+    units = (R + align - 1) // align
+    return min(R, align * (units * w // workers)), min(R, align * (units * (w + 1) // workers))
+
+
 @jit(parallel=True, fastmath=True)
-def f32_mf4w_moe_matmul(blocks, scales, bias, experts, starts, xl, out):
+def f32_mf4w_moe_matmul(blocks, scales, bias, experts, starts, xl, out, threads):
     """out[t, r] = sum_c W_e[r, c] x_t[c] + bias[e, r] for each routed expert e = experts[g] and
     the tokens t in starts[g]..starts[g+1]-1 that chose it: a few tokens' experts in one launch,
     each expert's rows read once for all its tokens (batched decode, few-token prefill).
 
     blocks [E, R, nb, 16] u8, scales [E, R, nb] u8, bias [E, R] bf16, experts [G] int (distinct),
-    starts [G+1] int (xl's rows grouped by expert), xl [T, nb*32] f32 (lane order), out [T, R].
-    Tokens go two at a time through decode's matvec (simd.mxfp4_matvec_rows_two): the group
+    starts [G+1] int (xl's rows grouped by expert), xl [T, nb*32] f32 (lane order), out [T, R],
+    threads: numba.get_num_threads(). Tokens go two at a time through decode's matvec (simd.mxfp4_matvec_rows_two): the group
     row dots (no prefetch, one row) measured 1.7x (two tokens) and 3.7x (four) one token's time.
+    Each thread takes the same share of every expert's rows (`_row_share`): an expert's cost
+    grows with its tokens, and equal runs of (expert, rows) tasks left the thread holding a
+    two- or three-token expert working after the others.
     Twin: per group, xl[t0:t1] @ mxfp4.decode(W_e).T + bias[e] (sums reordered: rtol 1e-5).
     """
     E, R, nb, _ = blocks.shape
     G = experts.shape[0]
     flat_b, flat_s, flat_x, flat_out = blocks.reshape(-1), scales.reshape(-1), xl.reshape(-1), \
         out.reshape(-1)
-    tasks_per_expert = (R + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    for task in numba.prange(G * tasks_per_expert):
-        g = task // tasks_per_expert
+    workers = _workers(threads, R, MXFP4_ROWS)
+    for task in numba.prange(workers * G):
+        g = task % G
         e, t0, m = experts[g], starts[g], starts[g + 1] - starts[g]
-        r0 = (task % tasks_per_expert) * ROWS_PER_TASK
-        r1 = min(r0 + ROWS_PER_TASK, R)
+        r0, r1 = _row_share(R, task // G, workers, MXFP4_ROWS)
         if HAVE_SIMD:  # decode's matvec, tokens two at a time (each block decoded once for
             for r in range(r0, r1, MXFP4_ROWS):  # both, the prefetch kept), an odd last alone
                 row = e * R + r
@@ -617,19 +637,19 @@ def mxfp4_q8_matmul_rows(blocks, scales, bias, e, r0, r1, q, d, c, t0, t1, out):
 
 
 @jit(parallel=True)
-def f32_mf4w_q8x_moe_matmul(blocks, scales, bias, experts, starts, q, d, c, out):
+def f32_mf4w_q8x_moe_matmul(blocks, scales, bias, experts, starts, q, d, c, out, threads):
     """A few tokens' experts with int8 inputs in one launch (batched decode, expert_input="q8"):
     out[t] = expert experts[g]'s rows . token t's x + bias for the tokens t in starts[g] ..
     starts[g+1]-1 that chose it (q, d, c: x8_quantize_blocks of x [T, C]), mxfp4_q8_matmul_rows
-    on tasks of ROWS_PER_TASK rows: each block decoded once for up to four tokens. out [T, R].
+    on each thread's share of every expert's rows (as f32_mf4w_moe_matmul): each block decoded
+    once for up to four tokens. out [T, R]; threads: numba.get_num_threads().
     Twin: per group, quant.x8_round_trip(x[t0:t1]) @ mxfp4.decode(W_e).T + bias[e]."""
-    R = blocks.shape[1]
-    per = (R + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    for task in numba.prange(experts.shape[0] * per):
-        g = task // per
+    R, G = blocks.shape[1], experts.shape[0]
+    workers = _workers(threads, R, Q8_TILE_ROWS)
+    for task in numba.prange(workers * G):
+        g = task % G
         t0, t1 = starts[g], starts[g + 1]
-        r0 = (task % per) * ROWS_PER_TASK
-        r1 = min(r0 + ROWS_PER_TASK, R)
+        r0, r1 = _row_share(R, task // G, workers, Q8_TILE_ROWS)
         mxfp4_q8_matmul_rows(blocks, scales, bias, experts[g], r0, r1, q, d, c, t0, t1,
                              out[t0:t1, r0:r1])
 
