@@ -7,7 +7,8 @@ each round:
   - bench:   `tinyoss bench MODEL -p 16 -n TOKENS` (another process): decode tok/s with no server
   - one:     one request: its tokens over its time (its prompt cached by a first sending); the
              mean of one such request just before the bench and one just after it
-  - four:    four requests at once: their tokens over the time until the last ends (likewise)
+  - four:    four requests at once: their tokens over the time until the last ends (likewise),
+             against the mean of the one request just before it and one just after
   - ttft:    a short request (max_tokens 1, a new prompt) alone, then while three others decode
 Prints the ratios the server issue asks for (one / bench, four / one, ttft busy / idle) per round.
 The model writes whatever it writes (a synthetic checkpoint: random weights); sampling at
@@ -129,16 +130,21 @@ def main() -> None:
         for round_ in range(args.rounds):
             # one request on each side of the bench: this machine's memory speed moves within
             # minutes, and a figure taken once before the bench carried that drift into the ratio
+            # (and four streams likewise between two single ones: one / bench takes the mean
+            # of the single requests around the bench, four / one that of those around four)
             one_before, n_one = one_stream(url, args.tokens)
             bench = bench_decode(args)
             one_after, n_after = one_stream(url, args.tokens)
-            one, n_one = (one_before + one_after) / 2, min(n_one, n_after)
             four, n_four = four_streams(url, args.tokens)
+            one_last, n_last = one_stream(url, args.tokens)
+            one, n_one = (one_before + one_after) / 2, min(n_one, n_after, n_last)
+            one_four = (one_after + one_last) / 2
             idle = ttft(url, f"Hi {round_}, how are you?")
             busy = ttft_busy(url, args.tokens * 2, f"Hello {round_}, how are you?")
             print(json.dumps({"round": round_, "bench_tok_s": round(bench, 2), "one_tok_s": round(one, 2),
                               "one_tokens": n_one, "four_tok_s": round(four, 2), "four_tokens": n_four,
-                              "one/bench": round(one / bench, 3), "four/one": round(four / one, 3),
+                              "one_around_four_tok_s": round(one_four, 2),
+                              "one/bench": round(one / bench, 3), "four/one": round(four / one_four, 3),
                               "ttft_idle_s": round(idle, 3), "ttft_busy_s": round(busy, 3),
                               "ttft busy/idle": round(busy / idle, 2)}), flush=True)
     finally:
