@@ -96,7 +96,8 @@ def _cpu_has_dotprod() -> bool:
 
 def _codegen_features() -> list[str]:
     """The features numba compiles for: on aarch64 with dotprod, _FEATURES and +dotprod, which we
-    hand numba (config.CPU_FEATURES) before it sets up its code generator, unless told otherwise
+    hand numba (config.CPU_FEATURES) before it sets up its code generator (likewise a named CPU's
+    own features, where NUMBA_CPU_NAME comes without NUMBA_CPU_FEATURES), unless told otherwise
     (NUMBA_CPU_NAME / NUMBA_CPU_FEATURES) or it is set up already (something compiled before
     tinyoss was imported: then its features stand). Numba's disk cache keys on them: a cached
     function compiled without them compiles once more."""
@@ -108,6 +109,12 @@ def _codegen_features() -> list[str]:
             return cpu_target.target_context.codegen()._get_host_cpu_features().split(",")
         except AttributeError:
             return _FEATURES
+    if config.CPU_NAME not in (None, "host") and config.CPU_FEATURES is None:
+        # a named CPU (NUMBA_CPU_NAME=x86-64-v3: a cache for a fleet, or a smaller CPU's path
+        # measured here) gets that CPU's own features, as _target assumes; numba would add this
+        # host's (AVX-512 encodings in an "x86-64-v3" build: found in its assembly)
+        config.CPU_FEATURES = ""
+        return _FEATURES
     if (ARM and KERNELS == "auto" and "+dotprod" not in _FEATURES and config.CPU_FEATURES is None
             and config.CPU_NAME in (None, "host") and _cpu_has_dotprod()):
         config.CPU_FEATURES = ",".join(_FEATURES + ["+dotprod"])
@@ -119,7 +126,8 @@ def _codegen_features() -> list[str]:
 # "generic" under qemu); dotprod (ARMv8.2+: Pi 5, RK3588, Apple M, Snapdragon X; not a Pi 4)
 # takes int8 activations four products a lane (`sdot`).
 HAVE_NEON = ARM and KERNELS in ("auto", "neon")
-HAVE_DOTPROD = HAVE_NEON and KERNELS == "auto" and "+dotprod" in _codegen_features()
+_CODEGEN_FEATURES = _codegen_features()  # (before numba's code generator is set up)
+HAVE_DOTPROD = HAVE_NEON and KERNELS == "auto" and "+dotprod" in _CODEGEN_FEATURES
 HAVE_SIMD = HAVE_AVX2 or HAVE_NEON  # a hand-written MXFP4 path (else plain numba: kernels.py)
 
 _i8, _i32, _i64, _f32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
