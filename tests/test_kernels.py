@@ -626,6 +626,21 @@ def test_swiglu_x8_is_the_swiglu_then_x8_quantize(seed, m, blocks, spread):
         assert np.array_equal(c, want_c)
 
 
+@SETTINGS
+@given(st.integers(0, 2**32 - 1), st.integers(1, 4), st.integers(1, 20))
+def test_x8_offset_sums_equal_numpy(seed, n, nb):
+    """What the AVX2 int8 kernel takes off its sums (12 x each block's sum of q), where that
+    path is built (simd.Q8_OFFSETS): numpy's sum, the extremes included."""
+    if not simd.Q8_OFFSETS:
+        pytest.skip("the AVX2 int8 path (no AVX-512 VNNI) is not built here")
+    rng = np.random.default_rng(seed)
+    q = rng.integers(-127, 128, (n, 32 * nb), dtype=np.int8)
+    q[0, :32] = 127
+    q[-1, -32:] = -128
+    want = 12 * q.reshape(n, nb, 32).astype(np.int64).sum(-1)
+    assert np.array_equal(kernels.x8_offset_sums(q, nb), want.astype(np.float32))
+
+
 @pytest.mark.parametrize("nb", [1, 3, 4, 5, 17, 90])
 def test_x8_order_is_a_permutation(nb):
     """The int8 matvec reads each element of a row exactly once (groups of four blocks with
@@ -695,7 +710,8 @@ def test_smaller_cpu_paths_equal_their_twins(path, cpu, check):
             "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-k', "
             "'moe_matvec or mxfp4_matmul or grouped_moe or kernel_equals_numpy or decode_attention or "
             "swiglu_lanes or plain_row_dot or real_width or softmax_rows or vector_exp or "
-            "lane_order or every_scale or x8_moe or swiglu_x8 or x8_order or bf16_keys or "
+            "lane_order or every_scale or x8_moe or swiglu_x8 or x8_order or x8_offset or "
+            "bf16_keys or "
             "few_token_matmuls or split_x', "
             f"{os.path.join(here, 'test_kernels.py')!r}, {os.path.join(here, 'test_mxfp4.py')!r}]))")
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,

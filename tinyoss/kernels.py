@@ -21,6 +21,7 @@ import numpy as np
 from . import mxfp4
 from .simd import (HAVE_AVX2, HAVE_AVX512, HAVE_SIMD, KERNELS, MAX_GROUP, MXFP4_LANE_ORDER,
                    MXFP4_PAIR_ORDER, MXFP4_Q8_GROUP, MXFP4_Q8_ROWS, MXFP4_QUAD_ORDER, MXFP4_ROWS,
+                   Q8_OFFSETS,
                    Q8_TILE_ROWS, Q8_TILE_TOKENS, QK_DIM, QK_HEADS, VALUE_QUERIES, X8_TILES,
                    BF16_SPLIT_ORDER, as_float32, bf16_row_dots, bf16_split_row_dots,
                    exp_shifted_sum, float32_bits,
@@ -520,6 +521,22 @@ def mxfp4_q8_row_dot_plain(blocks, b_off, scales, s_off, scale_table, q, q_off, 
     return total
 
 
+@jit()
+def x8_offset_sums(q, nb):
+    """float32 [n, nb]: 12 times the sum of each block of 32 int8 values of q [n, 32 nb] (exact:
+    at most 12 * 32 * 128), what simd's AVX2 int8 kernel takes off its sums (Q8_OFFSETS; other
+    paths read none: then nothing is summed). Twin: 12 * q.reshape(n, nb, 32).sum(-1)."""
+    out = np.empty((q.shape[0], nb), np.float32)
+    if Q8_OFFSETS:
+        for i in range(q.shape[0]):
+            for b in range(nb):
+                total = 0
+                for j in range(32 * b, 32 * b + 32):
+                    total += np.int32(q[i, j])
+                out[i, b] = np.float32(12 * total)
+    return out
+
+
 @jit(parallel=True, fastmath=True)
 def f32_mf4w_q8x_moe_matvec(blocks, scales, bias, experts, xq, xd, out):
     """`f32_mf4w_moe_matvec` with int8 activations: xq [K or 1, nb*32] int8, xd [K or 1, nb]
@@ -529,6 +546,7 @@ def f32_mf4w_q8x_moe_matvec(blocks, scales, bias, experts, xq, xd, out):
     K = experts.shape[0]
     flat_b, flat_s = blocks.reshape(-1), scales.reshape(-1)
     flat_q, flat_d, flat_out = xq.reshape(-1), xd.reshape(-1), out.reshape(-1)
+    flat_c = x8_offset_sums(xq, nb).reshape(-1)
     one_x = xq.shape[0] == 1
     tasks_per_expert = (R + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in numba.prange(K * tasks_per_expert):
@@ -541,7 +559,8 @@ def f32_mf4w_q8x_moe_matvec(blocks, scales, bias, experts, xq, xd, out):
             row = e * R + r
             if HAVE_SIMD and r + MXFP4_Q8_ROWS <= r1:
                 mxfp4_q8_row_dots(flat_b, row * nb * 16, flat_s, row * nb, _E8M0, flat_q,
-                                  xk * nb * 32, flat_d, xk * nb, nb, flat_out, k * R + r)
+                                  xk * nb * 32, flat_d, xk * nb, flat_c, xk * nb, nb, flat_out,
+                                  k * R + r)
             else:
                 flat_out[k * R + r] = mxfp4_q8_row_dot_plain(
                     flat_b, row * nb * 16, flat_s, row * nb, _E8M0, flat_q, xk * nb * 32,
@@ -612,9 +631,11 @@ def mxfp4_q8_matmul_rows(blocks, scales, bias, e, r0, r1, q, d, c, t0, t1, out):
         # mostly have one; the tile kernel reads one token's rows slower: on the Zen 4, a 4-stream
         # step's experts (profile_decode --batch 4) 165-224 ms with the tiles, 172 so)
         done = r0 + (r1 - r0) // MXFP4_Q8_ROWS * MXFP4_Q8_ROWS
+        offsets = x8_offset_sums(q[t0:t1], nb).reshape(-1)
         for r in range(r0, done, MXFP4_Q8_ROWS):
             mxfp4_q8_row_dots(flat_b, (e * R + r) * nb * 16, flat_s, (e * R + r) * nb, _E8M0,
-                              flat_q, t0 * nb * 32, flat_d, t0 * nb, nb, out, (r - r0) * o_row)
+                              flat_q, t0 * nb * 32, flat_d, t0 * nb, offsets, 0, nb, out,
+                              (r - r0) * o_row)
     else:
         done = r0 + (r1 - r0) // Q8_TILE_ROWS * Q8_TILE_ROWS if X8_TILES else r0
         for r in range(r0, done, Q8_TILE_ROWS):

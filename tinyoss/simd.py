@@ -741,14 +741,22 @@ MXFP4_Q8_ROWS = 1 if HAVE_VNNI512 else 2  # rows a call of mxfp4_q8_row_dots tak
 _E2M1_TWICE = [0, 1, 2, 3, 4, 6, 8, 12]
 _E2M1_TWICE_I8 = _E2M1_TWICE + [(-v) & 0xFF for v in _E2M1_TWICE]  # nibble bit 3 is the sign
 _E2M1_TWICE_U8 = [12 + v for v in _E2M1_TWICE] + [12 - v for v in _E2M1_TWICE]  # (+12: VNNI)
+# AVX2 (no VNNI-512) takes the same unsigned bytes, eight blocks a loop step (`_mxfp4_q8_dots`):
+# vpmaddubsw multiplies them by x's signed bytes directly (|2 * 24 * 127| fits its int16 sums),
+# so the two sign steps a block and row go; the 12 * sum(q) each block's sums gain comes off at
+# the end, as a dot product of the row's scales with Q8_OFFSETS sums that the caller computes once
+# per x (kernels.x8_offset_sums); the eight blocks' scales are read and multiplied at once.
+Q8_OFFSETS = HAVE_AVX2 and not HAVE_VNNI512
 
 
-def _mxfp4_q8_dots(builder, bptr, sptr, tptr, qptr, dptr, nb, optr, rows: int) -> None:
+def _mxfp4_q8_dots(builder, bptr, sptr, tptr, qptr, dptr, cptr, nb, optr, rows: int) -> None:
     """out[r] = sum_b 2**(s[r, b]-127) * d[b] * sum_i 2 E2M1[r, b, i] * q[b, i] / 2 for `rows`
     adjacent MXFP4 rows: q int8 [nb * 32] in the order above, d float32 [nb] its block scales
-    halved (quant.x8_quantize). Each row's line PREFETCH_ROWS rows ahead is asked for as a line
-    is read. With AVX-512 VNNI: 16 blocks a loop step (their scales read at once), then groups
-    of 4, then the last nb % 4 blocks one by one (the AVX2 step, into their own sums)."""
+    halved (quant.x8_quantize), c float32 [nb] 12 * each block's sum of q (Q8_OFFSETS; else
+    unread). Each row's line PREFETCH_ROWS rows ahead is asked for as a line is read. With
+    AVX-512 VNNI: 16 blocks a loop step (their scales read at once), then groups of 4, then the
+    last nb % 4 blocks one by one (the AVX2 step, into their own sums). With AVX2: eight blocks
+    a step as unsigned bytes (Q8_OFFSETS), then the nb % 8 last one by one."""
     v32, v16i16, v8i32, v8f = (ir.VectorType(_i8, 32), ir.VectorType(ir.IntType(16), 16),
                                ir.VectorType(_i32, 8), ir.VectorType(_f32, 8))
     mod = builder.module
@@ -789,7 +797,44 @@ def _mxfp4_q8_dots(builder, bptr, sptr, tptr, qptr, dptr, nb, optr, rows: int) -
         return [cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * width))
                 for _ in range(rows)]
 
-    if not HAVE_VNNI512:
+    def eight(b, accs, offsets):  # blocks b .. b + 7 of each row (AVX2: Q8_OFFSETS)
+        pshufb = declare("llvm.x86.avx2.pshuf.b", v32, v32, v32)
+        maddubs = declare("llvm.x86.avx2.pmadd.ub.sw", v16i16, v32, v32)
+        maddwd = declare("llvm.x86.avx2.pmadd.wd", v8i32, v16i16, v16i16)
+        d8, c8 = (builder.load(builder.bitcast(builder.gep(ptr, [b]), v8f.as_pointer()), align=4)
+                  for ptr in (dptr, cptr))
+        steps = []  # each row's eight block scales times d (exact: powers of two times d)
+        for r in range(rows):
+            rb = builder.add(b, builder.mul(nb, _const(r)))
+            step = builder.fmul(_e8m0_floats(builder, builder.load(builder.bitcast(
+                builder.gep(sptr, [rb]), ir.VectorType(_i8, 8).as_pointer()), align=1)), d8)
+            _add_product(builder, offsets[r], step, c8)  # what the +12 adds, taken off at the end
+            steps.append(step)
+        for k in range(8):
+            bk = builder.add(b, _const(k))
+            q = builder.load(builder.bitcast(builder.gep(qptr, [builder.mul(bk, _const(32))]),
+                                             v32.as_pointer()), align=1)
+            for r in range(rows):
+                rb = builder.add(bk, builder.mul(nb, _const(r)))
+                if k % 4 == 0:  # a new 64-byte line
+                    prefetch(rb)
+                nibbles = _nibbles(builder, builder.gep(bptr, [builder.mul(rb, _const(16))]))
+                w = builder.call(pshufb, [ir.Constant(v32, _E2M1_TWICE_U8 * 2), nibbles])
+                sums = builder.sitofp(builder.call(maddwd, [builder.call(maddubs, [w, q]),
+                                                            ir.Constant(v16i16, [1] * 16)]), v8f)
+                _add_product(builder, accs[r], sums, builder.shuffle_vector(
+                    steps[r], steps[r], ir.Constant(ir.VectorType(_i32, 8), [k] * 8)))
+
+    if Q8_OFFSETS:
+        accs, offsets = zeros(8), zeros(8)
+        eights = builder.udiv(nb, _const(8))
+        _block_steps(builder, eights, _const(0), 8, lambda b, _: eight(b, accs, offsets))
+        first = builder.mul(eights, _const(8))
+        _block_steps(builder, builder.sub(nb, first), first, 1, lambda b, _: block_step(b, accs))
+        sums = [builder.fsub(_sum_lanes(builder, builder.load(acc), 8),
+                             _sum_lanes(builder, builder.load(off), 8), flags=_FAST)
+                for acc, off in zip(accs, offsets)]
+    elif not HAVE_VNNI512:
         width = 4 if HAVE_NEON else 8  # a block's partial sums: i32 lanes of sdot / vpmaddwd
         accs = zeros(width)
         _block_steps(builder, nb, _const(0), 1, lambda b, _: block_step(b, accs))
@@ -909,23 +954,25 @@ def _q8_group(builder, bptr, qptr, b, nb, accs, scales, prefetch) -> None:
 
 @intrinsic
 def mxfp4_q8_row_dots(typingctx, blocks, b_off, scales, s_off, scale_table, q, q_off, d, d_off,
-                      nb, out, o_off):
+                      c, c_off, nb, out, o_off):
     """MXFP4_Q8_ROWS adjacent MXFP4 rows against int8 activations (`_mxfp4_q8_dots`):
     out[o_off + r] for r < MXFP4_Q8_ROWS; the rows' blocks from blocks[b_off], scales[s_off]
     (flat uint8); scale_table float32 byte -> 2**(s-127); q int8 from q_off, d float32 from
-    d_off."""
+    d_off, c float32 from c_off (kernels.x8_offset_sums: read where Q8_OFFSETS)."""
     sig = types.void(blocks, types.intp, scales, types.intp, scale_table, q, types.intp, d,
-                     types.intp, types.intp, out, types.intp)
+                     types.intp, c, types.intp, types.intp, out, types.intp)
 
     def codegen(context, builder, signature, args):
-        blocks_a, b_off, scales_a, s_off, table_a, q_a, q_off, d_a, d_off, nb, out_a, o_off = args
+        (blocks_a, b_off, scales_a, s_off, table_a, q_a, q_off, d_a, d_off, c_a, c_off, nb, out_a,
+         o_off) = args
         a = signature.args
         _mxfp4_q8_dots(builder, _data(context, builder, a[0], blocks_a, b_off),
                        _data(context, builder, a[2], scales_a, s_off),
                        _data(context, builder, a[4], table_a),
                        _data(context, builder, a[5], q_a, q_off),
-                       _data(context, builder, a[7], d_a, d_off), nb,
-                       _data(context, builder, a[10], out_a, o_off), MXFP4_Q8_ROWS)
+                       _data(context, builder, a[7], d_a, d_off),
+                       _data(context, builder, a[9], c_a, c_off), nb,
+                       _data(context, builder, a[12], out_a, o_off), MXFP4_Q8_ROWS)
         return context.get_dummy_value()
 
     return sig, codegen
