@@ -144,7 +144,8 @@ def main() -> None:
             print(json.dumps({"round": round_, "bench_tok_s": round(bench, 2), "one_tok_s": round(one, 2),
                               "one_tokens": n_one, "four_tok_s": round(four, 2), "four_tokens": n_four,
                               "one_around_four_tok_s": round(one_four, 2),
-                              "one/bench": round(one / bench, 3), "four/one": round(four / one_four, 3),
+                              "one/bench": round(one / bench, 3),
+                              "four/one": round(four / one_four, 3),
                               "ttft_idle_s": round(idle, 3), "ttft_busy_s": round(busy, 3),
                               "ttft busy/idle": round(busy / idle, 2)}), flush=True)
     finally:

@@ -533,8 +533,8 @@ def test_grouped_moe_matmul_equals_decode_then_matmul(seed, R, nb, group_sizes, 
     starts = np.concatenate([[0], np.cumsum(group_sizes)]).astype(np.int64)
     x = rng.standard_normal((starts[-1], nb * 32)).astype(np.float32)
     out = np.full((starts[-1], R), np.nan, np.float32)
-    kernels.f32_mf4w_moe_matmul(blocks, scales, bias, experts, starts, kernels.to_lane_order(x), out,
-                                threads)
+    kernels.f32_mf4w_moe_matmul(blocks, scales, bias, experts, starts, kernels.to_lane_order(x),
+                                out, threads)
     for g, e in enumerate(experts):
         rows = slice(starts[g], starts[g + 1])
         w = mxfp4.decode(blocks[e], scales[e])

@@ -309,8 +309,9 @@ def f32_mf4w_moe_matmul(blocks, scales, bias, experts, starts, xl, out, threads)
 
     blocks [E, R, nb, 16] u8, scales [E, R, nb] u8, bias [E, R] bf16, experts [G] int (distinct),
     starts [G+1] int (xl's rows grouped by expert), xl [T, nb*32] f32 (lane order), out [T, R],
-    threads: numba.get_num_threads(). Tokens go two at a time through decode's matvec (simd.mxfp4_matvec_rows_two): the group
-    row dots (no prefetch, one row) measured 1.7x (two tokens) and 3.7x (four) one token's time.
+    threads: numba.get_num_threads(). Tokens go two at a time through decode's matvec
+    (simd.mxfp4_matvec_rows_two): the group row dots (no prefetch, one row) measured 1.7x (two
+    tokens) and 3.7x (four) one token's time.
     Each thread takes the same share of every expert's rows (`_row_share`): an expert's cost
     grows with its tokens, and equal runs of (expert, rows) tasks left the thread holding a
     two- or three-token expert working after the others.
