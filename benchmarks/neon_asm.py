@@ -35,7 +35,7 @@ def _function(module, name, arg_types):
 
 _STEP = {"mxfp4_row_dot": "a block of one row, one x", "mxfp4_row_dots_x4": "a block, four x",
          "mxfp4_q8_row_dots": "a block of two rows", "mxfp4_block_decode": "a block"}
-_FLAGS = ("HAVE_NEON", "HAVE_DOTPROD", "HAVE_AVX2", "HAVE_AVX512", "HAVE_VNNI512")
+_FLAGS = ("HAVE_NEON", "HAVE_DOTPROD", "HAVE_AVX2", "HAVE_AVX512", "HAVE_VNNI512", "Q8_OFFSETS")
 
 
 def build(dotprod: bool) -> ir.Module:
@@ -69,9 +69,9 @@ def _build() -> ir.Module:
     simd._mxfp4_dots(b, bptr, sptr, tptr, xptr, x_len, nb, optr, simd._const(1), 1, 4, False)
     b.ret_void()
 
-    fn, b = _function(module, "mxfp4_q8_row_dots", [u8p, u8p, f32p, i8p, f32p, i64, f32p])
-    bptr, sptr, tptr, qptr, dptr, nb, optr = fn.args
-    simd._mxfp4_q8_dots(b, bptr, sptr, tptr, qptr, dptr, nb, optr, 2)  # MXFP4_Q8_ROWS
+    fn, b = _function(module, "mxfp4_q8_row_dots", [u8p, u8p, f32p, i8p, f32p, f32p, i64, f32p])
+    bptr, sptr, tptr, qptr, dptr, cptr, nb, optr = fn.args
+    simd._mxfp4_q8_dots(b, bptr, sptr, tptr, qptr, dptr, cptr, nb, optr, 2)  # MXFP4_Q8_ROWS
     b.ret_void()
 
     fn, b = _function(module, "mxfp4_block_decode", [u8p, f32p, i64])
