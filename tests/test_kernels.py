@@ -684,6 +684,27 @@ def test_lane_order_is_a_permutation(nb):
 ARM = platform.machine() in ("aarch64", "arm64")
 
 
+def test_a_named_cpu_compiles_with_its_own_features():
+    """NUMBA_CPU_NAME without NUMBA_CPU_FEATURES (a numba cache built for an AVX2 fleet, or the
+    AVX2 path measured on this machine): numba's code generator gets that CPU's own features,
+    as the kernels' path was chosen by (simd._target), not this host's (with them an
+    "x86-64-v3" build held AVX-512 instructions)."""
+    import os
+    import subprocess
+    import sys
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("an x86 CPU name")
+    env = dict(os.environ, NUMBA_CPU_NAME="x86-64-v3", TINYOSS_KERNELS="avx2")
+    env.pop("NUMBA_CPU_FEATURES", None)
+    code = ("from tinyoss import simd; from numba.core.registry import cpu_target; "
+            "print(repr(cpu_target.target_context.codegen()._get_host_cpu_features()), "
+            "simd.HAVE_AVX2, simd.HAVE_AVX512)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["''", "True", "False"]
+
+
 @pytest.mark.parametrize("path, cpu, check", [
     ("avx2", "x86-64-v3", "assert simd.HAVE_AVX2 and not simd.HAVE_AVX512"),
     ("neon", "generic", "assert simd.HAVE_NEON and not simd.HAVE_DOTPROD"),
