@@ -184,7 +184,7 @@ def _write_cache(path: Path, key: str, mats: dict[str, np.ndarray]) -> None:
                     bf16_to_q8_into(w, q, s.reshape(R, C // 32))
                     del q, s
                 place = f'"checksum":"{_NO_SUM}"'.encode()  # (the source key may hold 16 zeros)
-                at = header.index(place) + len(place) - 17
+                at = header.index(place) + len(place) - len(_NO_SUM) - 1  # (its closing quote)
                 data = np.frombuffer(mm, np.uint8, offset=len(header))
                 mm[at:at + 16] = data_checksum(data).encode()
                 del data

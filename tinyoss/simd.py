@@ -768,29 +768,39 @@ def _mxfp4_q8_dots(builder, bptr, sptr, tptr, qptr, dptr, cptr, nb, optr, rows: 
         _prefetch(builder, builder.gep(bptr, [builder.mul(builder.add(
             rb, builder.mul(nb, _const(PREFETCH_ROWS))), _const(16))]))
 
+    def block_sums(rb, q, offset: bool):
+        """AVX2: block rb's products with its 32 int8 x values q, summed four to a lane
+        (<8 x float>, exact integers): of 2 E2M1, a sign step putting it on x (vpmaddubsw takes
+        one unsigned operand); with offset, of 2 E2M1 + 12, unsigned already (Q8_OFFSETS)."""
+        pshufb = declare("llvm.x86.avx2.pshuf.b", v32, v32, v32)
+        maddubs = declare("llvm.x86.avx2.pmadd.ub.sw", v16i16, v32, v32)
+        maddwd = declare("llvm.x86.avx2.pmadd.wd", v8i32, v16i16, v16i16)
+        nibbles = _nibbles(builder, builder.gep(bptr, [builder.mul(rb, _const(16))]))
+        w = builder.call(pshufb, [ir.Constant(v32, (_E2M1_TWICE_U8 if offset else _E2M1_TWICE_I8)
+                                              * 2), nibbles])
+        if offset:
+            pairs = builder.call(maddubs, [w, q])
+        else:
+            psign = declare("llvm.x86.avx2.psign.b", v32, v32, v32)
+            pairs = builder.call(maddubs, [builder.call(psign, [w, w]), builder.call(psign, [q, w])])
+        return builder.sitofp(builder.call(maddwd, [pairs, ir.Constant(v16i16, [1] * 16)]), v8f)
+
+    def load_q(b):  # x's 32 int8 values of block b
+        return builder.load(builder.bitcast(builder.gep(qptr, [builder.mul(b, _const(32))]),
+                                            v32.as_pointer()), align=1)
+
     def block_step(b, accs):  # block b of each row (AVX2 or NEON)
         if HAVE_NEON:
             return _q8_block_neon(builder, bptr, sptr, tptr, qptr, dptr, b, nb, accs, prefetch)
-        pshufb = declare("llvm.x86.avx2.pshuf.b", v32, v32, v32)
-        psign = declare("llvm.x86.avx2.psign.b", v32, v32, v32)
-        maddubs = declare("llvm.x86.avx2.pmadd.ub.sw", v16i16, v32, v32)
-        maddwd = declare("llvm.x86.avx2.pmadd.wd", v8i32, v16i16, v16i16)
-        q = builder.load(builder.bitcast(builder.gep(qptr, [builder.mul(b, _const(32))]),
-                                         v32.as_pointer()), align=1)
-        d = builder.load(builder.gep(dptr, [b]))
+        q, d = load_q(b), builder.load(builder.gep(dptr, [b]))
         for r in range(rows):
             rb = builder.add(b, builder.mul(nb, _const(r)))
             with builder.if_then(builder.icmp_unsigned("==", builder.urem(b, _const(4)),
                                                        _const(0))):  # a new 64-byte line
                 prefetch(rb)
-            nibbles = _nibbles(builder, builder.gep(bptr, [builder.mul(rb, _const(16))]))
-            w = builder.call(pshufb, [ir.Constant(v32, _E2M1_TWICE_I8 * 2), nibbles])  # 2 E2M1
-            pairs = builder.call(maddubs, [builder.call(psign, [w, w]), builder.call(psign, [q, w])])
-            sums = builder.sitofp(builder.call(maddwd, [pairs, ir.Constant(v16i16, [1] * 16)]),
-                                  v8f)  # exact
             scale = builder.fmul(builder.load(builder.gep(tptr, [builder.zext(
                 builder.load(builder.gep(sptr, [rb])), _i64)])), d)  # a power of two times d
-            _add_product(builder, accs[r], sums, _splat(builder, scale, 8))
+            _add_product(builder, accs[r], block_sums(rb, q, False), _splat(builder, scale, 8))
 
     def zeros(width):
         vf = ir.VectorType(_f32, width)
@@ -798,9 +808,6 @@ def _mxfp4_q8_dots(builder, bptr, sptr, tptr, qptr, dptr, cptr, nb, optr, rows: 
                 for _ in range(rows)]
 
     def eight(b, accs, offsets):  # blocks b .. b + 7 of each row (AVX2: Q8_OFFSETS)
-        pshufb = declare("llvm.x86.avx2.pshuf.b", v32, v32, v32)
-        maddubs = declare("llvm.x86.avx2.pmadd.ub.sw", v16i16, v32, v32)
-        maddwd = declare("llvm.x86.avx2.pmadd.wd", v8i32, v16i16, v16i16)
         d8, c8 = (builder.load(builder.bitcast(builder.gep(ptr, [b]), v8f.as_pointer()), align=4)
                   for ptr in (dptr, cptr))
         steps = []  # each row's eight block scales times d (exact: powers of two times d)
@@ -812,17 +819,12 @@ def _mxfp4_q8_dots(builder, bptr, sptr, tptr, qptr, dptr, cptr, nb, optr, rows: 
             steps.append(step)
         for k in range(8):
             bk = builder.add(b, _const(k))
-            q = builder.load(builder.bitcast(builder.gep(qptr, [builder.mul(bk, _const(32))]),
-                                             v32.as_pointer()), align=1)
+            q = load_q(bk)
             for r in range(rows):
                 rb = builder.add(bk, builder.mul(nb, _const(r)))
                 if k % 4 == 0:  # a new 64-byte line
                     prefetch(rb)
-                nibbles = _nibbles(builder, builder.gep(bptr, [builder.mul(rb, _const(16))]))
-                w = builder.call(pshufb, [ir.Constant(v32, _E2M1_TWICE_U8 * 2), nibbles])
-                sums = builder.sitofp(builder.call(maddwd, [builder.call(maddubs, [w, q]),
-                                                            ir.Constant(v16i16, [1] * 16)]), v8f)
-                _add_product(builder, accs[r], sums, builder.shuffle_vector(
+                _add_product(builder, accs[r], block_sums(rb, q, True), builder.shuffle_vector(
                     steps[r], steps[r], ir.Constant(ir.VectorType(_i32, 8), [k] * 8)))
 
     if Q8_OFFSETS:
