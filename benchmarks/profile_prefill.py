@@ -27,7 +27,7 @@ import numba
 import numpy as np
 
 import tinyoss
-from tinyoss import fast, kernels
+from tinyoss import amx, fast, kernels
 
 FAST_STEPS = ["rmsnorm", "apply_rope", "attention", "moe", "experts_grouped", "expert_few",
               "expert_tiles", "experts_prefill", "experts_tiles", "_mxfp4_matmul", "swiglu",
@@ -85,6 +85,9 @@ def install(timer: Timer) -> list:
         fn = getattr(kernels, name)
         if hasattr(fn, "py_func") and not name.startswith("_"):  # (helpers called from other
             patch(kernels, name, timer.wrap(name, fn))  # kernels must stay numba functions)
+    for name in ("pack_x", "bf16_matmul", "mxfp4_matmul"):  # the AMX kernels (amx.AVAILABLE)
+        if hasattr(amx, name):
+            patch(amx, name, timer.wrap(name, getattr(amx, name)))
     for name in FAST_STEPS:
         if hasattr(fast, name):
             label = "(forward)" if name == "_forward" else f"fast.{name}"

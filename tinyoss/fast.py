@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numba
 import numpy as np
 
-from . import kernels
+from . import amx, kernels
 from .config import Config
 from .errors import NonFiniteError
 from .model import SWIGLU_ALPHA, KVCache, LayerWeights, Weights, rope_cos_sin, swiglu
@@ -42,6 +42,8 @@ _NO_BIAS.flags.writeable = False  # read-only, as a checkpoint's biases: one com
 _NO_EXPERT_BIAS = np.zeros((0, 0), np.uint16)  # (the int8 expert matmul's: bias added later)
 _NO_EXPERT_BIAS.flags.writeable = False
 _NO_OFFSETS = np.zeros((0, 0), np.int32)  # kernels.f32_swiglu_x8 without the VNNI lane offsets
+_NO_F32 = np.zeros(0, np.float32)  # amx's matmuls without a bias
+_NO_ADD = np.zeros((0, 0), np.float32)  # or without a residual
 
 
 class TileMatmul:
@@ -76,6 +78,22 @@ class TileMatmul:
             h = self.buffer("h", x.shape[0], tile.shape[0])
             np.matmul(x, tile.T, out=h)
             return h
+
+    def bf16_buffer(self, name: str, rows: int, cols: int) -> np.ndarray:
+        """This thread's reused buffer `name` of bf16 bits (uint16), as [rows, cols]."""
+        return scratch("tiles " + name, -(-rows * cols // 2)).view(np.uint16)[:rows * cols] \
+            .reshape(rows, cols)
+
+    def packed(self, x: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """x [n, C] as amx.pack_x lays it out for the matmul's row slots `cols` (amx.order),
+        packed by the worker threads, a share of the token tiles each."""
+        n, C = x.shape
+        tiles = -(-n // amx.TILE)
+        xp = np.empty((3, tiles, C // amx.STEP, amx.TILE, 2 * amx.TILE), np.uint16)
+        step = -(-tiles // self.workers())
+        self.run([functools.partial(amx.pack_x, x[amx.TILE * j:amx.TILE * (j + step)], cols,
+                                    xp[:, j:j + step]) for j in range(0, tiles, step)])
+        return xp
 
     def workers(self) -> int:
         return numba.get_num_threads()
@@ -147,8 +165,24 @@ class Dense:
         out = self._few(x)
         return out if add is None else add + out
 
-    def tasks(self, x: np.ndarray, out: np.ndarray, add: np.ndarray | None = None) -> list:
-        """TileMatmul's tasks writing out [n, R] = x @ W.T + bias (+ add)."""
+    @property
+    def amx(self) -> bool:
+        """Whether prefill takes this matrix's products on AMX (bf16 weights, whole tiles)."""
+        return amx.AVAILABLE and not self.q8 and self.rows % amx.TILE == 0 and \
+            self.cols % amx.STEP == 0
+
+    def tasks(self, x: np.ndarray, out: np.ndarray, add: np.ndarray | None = None,
+              xp: np.ndarray | None = None) -> list:
+        """TileMatmul's tasks writing out [n, R] = x @ W.T + bias (+ add); on AMX from xp, x
+        packed (TileMatmul.packed with amx.order(C, False): q, k and v share it), or packed here."""
+        if self.amx:
+            if xp is None:
+                xp = TILE_MATMUL.packed(x, amx.order(self.cols, False))
+            step = tile_rows(self.rows, TILE_MATMUL.workers())
+            bias = _NO_F32 if self.bias_f32 is None else self.bias_f32
+            return [functools.partial(amx.bf16_matmul, self.w[r0:r0 + step], xp, x.shape[0],
+                                      bias[r0:r0 + step], _NO_ADD if add is None else add, out, r0)
+                    for r0 in range(0, self.rows, step)]
         if self.q8:
             q, s = self.q8
             fill = lambda r0, r1, tile: kernels.q8_dequantize(q[r0:r1], s[r0:r1], tile)  # noqa
@@ -201,7 +235,9 @@ class FastLayer:
         n = t.shape[0]
         if n > FUSED_MAX_TOKENS:  # prefill: the three matrices' tiles in one run of the pool
             q, k, v = (np.empty((n, d.rows), np.float32) for d in (self.q, self.k, self.v))
-            TILE_MATMUL.run(self.q.tasks(t, q) + self.k.tasks(t, k) + self.v.tasks(t, v))
+            xp = TILE_MATMUL.packed(t, amx.order(t.shape[1], False)) if self.q.amx else None
+            TILE_MATMUL.run(self.q.tasks(t, q, xp=xp) + self.k.tasks(t, k, xp=xp) +
+                            self.v.tasks(t, v, xp=xp))
             return q, k, v
         if self.q.q8 and n == 1:  # decode: one launch for the three int8 matvecs
             q, k, v = (np.empty((1, d.rows), np.float32) for d in (self.q, self.k, self.v))
@@ -373,6 +409,9 @@ def experts_tiles(c: Config, fl: FastLayer, groups: list, xs: np.ndarray, y: np.
         pool.run([functools.partial(round_rows, *g) for g in groups])
         xs = rounded
     a = np.empty((xs.shape[0], I), np.float32)  # [n*k, I] the SwiGLU outputs
+    if amx.AVAILABLE and D % amx.TILE == 0 and I % amx.TILE == 0 and D % amx.STEP == 0 \
+            and I % amx.STEP == 0:
+        return _experts_amx(c, fl, groups, xs, a, y, b1, b2)
 
     def mlp1(e: int, s0: int, s1: int, r0: int) -> None:  # rows r0..r1 of mlp1: [m, D] -> a
         r1 = min(r0 + TILE_ROWS, 2 * I)
@@ -393,6 +432,45 @@ def experts_tiles(c: Config, fl: FastLayer, groups: list, xs: np.ndarray, y: np.
 
     pool.run([functools.partial(mlp1, *g, r0) for g in groups for r0 in range(0, 2 * I, TILE_ROWS)])
     pool.run([functools.partial(mlp2, *g, r0) for g in groups for r0 in range(0, D, TILE_ROWS)])
+
+
+def _experts_amx(c: Config, fl: FastLayer, groups: list, xs: np.ndarray, a: np.ndarray,
+                 y: np.ndarray, b1: np.ndarray, b2: np.ndarray) -> None:
+    """experts_tiles on AMX (amx.mxfp4_matmul: each task decodes its rows to bf16 and takes
+    their products with the expert's tokens, x in three bf16 parts: exact). xs [n*k, D] the
+    inputs, a [n*k, I] room for the SwiGLU outputs, y [n*k, D] the outputs; b1, b2 the biases
+    as float32."""
+    lw, D, I = fl.lw, c.hidden_size, c.intermediate_size
+    limit, alpha = np.float32(c.swiglu_limit), np.float32(SWIGLU_ALPHA)
+    pool = TILE_MATMUL
+    packed = {}
+
+    def pack(rows: np.ndarray, g: tuple) -> None:  # one expert's tokens, on one worker
+        e, s0, s1 = g
+        xp = np.empty((3, -(-(s1 - s0) // amx.TILE), rows.shape[1] // amx.STEP, amx.TILE,
+                       2 * amx.TILE), np.uint16)
+        amx.pack_x(rows[s0:s1], amx.order(rows.shape[1], True), xp)
+        packed[g] = xp
+
+    def mlp1(g: tuple, r0: int) -> None:  # rows r0..r1 of mlp1: [m, D] -> a
+        (e, s0, s1), r1 = g, min(r0 + TILE_ROWS, 2 * I)
+        h = pool.buffer("h", s1 - s0, r1 - r0)
+        amx.mxfp4_matmul(lw.mlp1_blocks[e], lw.mlp1_scales[e], r0, r1, packed[g], s1 - s0,
+                         _NO_F32, h, 0, pool.bf16_buffer("rows", r1 - r0, D))
+        cols = a[s0:s1, r0 // 2:r1 // 2]  # gate, up interleaved: columns r0/2.. of SwiGLU's
+        kernels.f32_bias_swiglu(h, b1[e, r0:r1], limit, alpha, cols)
+        if fl.x8:
+            kernels.x8_round_trip_rows(cols, cols)
+
+    def mlp2(g: tuple, r0: int) -> None:  # rows r0..r1 of mlp2: a -> y (bias added)
+        (e, s0, s1), r1 = g, min(r0 + TILE_ROWS, D)
+        amx.mxfp4_matmul(lw.mlp2_blocks[e], lw.mlp2_scales[e], r0, r1, packed[g], s1 - s0,
+                         b2[e, r0:r1], y[s0:s1], r0, pool.bf16_buffer("rows", r1 - r0, I))
+
+    pool.run([functools.partial(pack, xs, g) for g in groups])
+    pool.run([functools.partial(mlp1, g, r0) for g in groups for r0 in range(0, 2 * I, TILE_ROWS)])
+    pool.run([functools.partial(pack, a, g) for g in groups])
+    pool.run([functools.partial(mlp2, g, r0) for g in groups for r0 in range(0, D, TILE_ROWS)])
 
 
 def x8_arrays(n: int, cols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
