@@ -373,7 +373,9 @@ def experts_prefill(c: Config, fl: FastLayer, t: np.ndarray, experts: np.ndarray
     kernels.f32_gather_rows(t, order // k, xs)  # [n*k, D], each pair's token
     y = np.empty_like(xs)  # [n*k, D], each pair's expert output
     many = []
-    int8 = fl.x8 and kernels.X8_TILES  # int8 products (VNNI) for every expert, however few
+    # int8 products (VNNI) for every expert, however few; where AMX takes the tiles, it takes
+    # the int8-rounded inputs too (exact products of the same values: faster there)
+    int8 = fl.x8 and kernels.X8_TILES and not _amx_experts(c)
     for e, s0, m in zip(chosen.tolist(), starts.tolist(), counts.tolist()):
         if m <= FUSED_MAX_TOKENS and not int8:  # few tokens: decoded block by block, in registers
             y[s0:s0 + m] = expert_few(c, lw, e, xs[s0:s0 + m], fl.x8)
@@ -409,8 +411,7 @@ def experts_tiles(c: Config, fl: FastLayer, groups: list, xs: np.ndarray, y: np.
         pool.run([functools.partial(round_rows, *g) for g in groups])
         xs = rounded
     a = np.empty((xs.shape[0], I), np.float32)  # [n*k, I] the SwiGLU outputs
-    if amx.AVAILABLE and D % amx.TILE == 0 and I % amx.TILE == 0 and D % amx.STEP == 0 \
-            and I % amx.STEP == 0:
+    if _amx_experts(c):
         return _experts_amx(c, fl, groups, xs, a, y, b1, b2)
 
     def mlp1(e: int, s0: int, s1: int, r0: int) -> None:  # rows r0..r1 of mlp1: [m, D] -> a
@@ -432,6 +433,11 @@ def experts_tiles(c: Config, fl: FastLayer, groups: list, xs: np.ndarray, y: np.
 
     pool.run([functools.partial(mlp1, *g, r0) for g in groups for r0 in range(0, 2 * I, TILE_ROWS)])
     pool.run([functools.partial(mlp2, *g, r0) for g in groups for r0 in range(0, D, TILE_ROWS)])
+
+
+def _amx_experts(c: Config) -> bool:
+    """Whether prefill's experts take amx.mxfp4_matmul: AMX here, and whole tiles."""
+    return amx.AVAILABLE and c.hidden_size % amx.STEP == 0 and c.intermediate_size % amx.STEP == 0
 
 
 def _experts_amx(c: Config, fl: FastLayer, groups: list, xs: np.ndarray, a: np.ndarray,
