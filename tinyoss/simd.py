@@ -466,9 +466,13 @@ FEW_PREFETCH_ROWS = 16
 # lines in use. On the Zen
 # 4 (32 KB, 2026-12-06; `benchmarks/ab_decode.py`, 30 alternating tokens each, against
 # prefetcht0): the exact MXFP4 expert matvec read 1.2-1.3x faster from RAM, whole tokens 1.10x
-# (bf16), 1.22x (q8 dense, float expert inputs), 1.05x (q8 + int8 expert inputs). Where L1D
-# holds 48 KB (Zen 5, the Intel machines) prefetcht0 stays, as measured there.
-PREFETCH_LOCALITY = 3 if _L1D_HOLDS_AHEAD else 2
+# (bf16), 1.22x (q8 dense, float expert inputs), 1.05x (q8 + int8 expert inputs). On the Zen 5
+# (48 KB L1D) prefetcht0 stays, as measured there. Not on Intel: on a Xeon with 48 KB L1D
+# (2026-12-07, family 6 model 167, LLVM's "rocketlake"; 2 threads) prefetcht1 read the 20b's
+# unembedding at 28.3-29.5 GB/s against 22.5-23.0 (the bench probe's best read: 29-30), and
+# `ab_decode.py` (30 alternating tokens against prefetcht0) took 0.871x the time a bf16 token,
+# 0.902x with q8 dense + int8 expert inputs; the expert matvecs alone within the noise.
+PREFETCH_LOCALITY = 3 if _L1D_HOLDS_AHEAD and _CPU.startswith("znver") else 2
 
 
 def _block_steps(builder, count, first, per_step, run) -> None:
