@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import sys
 
 import numba
 import numpy as np
@@ -55,7 +56,7 @@ def _request_tile_state() -> bool:
 
 AVAILABLE = (not ARM and HAVE_AVX512 and os.environ.get("TINYOSS_AMX", "1") != "0"
              and all(f in _CODEGEN_FEATURES for f in ("+amx-tile", "+amx-bf16"))
-             and os.uname().sysname == "Linux" and _request_tile_state())
+             and sys.platform == "linux" and _request_tile_state())
 
 # --- the tile instructions, one intrinsic each (tile numbers are literals) --------------------
 # Tiles 0-3 accumulate (two row tiles x two token tiles), 4-5 hold weights, 6-7 x's parts.
@@ -281,7 +282,8 @@ def pack_x(x, cols, out):
                         elif abs(v) != np.inf:
                             rest = v - as_float32(hi << np.uint32(16))
                             mid = float32_bits(rest) >> np.uint32(16)
-                            lo = float32_bits(rest - as_float32(mid << np.uint32(16))) >> np.uint32(16)
+                            rest -= as_float32(mid << np.uint32(16))
+                            lo = float32_bits(rest) >> np.uint32(16)
                         out[0, j, k, i, 2 * t + p] = hi
                         out[1, j, k, i, 2 * t + p] = mid
                         out[2, j, k, i, 2 * t + p] = lo
