@@ -35,7 +35,9 @@ from numba import types
 from numba.extending import intrinsic
 
 from . import mxfp4
-from .simd import _CODEGEN_FEATURES, ARM, HAVE_AVX512, _data, as_float32, float32_bits
+from .kernels import _E8M0, _FP4, jit
+from .simd import (_CODEGEN_FEATURES, ARM, HAVE_AVX512, _data, _e2m1_lookup_quad, as_float32,
+                   float32_bits)
 
 TILE = 16  # rows of a tile (weights' rows; tokens)
 STEP = 32  # columns of a tile: the bf16 of one tdpbf16ps step
@@ -160,7 +162,6 @@ def tile_dot(typingctx, c, a, b):
 # Word i of lookup k holds element 4i + k of the four blocks: slot 32k + i of the row's 128.
 QUAD_ORDER = tuple(4 * (s % 32) + s // 32 for s in range(128))
 _SAFE_SCALES = (2, 252)
-_E2M1_BF16 = (mxfp4.FP4_VALUES.view(np.uint32) >> 16).astype(np.uint16)
 
 
 @intrinsic
@@ -174,20 +175,14 @@ def mxfp4_quad_bf16(typingctx, blocks, b_off, scales, s_off, out, o_off):
         sptr = _data(context, builder, signature.args[2], args[2], args[3])
         optr = _data(context, builder, signature.args[4], args[4], args[5])
         v32h = ir.VectorType(ir.IntType(16), 32)
-        const = lambda values: ir.Constant(v32h, [int(v) for v in values])  # noqa: E731
-        permute = builder.module.declare_intrinsic("llvm.x86.avx512.permvar.hi.512",
-                                                   fnty=ir.FunctionType(v32h, [v32h, v32h]))
-        words = builder.load(builder.bitcast(bptr, v32h.as_pointer()), align=1)
-        table = const([b - (1 << 16) if b >= 1 << 15 else b for b in _E2M1_BF16.tolist()] * 2)
+        const = lambda values: ir.Constant(v32h, list(values))  # noqa: E731
         four = builder.load(builder.bitcast(sptr, ir.VectorType(_i8, 4).as_pointer()), align=1)
         v4h = ir.VectorType(ir.IntType(16), 4)
         shift = builder.shl(builder.sub(builder.zext(four, v4h), ir.Constant(v4h, [127] * 4)),
                             ir.Constant(v4h, [7] * 4))  # (s - 127) << 7: the exponent's step
         adds = builder.shuffle_vector(shift, shift, ir.Constant(ir.VectorType(ir.IntType(32), 32),
                                                                 [i // 8 for i in range(32)]))
-        for k in range(4):
-            index = words if k == 0 else builder.lshr(words, const([4 * k] * 32))
-            value = builder.call(permute, [table, index])
+        for k, value in enumerate(_e2m1_lookup_quad(builder, bptr)):
             nonzero = builder.icmp_unsigned("!=", builder.and_(value, const([0x7FFF] * 32)),
                                             const([0] * 32))
             scaled = builder.select(nonzero, builder.add(value, adds), value)
@@ -203,14 +198,6 @@ def mxfp4_quad_bf16(typingctx, blocks, b_off, scales, s_off, out, o_off):
 # its thread's tiles first (ldtilecfg) and releases them at the end.
 
 _QUAD = np.array(QUAD_ORDER, np.int64)
-_FP4 = mxfp4.FP4_VALUES
-_E8M0 = mxfp4.scale_to_f32(np.arange(256, dtype=np.uint8))
-
-
-def _jit(**kw):
-    from .kernels import CACHE
-
-    return numba.njit(cache=CACHE, nogil=True, error_model="numpy", **kw)
 
 
 @functools.lru_cache(maxsize=None)
@@ -225,7 +212,7 @@ def order(cols: int, mxfp4_rows: bool) -> np.ndarray:
     return slots
 
 
-@_jit()
+@jit()
 def mxfp4_rows_bf16(blocks, scales, r0, rows, out):
     """Rows r0 .. r0 + rows of an MXFP4 matrix (blocks [R, nb, 16], scales [R, nb]) -> out
     [>= rows, nb * 32] bf16 bits in the slots of order(nb * 32, True). Twin: rows_bf16."""
@@ -259,7 +246,7 @@ def _bf16_of(byte, high, scale):
     return np.uint16(float32_bits(_FP4[nibble] * _E8M0[np.int64(scale)]) >> np.uint32(16))
 
 
-@_jit()
+@jit()
 def pack_x(x, cols, out):
     """x [m, C] float32 -> out [3, J, C/32, 16, 32] bf16 bits (J = ceil(m / 16)): out[p, j, k]
     is AMX's 32 x 16 tile of part p (hi, mid, lo: x = hi + mid + lo exactly) of tokens 16j..
@@ -340,7 +327,7 @@ def _emit(stage, rows, two, j, pair, m, bias, add, out, col):
                     out[token, col + row] = v
 
 
-@_jit()
+@jit()
 def bf16_matmul(w, xp, m, bias, add, out, col):
     """out[t, col + r] = sum_c w[r, c] x[t, c] (+ bias[r]) (+ add[t, col + r]) for t < m: w
     [R, C] bf16 bits (R a multiple of 16), xp = pack_x(x, order(C, False)); bias [R] float32
@@ -361,7 +348,7 @@ def bf16_matmul(w, xp, m, bias, add, out, col):
     tile_release()
 
 
-@_jit()
+@jit()
 def mxfp4_matmul(blocks, scales, r0, r1, xp, m, bias, out, col, rows_bf16):
     """out[t, col + r - r0] = sum_c W[r, c] x[t, c] (+ bias[r - r0]) for rows r0..r1 of an
     MXFP4 matrix W (blocks [R, nb, 16], scales [R, nb]; r1 - r0 a multiple of 16) and t < m:
@@ -424,8 +411,13 @@ def matmul_twin(w: np.ndarray, x: np.ndarray) -> np.ndarray:
     return x.astype(np.float64) @ w.astype(np.float64).T
 
 
+def empty_packed(n: int, cols: int) -> np.ndarray:
+    """Room for pack_x's layout of n tokens of `cols` columns."""
+    return np.empty((3, -(-n // TILE), cols // STEP, TILE, 2 * TILE), np.uint16)
+
+
 def packed(x: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """pack_x into a fresh array."""
-    out = np.empty((3, -(-x.shape[0] // 16), x.shape[1] // 32, 16, 32), np.uint16)
+    out = empty_packed(*x.shape)
     pack_x(x, cols, out)
     return out

@@ -87,9 +87,8 @@ class TileMatmul:
     def packed(self, x: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """x [n, C] as amx.pack_x lays it out for the matmul's row slots `cols` (amx.order),
         packed by the worker threads, a share of the token tiles each."""
-        n, C = x.shape
-        tiles = -(-n // amx.TILE)
-        xp = np.empty((3, tiles, C // amx.STEP, amx.TILE, 2 * amx.TILE), np.uint16)
+        xp = amx.empty_packed(*x.shape)
+        tiles = xp.shape[1]
         step = -(-tiles // self.workers())
         self.run([functools.partial(amx.pack_x, x[amx.TILE * j:amx.TILE * (j + step)], cols,
                                     xp[:, j:j + step]) for j in range(0, tiles, step)])
@@ -452,11 +451,7 @@ def _experts_amx(c: Config, fl: FastLayer, groups: list, xs: np.ndarray, a: np.n
     packed = {}
 
     def pack(rows: np.ndarray, g: tuple) -> None:  # one expert's tokens, on one worker
-        e, s0, s1 = g
-        xp = np.empty((3, -(-(s1 - s0) // amx.TILE), rows.shape[1] // amx.STEP, amx.TILE,
-                       2 * amx.TILE), np.uint16)
-        amx.pack_x(rows[s0:s1], amx.order(rows.shape[1], True), xp)
-        packed[g] = xp
+        packed[g] = amx.packed(rows[g[1]:g[2]], amx.order(rows.shape[1], True))
 
     def mlp1(g: tuple, r0: int) -> None:  # rows r0..r1 of mlp1: [m, D] -> a
         (e, s0, s1), r1 = g, min(r0 + TILE_ROWS, 2 * I)

@@ -268,6 +268,18 @@ MXFP4_PAIR_ORDER = tuple(_decode_order(4))  # two blocks (AVX-512): 64 elements
 MXFP4_QUAD_ORDER = tuple(32 * (i // 4) + 8 * (i % 4) + k for k in range(8) for i in range(16))
 
 
+def _e2m1_lookup_quad(builder, bptr):
+    """The 64 bytes at bptr (four blocks) -> four <32 x i16> of bf16 E2M1 values (unscaled):
+    word i of lookup k holds element 4i + k (AVX-512BW `vpermw`, see _e2m1_decode_quad)."""
+    v32h = ir.VectorType(ir.IntType(16), 32)
+    permute = builder.module.declare_intrinsic("llvm.x86.avx512.permvar.hi.512",
+                                               fnty=ir.FunctionType(v32h, [v32h, v32h]))
+    words = builder.load(builder.bitcast(bptr, v32h.as_pointer()), align=1)
+    table = ir.Constant(v32h, [b - (1 << 16) if b >= 1 << 15 else b for b in _E2M1_BF16] * 2)
+    return [builder.call(permute, [table, words if k == 0 else builder.lshr(
+        words, ir.Constant(v32h, [4 * k] * 32))]) for k in range(4)]
+
+
 def _e2m1_decode_quad(builder, bptr):
     """The 64 bytes at bptr (four blocks) -> eight <16 x float> E2M1 values (unscaled), in the
     order MXFP4_QUAD_ORDER (AVX-512BW). `vpermw` looks up 32 16-bit words at once by the low 5
@@ -278,14 +290,8 @@ def _e2m1_decode_quad(builder, bptr):
     4p + k holds element 8j + 4p + k: MXFP4_QUAD_ORDER's. Half the permutes of looking up
     float32s (`vpermps`, 16 a step: 8 permutes, 7 shifts per 128 weights; here 4 permutes, 3
     shifts, 8 widening steps)."""
-    v32h = ir.VectorType(ir.IntType(16), 32)
     v16i, v16f = ir.VectorType(_i32, 16), ir.VectorType(_f32, 16)
-    permute = builder.module.declare_intrinsic("llvm.x86.avx512.permvar.hi.512",
-                                               fnty=ir.FunctionType(v32h, [v32h, v32h]))
-    words = builder.load(builder.bitcast(bptr, v32h.as_pointer()), align=1)
-    table = ir.Constant(v32h, [b - (1 << 16) if b >= 1 << 15 else b for b in _E2M1_BF16] * 2)
-    looked = [builder.bitcast(builder.call(permute, [table, words if k == 0 else builder.lshr(
-        words, ir.Constant(v32h, [4 * k] * 32))]), v16i) for k in range(4)]
+    looked = [builder.bitcast(w, v16i) for w in _e2m1_lookup_quad(builder, bptr)]
     evens = [builder.bitcast(builder.shl(w, ir.Constant(v16i, [16] * 16)), v16f) for w in looked]
     odds = [builder.bitcast(builder.and_(w, ir.Constant(v16i, [-65536] * 16)), v16f)
             for w in looked]
