@@ -377,6 +377,33 @@ def test_decode_attention_equals_sdpa(case, kv):
 
 
 @SETTINGS
+@given(st.integers(0, 2**32 - 1), st.integers(1, 5), st.booleans(), st.sampled_from(["f32", "bf16"]))
+def test_decode_attention_of_a_batch_equals_sdpa_per_stream(seed, B, gpt_oss_shape, kv):
+    """kernels.f32_decode_attention_batch (B streams in one launch, each against its own buffers:
+    their own numbers of slots and of visible keys, reached by address) against the numpy
+    definition, stream by stream; gpt-oss's head shape (the vector path) or others (the loops)."""
+    rng = np.random.default_rng(seed)
+    Hkv = int(rng.integers(1, 4))
+    q_mult, dh = (8, 64) if gpt_oss_shape else (int(rng.integers(1, 6)), int(rng.choice([2, 8, 16, 64])))
+    counts = rng.integers(1, 700, B)
+    bufs = [(_as_kv(rng.standard_normal((Hkv, n + e, dh)).astype(np.float32) * 2, kv),
+             _as_kv(rng.standard_normal((Hkv, n + e, dh)).astype(np.float32), kv))
+            for n, e in zip(counts, rng.integers(0, 6, B))]
+    q = rng.standard_normal((B, Hkv * q_mult, dh)).astype(np.float32) * 2
+    sinks = rng.standard_normal(Hkv * q_mult).astype(np.float32) * 3
+    out = np.full((B, Hkv * q_mult * dh), np.nan, np.float32)
+    k_bufs, v_bufs = [k for (k, _), _ in bufs], [v for _, (v, _) in bufs]
+    kernels.f32_decode_attention_batch(
+        q, Hkv, np.array([b.ctypes.data for b in k_bufs], np.int64),
+        np.array([b.ctypes.data for b in v_bufs], np.int64),
+        np.array([b.shape[1] for b in k_bufs], np.int64), counts, k_bufs[0], sinks, out)
+    for i, (((_, k_wide), (_, v_wide)), n) in enumerate(zip(bufs, counts)):
+        k, v = k_wide[:, :n].transpose(1, 0, 2), v_wide[:, :n].transpose(1, 0, 2)
+        want = _sdpa_twin(q[i:i + 1], k, v, sinks, n - 1, 0)
+        _close(out[i:i + 1], want, np.abs(v).max())
+
+
+@SETTINGS
 @given(decode_case(), st.sampled_from(["f32", "bf16"]))
 def test_decode_attention_kernels_equal_their_twins(case, kv):
     q, k_bits, v_bits, count, sinks = case

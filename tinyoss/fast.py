@@ -327,6 +327,29 @@ def attend_one(q: np.ndarray, k_buf: np.ndarray, v_buf: np.ndarray, count: int,
     return out.reshape(1, -1)
 
 
+def attend_batch(c: Config, layer: int, fl: FastLayer, caches: list[KVCache], q, k, v,
+                 positions: np.ndarray) -> np.ndarray:
+    """One decode token of each of B streams (caches of one kv kind; q [B, Hq, dh], k/v
+    [B, Hkv, dh] roped, positions [B]) -> [B, Hq*dh]: appends each k/v to its cache, then every
+    stream's attention in one kernel launch (kernels.f32_decode_attention_batch), each against
+    its own buffers."""
+    for i, cache in enumerate(caches):
+        cache.write(layer, positions[i:i + 1], k[i:i + 1], v[i:i + 1])
+    counts = positions + 1
+    if c.layer_sliding[layer]:
+        counts = np.minimum(counts, c.sliding_window)
+    k_bufs = [cache.k[layer] for cache in caches]  # (referenced until the kernel returns)
+    v_bufs = [cache.v[layer] for cache in caches]
+    k_addr = np.array([b.ctypes.data for b in k_bufs], np.int64)
+    v_addr = np.array([b.ctypes.data for b in v_bufs], np.int64)
+    slots = np.array([b.shape[1] for b in k_bufs], np.int64)
+    assert all(b.flags.c_contiguous for b in k_bufs + v_bufs) and (counts <= slots).all()
+    out = np.empty((len(caches), c.q_dim), np.float32)
+    kernels.f32_decode_attention_batch(q, c.num_key_value_heads, k_addr, v_addr, slots, counts,
+                                       k_bufs[0], fl.sinks, out)
+    return out
+
+
 def moe(c: Config, fl: FastLayer, t: np.ndarray, x: np.ndarray) -> np.ndarray:
     """t [n, D] (normed), x [n, D] (the residual) -> x + the weighted sum of t's experts' outputs
     [n, D]."""
@@ -641,6 +664,8 @@ def forward_batch(fw: FastWeights, c: Config, tokens: np.ndarray,
     positions = np.array([cache.n_tokens for cache in caches], np.int64)  # [B]
 
     def attend(layer: int, fl: FastLayer, q, k, v) -> np.ndarray:
+        if len({cache.kv for cache in caches}) == 1:
+            return attend_batch(c, layer, fl, caches, q, k, v, positions)
         return np.concatenate([attention(c, layer, fl, cache, q[i:i + 1], k[i:i + 1], v[i:i + 1],
                                          positions[i:i + 1])
                                for i, cache in enumerate(caches)])  # [B, Hq*dh]

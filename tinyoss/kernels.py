@@ -25,7 +25,7 @@ from .simd import (HAVE_AVX2, HAVE_AVX512, HAVE_SIMD, KERNELS, MAX_GROUP, MXFP4_
                    Q8_TILE_ROWS, Q8_TILE_TOKENS, QK_DIM, QK_HEADS, VALUE_QUERIES, X8_TILES,
                    BF16_SPLIT_ORDER, as_float32, bf16_row_dots, bf16_split_row_dots,
                    exp_shifted_sum, float32_bits,
-                   kv_float, max_nan, mxfp4_block_decode_simd, mxfp4_matvec_rows,
+                   kv_float, max_nan, mxfp4_block_decode_simd, mxfp4_matvec_rows, pointer_to,
                    mxfp4_matvec_rows_two, mxfp4_q8_row_dots, mxfp4_q8_tile_dots, mxfp4_row_dots,
                    q8_row_dot, q8_row_dots, q8_row_pair_dots, qk8_scores, weighted_rows64,
                    xor_lines)
@@ -1216,6 +1216,50 @@ def f32_decode_values(w, v_buf, count, denom, out):
             for t in range(count):
                 acc += w[h, m, t] * kv_float(v_buf[h, t, d])
             out[h, m, d] = acc / denom[task]
+
+
+@jit(parallel=True)  # not fastmath, as f32_attention: the softmax's exp keeps its order
+def f32_decode_attention_batch(q, hkv, k_addr, v_addr, slots, counts, like, sinks, out):
+    """Decode attention of B streams in one launch: stream i's query token q[i] [Hq, dh] (roped)
+    against the first counts[i] slots (every one visible, in any slot order) of its own cache
+    buffers, [hkv, slots[i], dh] at the addresses k_addr[i], v_addr[i] (int64 [B]; float32, or
+    bf16 bits: the element type of `like`, any array of it); sinks [Hq] f32, out [B, Hq*dh].
+    A task per (stream, KV head), each the three steps of fast.attend_one: gpt-oss's shape by
+    f32_attention's `_attend_rows`, others plain loops. (A batched decode step ran attend_one
+    per stream: three launches a stream and layer, each waking every thread.)
+    Twin: model.sdpa per stream (rtol 1e-5)."""
+    B, Hq, dh = q.shape
+    q_mult = Hq // hkv
+    scale = np.float32(1.0 / math.sqrt(dh))
+    rows = q_mult == QK_HEADS and dh == QK_DIM
+    flat_out = out.reshape(-1)
+    for task in numba.prange(B * hkv):
+        i, h = task // hkv, task % hkv
+        S, T = slots[i], counts[i]
+        flat_k = numba.carray(pointer_to(k_addr[i], like), hkv * S * dh)
+        flat_v = numba.carray(pointer_to(v_addr[i], like), hkv * S * dh)
+        scores = np.empty(q_mult * T, np.float32)
+        if rows:
+            _attend_rows(q, i, h, flat_k, flat_v, h * S * dh, T, scale, sinks, scores, flat_out,
+                         (i * Hq + h * q_mult) * dh)
+            continue
+        for t in range(T):
+            for m in range(q_mult):
+                s = np.float32(0.0)
+                for d in range(dh):
+                    s += q[i, h * q_mult + m, d] * kv_float(flat_k[(h * S + t) * dh + d])
+                scores[m * T + t] = s * scale
+        acc = np.empty(dh, np.float32)
+        for m in range(q_mult):
+            hq = h * q_mult + m
+            denom = _softmax_row(scores, m * T, T, sinks[hq])
+            acc[:] = 0.0
+            for t in range(T):
+                w = scores[m * T + t]
+                for d in range(dh):
+                    acc[d] += w * kv_float(flat_v[(h * S + t) * dh + d])
+            for d in range(dh):
+                out[i, hq * dh + d] = acc[d] / denom
 
 
 @jit(fastmath=True)

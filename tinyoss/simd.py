@@ -160,6 +160,22 @@ float32_bits = _same_bits(types.uint32, types.float32, _i32)  # as_float32's inv
 
 
 @intrinsic
+def pointer_to(typingctx, address, like):
+    """The address of an array's data (an integer: `arr.ctypes.data`) as a pointer to the element
+    type of `like` (an array), for numba.carray: one kernel over several arrays of different
+    shapes (each stream's KV cache) without a compile for each count of them, as a tuple of
+    arrays would take. The caller keeps the arrays alive and passes their true sizes."""
+    if not isinstance(address, types.Integer) or not isinstance(like, types.Array):
+        return None
+    pointer = types.CPointer(like.dtype)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(pointer))
+
+    return pointer(address, like), codegen
+
+
+@intrinsic
 def kv_float(typingctx, x):
     """A KV cache element as float32: a float32 as it is, bf16 bits (uint16) widened (exact)."""
     if x not in (types.float32, types.uint16):
