@@ -267,7 +267,7 @@ def test_attention_reads_a_ring_buffer(case, ring):
 @pytest.mark.parametrize("dense,kv", [("bf16", "f32"), ("q8", "f32"), ("bf16", "bf16")])
 def test_kernels_do_not_recompile(make_checkpoint, dense, kv, tmp_path, monkeypatch):
     """After fast.warm_up (what `tinyoss bench`, `serve` and `chat` run first), a checkpoint's
-    short and long prefills and its decode steps add no compiled signature: every kernel was
+    short and long prefills, its decode steps and a decode batch add no compiled signature: every kernel was
     ready. The prefills send some experts a few tokens, others many (fast.moe's two paths)."""
     import tinyoss
     from tinyoss import fast
@@ -299,6 +299,9 @@ def test_kernels_do_not_recompile(make_checkpoint, dense, kv, tmp_path, monkeypa
         for t in range(5):
             model.forward([t], cache)
         model.forward(np.arange(12))  # a prompt whose experts take either path
+        other = model.new_cache()
+        model.forward(np.arange(3), other)
+        model.forward_batch([7, 8], [cache, other])  # a server's decode step (its attention)
     assert taken == {"expert_few", "experts_tiles"}
     assert {k.__name__: len(k.signatures) for k in jitted} == before
     assert len(list(tmp_path.glob("q8-*.safetensors"))) == (dense == "q8")

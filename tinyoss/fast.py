@@ -312,10 +312,13 @@ def attend_one(q: np.ndarray, k_buf: np.ndarray, v_buf: np.ndarray, count: int,
                sinks: np.ndarray) -> np.ndarray:
     """One query token against the first `count` slots of the cache, all visible (in any slot
     order): model.sdpa without a mask. q [1, Hq, dh], k_buf/v_buf [Hkv, S, dh] (cache buffers),
-    sinks [Hq] -> [1, Hq*dh]. Three kernels on all cores: scores, softmax (in place, in a
-    reused buffer), weighted sum of values."""
+    sinks [Hq] -> [1, Hq*dh]. Up to FUSED_KEYS keys one kernel launch, a task per KV head (as the
+    scores and values kernels split that many); beyond, three kernels on all cores: scores (keys
+    split across the threads too), softmax (in place, in a reused buffer), weighted sum of values."""
     Hkv, slots, dh = k_buf.shape
     assert 0 < count <= slots  # the kernels read the buffers unchecked
+    if count <= FUSED_KEYS:
+        return attend_fused(q, [k_buf], [v_buf], np.array([count], np.int64), sinks)
     qh = q[0].reshape(Hkv, -1, dh)  # [Hkv, q_mult, dh]
     q_mult = qh.shape[1]
     scores = scratch("scores", Hkv * q_mult * count).reshape(Hkv, q_mult, count)
@@ -327,27 +330,37 @@ def attend_one(q: np.ndarray, k_buf: np.ndarray, v_buf: np.ndarray, count: int,
     return out.reshape(1, -1)
 
 
+FUSED_KEYS = 512  # f32_decode_scores's keys a task: below, it has a task per KV head too
+
+
+def attend_fused(q: np.ndarray, k_bufs: list, v_bufs: list, counts: np.ndarray,
+                 sinks: np.ndarray) -> np.ndarray:
+    """B query tokens (q [B, Hq, dh]), each against the first counts[i] slots of its own cache
+    buffers k_bufs[i], v_bufs[i] [Hkv, S_i, dh] (one dtype), in one kernel launch -> [B, Hq*dh]."""
+    k_addr = np.array([b.ctypes.data for b in k_bufs], np.int64)  # (the lists keep them alive)
+    v_addr = np.array([b.ctypes.data for b in v_bufs], np.int64)
+    slots = np.array([b.shape[1] for b in k_bufs], np.int64)
+    assert all(kb.shape == vb.shape and kb.dtype == vb.dtype == k_bufs[0].dtype
+               and kb.flags.c_contiguous and vb.flags.c_contiguous
+               for kb, vb in zip(k_bufs, v_bufs)) and (counts <= slots).all()
+    out = np.empty((q.shape[0], q.shape[1] * q.shape[2]), np.float32)
+    kernels.f32_decode_attention_batch(q, k_bufs[0].shape[0], k_addr, v_addr, slots, counts,
+                                       k_bufs[0], sinks, out)
+    return out
+
+
 def attend_batch(c: Config, layer: int, fl: FastLayer, caches: list[KVCache], q, k, v,
                  positions: np.ndarray) -> np.ndarray:
     """One decode token of each of B streams (caches of one kv kind; q [B, Hq, dh], k/v
     [B, Hkv, dh] roped, positions [B]) -> [B, Hq*dh]: appends each k/v to its cache, then every
-    stream's attention in one kernel launch (kernels.f32_decode_attention_batch), each against
-    its own buffers."""
+    stream's attention in one kernel launch, each against its own buffers."""
     for i, cache in enumerate(caches):
         cache.write(layer, positions[i:i + 1], k[i:i + 1], v[i:i + 1])
     counts = positions + 1
     if c.layer_sliding[layer]:
         counts = np.minimum(counts, c.sliding_window)
-    k_bufs = [cache.k[layer] for cache in caches]  # (referenced until the kernel returns)
-    v_bufs = [cache.v[layer] for cache in caches]
-    k_addr = np.array([b.ctypes.data for b in k_bufs], np.int64)
-    v_addr = np.array([b.ctypes.data for b in v_bufs], np.int64)
-    slots = np.array([b.shape[1] for b in k_bufs], np.int64)
-    assert all(b.flags.c_contiguous for b in k_bufs + v_bufs) and (counts <= slots).all()
-    out = np.empty((len(caches), c.q_dim), np.float32)
-    kernels.f32_decode_attention_batch(q, c.num_key_value_heads, k_addr, v_addr, slots, counts,
-                                       k_bufs[0], fl.sinks, out)
-    return out
+    return attend_fused(q, [cache.k[layer] for cache in caches],
+                        [cache.v[layer] for cache in caches], counts, fl.sinks)
 
 
 def moe(c: Config, fl: FastLayer, t: np.ndarray, x: np.ndarray) -> np.ndarray:
