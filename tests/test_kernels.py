@@ -267,8 +267,9 @@ def test_attention_reads_a_ring_buffer(case, ring):
 @pytest.mark.parametrize("dense,kv", [("bf16", "f32"), ("q8", "f32"), ("bf16", "bf16")])
 def test_kernels_do_not_recompile(make_checkpoint, dense, kv, tmp_path, monkeypatch):
     """After fast.warm_up (what `tinyoss bench`, `serve` and `chat` run first), a checkpoint's
-    short and long prefills, its decode steps and a decode batch add no compiled signature: every kernel was
-    ready. The prefills send some experts a few tokens, others many (fast.moe's two paths)."""
+    short and long prefills, its decode steps and a decode batch add no compiled signature: every
+    kernel was ready. The prefills send some experts a few tokens, others many (fast.moe's two
+    paths)."""
     import tinyoss
     from tinyoss import fast
 
