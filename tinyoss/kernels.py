@@ -1117,33 +1117,44 @@ def f32_attention(q, k_buf, v_buf, sinks, q_pos0, first_pos, ring, k_pos0, windo
         if window > 0:
             lo = max(lo, pos - window + 1)
         T = pos - lo + 1
-        scores = np.empty((q_mult, T), np.float32)
+        scores = np.empty(q_mult * T, np.float32)
         if rows:
             _attend_rows(q, i, h, flat_k, flat_v, (h * S + lo - k_pos0) * dh, T, scale, sinks,
-                         scores.reshape(-1), flat_out, (i * Hq + h * q_mult) * dh)
-            continue
+                         scores, flat_out, (i * Hq + h * q_mult) * dh)
+        else:
+            _attend_plain(q, i, h, q_mult, flat_k, flat_v, S, lo, T, ring, k_pos0, scale, sinks,
+                          scores, out)
+
+
+@jit()
+def _attend_plain(q, i, h, q_mult, flat_k, flat_v, S, lo, T, ring, k_pos0, scale, sinks, scores,
+                  out):
+    """The plain loops of f32_attention and f32_decode_attention_batch (head shapes other than
+    gpt-oss's): token i's q_mult queries of KV head h (q [n, Hq, dh]) against positions lo ..
+    lo + T - 1, the key of position p in slot p % ring (ring > 0) else p - k_pos0 of the flat
+    [Hkv, S, dh] buffers; out[i, (h q_mult + m) dh + d]. scores: room for [q_mult, T]."""
+    dh = q.shape[2]
+    for t in range(T):
+        p = lo + t
+        row = p % ring if ring > 0 else p - k_pos0
+        for m in range(q_mult):
+            s = np.float32(0.0)
+            for d in range(dh):
+                s += q[i, h * q_mult + m, d] * kv_float(flat_k[(h * S + row) * dh + d])
+            scores[m * T + t] = s * scale
+    acc = np.empty(dh, np.float32)
+    for m in range(q_mult):
+        hq = h * q_mult + m
+        denom = _softmax_row(scores, m * T, T, sinks[hq])  # the exps 16 lanes a step
+        acc[:] = 0.0
         for t in range(T):
             p = lo + t
             row = p % ring if ring > 0 else p - k_pos0
-            for m in range(q_mult):
-                s = np.float32(0.0)
-                for d in range(dh):
-                    s += q[i, h * q_mult + m, d] * kv_float(k_buf[h, row, d])
-                scores[m, t] = s * scale
-        acc = np.empty(dh, np.float32)
-        flat = scores.reshape(-1)
-        for m in range(q_mult):
-            hq = h * q_mult + m
-            denom = _softmax_row(flat, m * T, T, sinks[hq])  # the exps 16 lanes a step
-            acc[:] = 0.0
-            for t in range(T):
-                p = lo + t
-                row = p % ring if ring > 0 else p - k_pos0
-                w = flat[m * T + t]  # (read through the view the intrinsic wrote)
-                for d in range(dh):
-                    acc[d] += w * kv_float(v_buf[h, row, d])
+            w = scores[m * T + t]
             for d in range(dh):
-                out[i, hq * dh + d] = acc[d] / denom
+                acc[d] += w * kv_float(flat_v[(h * S + row) * dh + d])
+        for d in range(dh):
+            out[i, hq * dh + d] = acc[d] / denom
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1225,7 +1236,7 @@ def f32_decode_attention_batch(q, hkv, k_addr, v_addr, slots, counts, like, sink
     buffers, [hkv, slots[i], dh] at the addresses k_addr[i], v_addr[i] (int64 [B]; float32, or
     bf16 bits: the element type of `like`, any array of it); sinks [Hq] f32, out [B, Hq*dh].
     A task per (stream, KV head), each the three steps of fast.attend_one: gpt-oss's shape by
-    f32_attention's `_attend_rows`, others plain loops. (A batched decode step ran attend_one
+    f32_attention's `_attend_rows`, others its `_attend_plain`. (A batched decode step ran attend_one
     per stream: three launches a stream and layer, each waking every thread.)
     Twin: model.sdpa per stream (rtol 1e-5)."""
     B, Hq, dh = q.shape
@@ -1242,24 +1253,9 @@ def f32_decode_attention_batch(q, hkv, k_addr, v_addr, slots, counts, like, sink
         if rows:
             _attend_rows(q, i, h, flat_k, flat_v, h * S * dh, T, scale, sinks, scores, flat_out,
                          (i * Hq + h * q_mult) * dh)
-            continue
-        for t in range(T):
-            for m in range(q_mult):
-                s = np.float32(0.0)
-                for d in range(dh):
-                    s += q[i, h * q_mult + m, d] * kv_float(flat_k[(h * S + t) * dh + d])
-                scores[m * T + t] = s * scale
-        acc = np.empty(dh, np.float32)
-        for m in range(q_mult):
-            hq = h * q_mult + m
-            denom = _softmax_row(scores, m * T, T, sinks[hq])
-            acc[:] = 0.0
-            for t in range(T):
-                w = scores[m * T + t]
-                for d in range(dh):
-                    acc[d] += w * kv_float(flat_v[(h * S + t) * dh + d])
-            for d in range(dh):
-                out[i, hq * dh + d] = acc[d] / denom
+        else:
+            _attend_plain(q, i, h, q_mult, flat_k, flat_v, S, 0, T, 0, 0, scale, sinks, scores,
+                          out)
 
 
 @jit(fastmath=True)
