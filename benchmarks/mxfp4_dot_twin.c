@@ -30,6 +30,12 @@
 static double now(){struct timespec t;clock_gettime(CLOCK_MONOTONIC,&t);return t.tv_sec+t.tv_nsec*1e-9;}
 static uint16_t E2M1[16]={0x0000,0x3f00,0x3f80,0x3fc0,0x4000,0x4040,0x4080,0x40c0,0x8000,0xbf00,0xbf80,0xbfc0,0xc000,0xc040,0xc080,0xc0c0};
 uint8_t *W; uint8_t *S; float *X; uint16_t *XP; float table_s[256];
+// the four E8M0 scales at sp -> 2**(s-127), block i // 4's in lane i (s = 0: 2**-127)
+static inline __m512 scales4(const uint8_t *sp){
+  __m128i s4=_mm_cvtsi32_si128(*(const int*)sp);
+  __m512i si=_mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm_shuffle_epi8(s4,_mm_setr_epi8(0,0,0,0,1,1,1,1,2,2,2,2,3,3,3,3))),23);
+  return _mm512_castsi512_ps(_mm512_max_epu32(si,_mm512_set1_epi32(0x400000)));
+}
 __attribute__((noinline)) void runA(float *out){ // current: vpermw + widen + fmul tree, 4 rows
   uint16_t t32[32]; for(int i=0;i<32;i++) t32[i]=E2M1[i&15];
   __m512i tab=_mm512_loadu_si512(t32); __m512i mask=_mm512_set1_epi32(0xffff0000);
@@ -45,11 +51,7 @@ __attribute__((noinline)) void runA(float *out){ // current: vpermw + widen + fm
           f[k]=_mm512_castsi512_ps(_mm512_slli_epi32(l,16)); f[4+k]=_mm512_castsi512_ps(_mm512_and_si512(l,mask)); }
         __m512 p[8]; for(int k=0;k<8;k++) p[k]=_mm512_mul_ps(f[k],xs[k]);
         __m512 s=_mm512_add_ps(_mm512_add_ps(_mm512_add_ps(p[0],p[1]),_mm512_add_ps(p[2],p[3])),_mm512_add_ps(_mm512_add_ps(p[4],p[5]),_mm512_add_ps(p[6],p[7])));
-        const uint8_t *sp=S+(size_t)(r0+r)*NB+q*4;
-        __m128i s4=_mm_cvtsi32_si128(*(const int*)sp);
-        __m512i si=_mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm_shuffle_epi8(s4,_mm_setr_epi8(0,0,0,0,1,1,1,1,2,2,2,2,3,3,3,3))),23);
-        __m512 sc=_mm512_castsi512_ps(_mm512_max_epu32(si,_mm512_set1_epi32(0x400000)));
-        acc[r]=_mm512_fmadd_ps(s,sc,acc[r]);
+        acc[r]=_mm512_fmadd_ps(s,scales4(S+(size_t)(r0+r)*NB+q*4),acc[r]);
       }
     }
     for(int r=0;r<RS;r++) out[r0+r]=_mm512_reduce_add_ps(acc[r]);
@@ -69,11 +71,7 @@ __attribute__((noinline)) void runB(float *out){ // vdpbf16ps, x in 3 bf16 parts
         for(int k=0;k<4;k++){ __m512bh l=(__m512bh)_mm512_permutexvar_epi16(k?_mm512_srli_epi16(w,4*k):w,tab);
           t0=_mm512_dpbf16_ps(t0,l,xp[3*k]); t1=_mm512_dpbf16_ps(t1,l,xp[3*k+1]); t2=_mm512_dpbf16_ps(t2,l,xp[3*k+2]); }
         __m512 s=_mm512_add_ps(_mm512_add_ps(t2,t1),t0);
-        const uint8_t *sp=S+(size_t)(r0+r)*NB+q*4;
-        __m128i s4=_mm_cvtsi32_si128(*(const int*)sp);
-        __m512i si=_mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm_shuffle_epi8(s4,_mm_setr_epi8(0,0,0,0,1,1,1,1,2,2,2,2,3,3,3,3))),23);
-        __m512 sc=_mm512_castsi512_ps(_mm512_max_epu32(si,_mm512_set1_epi32(0x400000)));
-        acc[r]=_mm512_fmadd_ps(s,sc,acc[r]);
+        acc[r]=_mm512_fmadd_ps(s,scales4(S+(size_t)(r0+r)*NB+q*4),acc[r]);
       }
     }
     for(int r=0;r<RS;r++) out[r0+r]=_mm512_reduce_add_ps(acc[r]);
