@@ -1236,8 +1236,8 @@ def f32_decode_attention_batch(q, hkv, k_addr, v_addr, slots, counts, like, sink
     buffers, [hkv, slots[i], dh] at the addresses k_addr[i], v_addr[i] (int64 [B]; float32, or
     bf16 bits: the element type of `like`, any array of it); sinks [Hq] f32, out [B, Hq*dh].
     A task per (stream, KV head), each the three steps of fast.attend_one: gpt-oss's shape by
-    f32_attention's `_attend_rows`, others its `_attend_plain`. (A batched decode step ran attend_one
-    per stream: three launches a stream and layer, each waking every thread.)
+    f32_attention's `_attend_rows`, others its `_attend_plain`. (A batched decode step ran
+    attend_one per stream: three launches a stream and layer, each waking every thread.)
     Twin: model.sdpa per stream (rtol 1e-5)."""
     B, Hq, dh = q.shape
     q_mult = Hq // hkv
