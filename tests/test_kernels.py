@@ -763,7 +763,7 @@ def test_smaller_cpu_paths_equal_their_twins(path, cpu, check):
             "'moe_matvec or mxfp4_matmul or grouped_moe or kernel_equals_numpy or decode_attention or "
             "swiglu_lanes or plain_row_dot or real_width or softmax_rows or vector_exp or "
             "lane_order or every_scale or x8_moe or swiglu_x8 or x8_order or x8_offset or "
-            "bf16_keys or "
+            "bf16_keys or panel or "
             "few_token_matmuls or split_x', "
             f"{os.path.join(here, 'test_kernels.py')!r}, {os.path.join(here, 'test_mxfp4.py')!r}]))")
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
@@ -1046,12 +1046,52 @@ def test_l1d_bytes_reads_sysfs(tmp_path):
     assert l1d_bytes(str(tmp_path / "missing")) is None
 
 
+@SETTINGS
+@given(st.integers(0, 2**32 - 1), st.integers(1, 200), st.integers(1, 300), st.integers(1, 70))
+def test_panel_matmul_equals_numpy(seed, M, K, n):
+    """Prefill's register blocks (x86's path in place of BLAS): every panel width (32 tokens
+    then 8, 16 or 24; AVX2: 16 then 8), whole and leftover row blocks (M % 6), several passes
+    of PANEL_K steps of k and of PANEL_M rows; the padded tokens' columns are zeros."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((M, K), dtype=np.float32)
+    x = (rng.standard_normal((n, K)) * 10.0 ** rng.uniform(-3, 3)).astype(np.float32)
+    N = kernels.panel_tokens(n)
+    assert N % simd.PANEL_STEP == 0 and n <= N < n + simd.PANEL_STEP
+    p = np.full(K * N, np.nan, np.float32)
+    kernels.pack_panels(x, p)
+    out = np.full((M, N), np.nan, np.float32)
+    kernels.f32_panel_matmul(a, p, out)
+    _close(out[:, :n], a @ x.T, np.abs(a) @ np.abs(x.T))
+    assert not out[:, n:].any()
+
+
+@SETTINGS
+@given(st.integers(0, 2**32 - 1), st.integers(1, 200), st.integers(1, 10), st.integers(1, 70))
+def test_mxfp4_panel_matmul_equals_decoded_product(seed, M, nb, n):
+    """The experts' prefill product: MXFP4 rows decoded a pass of PANEL_K columns at a time
+    into a small buffer and multiplied there, against mxfp4.decode (the numpy twin) @ x.T."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (M, nb, 16), dtype=np.uint8)
+    scales = rng.integers(100, 150, (M, nb), dtype=np.uint8)
+    x = (rng.standard_normal((n, nb * 32)) * 10.0 ** rng.uniform(-3, 3)).astype(np.float32)
+    p = np.empty(nb * 32 * kernels.panel_tokens(n), np.float32)
+    kernels.pack_panels(x, p)
+    out = np.full((M, kernels.panel_tokens(n)), np.nan, np.float32)
+    kernels.f32_mf4_panel_matmul(blocks, scales, p, out,
+                                 np.empty(kernels.PANEL_M * kernels.PANEL_K, np.float32))
+    w = mxfp4.decode(blocks, scales)
+    _close(out[:, :n], w @ x.T, np.abs(w) @ np.abs(x.T))
+
+
+@pytest.mark.parametrize("panels", [True, False])
 @pytest.mark.parametrize("n", [1, 7, 64, "few", "few+1", 300])
-def test_tile_pool_products_equal_numpy(n):
+def test_tile_pool_products_equal_numpy(n, panels, monkeypatch):
     """TileMatmul takes a tile's product either way round (tile @ x.T for up to FEW_TOKENS
-    tokens, x @ tile.T beyond): both, with bias and residual, equal numpy's x @ W.T."""
+    tokens, x @ tile.T beyond), or up to FEW_TOKENS on our register blocks (PANEL_MATMUL, x86):
+    each, with bias and residual, equals numpy's x @ W.T."""
     from tinyoss import fast
 
+    monkeypatch.setattr(fast, "PANEL_MATMUL", panels)
     n = {"few": fast.FEW_TOKENS, "few+1": fast.FEW_TOKENS + 1}.get(n, n)
     rng = np.random.default_rng(n)
     R, C = 700, 96  # tiles of fast.tile_rows(R, workers) rows, the last one shorter

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numba
 import numpy as np
 
-from . import amx, kernels
+from . import amx, kernels, simd
 from .config import Config
 from .errors import NonFiniteError
 from .model import SWIGLU_ALPHA, KVCache, LayerWeights, Weights, rope_cos_sin, swiglu
@@ -36,6 +36,12 @@ TILE_ROWS = 512  # rows widened/decoded at once for BLAS: a few MB, stays in cac
 # 78 GFLOP/s for n = 16, 32, 64 tokens, and [512, 2880] @ [2880, n] at 77, 89, 95; at n = 512
 # both ~102. Prefill's experts see ~n * 4 / 32 tokens each.
 FEW_TOKENS = 256
+# Prefill's expert tiles (MXFP4, decoded as they are multiplied) and, up to FEW_TOKENS tokens,
+# the dense ones, multiplied by our register blocks (kernels.f32_mf4_panel_matmul,
+# f32_panel_matmul) rather than BLAS, on x86 (AVX2 / AVX-512); elsewhere numpy's BLAS. Where
+# BLAS was ahead (512 tokens x a dense matrix: [512, 2880] @ [2880, 512], two threads at once)
+# it stays.
+PANEL_MATMUL = simd.HAVE_AVX2
 _NO_BIAS = np.zeros(0, np.uint16)
 _NO_BIAS.flags.writeable = False  # read-only, as a checkpoint's biases: one compiled kernel
 # serves the matrices with and without a bias (numba compiles each array type apart)
@@ -79,6 +85,28 @@ class TileMatmul:
             np.matmul(x, tile.T, out=h)
             return h
 
+    def panels(self, x: np.ndarray) -> np.ndarray:
+        """x [n, C] packed for panel_product (kernels.pack_panels): fresh, shared by tasks."""
+        p = np.empty(x.shape[1] * kernels.panel_tokens(x.shape[0]), np.float32)
+        kernels.pack_panels(x, p)
+        return p
+
+    def panel_product(self, p: np.ndarray, n: int, tile: np.ndarray) -> np.ndarray:
+        """x [n, C] @ tile.T -> [n, r] (a view of this thread's buffer) for x packed into p by
+        `panels`: our register blocks (kernels.f32_panel_matmul) in place of BLAS."""
+        ht = self.buffer("ht", tile.shape[0], kernels.panel_tokens(n))
+        kernels.f32_panel_matmul(tile, p, ht)
+        return ht[:, :n].T
+
+    def mxfp4_panel_product(self, blocks: np.ndarray, scales: np.ndarray, p: np.ndarray,
+                            n: int) -> np.ndarray:
+        """`panel_product` for the MXFP4 rows blocks [r, nb, 16], scales [r, nb], decoded a few
+        columns at a time into the cache as they are multiplied (kernels.f32_mf4_panel_matmul)."""
+        ht = self.buffer("ht", blocks.shape[0], kernels.panel_tokens(n))
+        a = self.buffer("panel a", kernels.PANEL_M, kernels.PANEL_K)
+        kernels.f32_mf4_panel_matmul(blocks, scales, p, ht, a)
+        return ht[:, :n].T
+
     def bf16_buffer(self, name: str, rows: int, cols: int) -> np.ndarray:
         """This thread's reused buffer `name` of bf16 bits (uint16), as [rows, cols]."""
         return scratch("tiles " + name, -(-rows * cols // 2)).view(np.uint16)[:rows * cols] \
@@ -110,12 +138,15 @@ class TileMatmul:
         """The tasks writing out [n, R] = x @ W.T (+ bias [R] f32) (+ add [n, R]), in that order
         of the adds; fill(r0, r1, tile) writes rows r0..r1 of W as float32 into tile."""
         step = tile_rows(rows, self.workers())
+        n = x.shape[0]
+        p = self.panels(x) if PANEL_MATMUL and n <= FEW_TOKENS else None  # else BLAS's turn
 
         def work(r0: int) -> None:
             r1 = min(r0 + step, rows)
             tile = self.buffer("tile", r1 - r0, cols)
             fill(r0, r1, tile)
-            h = self.product(x, tile)  # (BLAS into a strided `out=` column slice would not run)
+            # (BLAS into a strided `out=` column slice would not run)
+            h = self.product(x, tile) if p is None else self.panel_product(p, n, tile)
             if bias is not None:
                 h += bias[r0:r1]
             if add is not None:
@@ -447,12 +478,25 @@ def experts_tiles(c: Config, fl: FastLayer, groups: list, xs: np.ndarray, y: np.
     a = np.empty((xs.shape[0], I), np.float32)  # [n*k, I] the SwiGLU outputs
     if _amx_experts(c):
         return _experts_amx(c, fl, groups, xs, a, y, b1, b2)
+    panels = {}  # s0 -> the group's inputs packed for kernels.f32_mf4_panel_matmul
+
+    def pack(inputs: np.ndarray, e: int, s0: int, s1: int) -> None:
+        panels[s0] = pool.panels(inputs[s0:s1])
+
+    def product(blocks, scales, inputs: np.ndarray, s0: int, s1: int) -> np.ndarray:
+        """inputs[s0:s1] @ W.T for W = the MXFP4 rows blocks, scales -> [s1 - s0, rows]."""
+        if PANEL_MATMUL:
+            return pool.mxfp4_panel_product(blocks, scales, panels[s0], s1 - s0)
+        tile = pool.buffer("tile", blocks.shape[0], blocks.shape[1] * 32)
+        kernels.mxfp4_decode_serial(blocks, scales, tile)
+        return pool.product(inputs[s0:s1], tile)
+
+    if PANEL_MATMUL:
+        pool.run([functools.partial(pack, xs, *g) for g in groups])
 
     def mlp1(e: int, s0: int, s1: int, r0: int) -> None:  # rows r0..r1 of mlp1: [m, D] -> a
         r1 = min(r0 + TILE_ROWS, 2 * I)
-        tile = pool.buffer("tile", r1 - r0, D)
-        kernels.mxfp4_decode_serial(lw.mlp1_blocks[e, r0:r1], lw.mlp1_scales[e, r0:r1], tile)
-        h = pool.product(xs[s0:s1], tile)
+        h = product(lw.mlp1_blocks[e, r0:r1], lw.mlp1_scales[e, r0:r1], xs, s0, s1)
         cols = a[s0:s1, r0 // 2:r1 // 2]  # gate, up interleaved: columns r0/2.. of SwiGLU's
         kernels.f32_bias_swiglu(h, b1[e, r0:r1], limit, alpha, cols)
         if fl.x8:  # (r0/2 is a multiple of 32: the int8 blocks of whole rows)
@@ -460,12 +504,12 @@ def experts_tiles(c: Config, fl: FastLayer, groups: list, xs: np.ndarray, y: np.
 
     def mlp2(e: int, s0: int, s1: int, r0: int) -> None:  # rows r0..r1 of mlp2: a -> y
         r1 = min(r0 + TILE_ROWS, D)
-        tile = pool.buffer("tile", r1 - r0, I)
-        kernels.mxfp4_decode_serial(lw.mlp2_blocks[e, r0:r1], lw.mlp2_scales[e, r0:r1], tile)
-        h = pool.product(a[s0:s1], tile)
+        h = product(lw.mlp2_blocks[e, r0:r1], lw.mlp2_scales[e, r0:r1], a, s0, s1)
         np.add(h, b2[e, r0:r1], out=y[s0:s1, r0:r1])
 
     pool.run([functools.partial(mlp1, *g, r0) for g in groups for r0 in range(0, 2 * I, TILE_ROWS)])
+    if PANEL_MATMUL:
+        pool.run([functools.partial(pack, a, *g) for g in groups])
     pool.run([functools.partial(mlp2, *g, r0) for g in groups for r0 in range(0, D, TILE_ROWS)])
 
 
@@ -804,9 +848,11 @@ def warm_up(dense: str = "bf16", kv: str = "f32", expert_input: str = "f32", sco
             # the router sent it: run both, whatever this model's router chose
             fl, D = model.fast_weights.layers[0], config.hidden_size
             expert_few(config, fl.lw, 0, np.ones((2, D), np.float32), fl.x8)
-            m = FUSED_MAX_TOKENS + 1
-            experts_tiles(config, fl, [(0, 0, m)], np.ones((m, D), np.float32),
-                          np.empty((m, D), np.float32))
+            # (PANEL_MATMUL's outputs, [rows, m rounded up].T, cut to m tokens or whole: two
+            # layouts of array for numba, f32_bias_swiglu compiles each)
+            for m in (FUSED_MAX_TOKENS + 1, 2 * simd.PANEL_STEP):
+                experts_tiles(config, fl, [(0, 0, m)], np.ones((m, D), np.float32),
+                              np.empty((m, D), np.float32))
             model.forward([4], cache, last_only=True)  # decode: matvec and attention kernels
             del model, cache
 

@@ -1533,6 +1533,94 @@ def weighted_rows64(typingctx, g, w, w_off, w_stride, w_qstride, rows, r_off, co
     return sig, codegen
 
 
+# --- prefill's float32 matmul: register blocks of rows x tokens ---------------------------------
+# A [M, K] @ x.T for a weight tile A (decoded or widened to float32) and n tokens, as BLAS's
+# kernels do it: PANEL_ROWS rows of A against a panel of PANEL_LANES or 2 * PANEL_LANES tokens
+# (x packed by kernels.pack_panels: for each step k the tokens side by side), every product an
+# FMA into an accumulator that stays in a register for the whole run of k. For the few to a
+# hundred tokens an expert sees in a prefill, numpy's OpenBLAS took [512, 2880] @ [2880, n] at
+# 40-86 GFLOP/s where this runs 75-110 (one thread, Zen 4; benchmarks/ in PERFORMANCE.md).
+
+PANEL_LANES = 16 if HAVE_AVX512 else 8  # tokens in a vector; NEON and others: LLVM splits
+PANEL_ROWS = 6  # rows of A a block: 6 x 2 accumulators + 2 token vectors + a broadcast fit
+# AVX2's 16 registers, as BLAS's Haswell kernel
+PANEL_STEP = 8  # tokens are padded to a multiple of this (with AVX-512 the last panel may hold
+# 8, 16 or 24 of them, in a 256-bit vector, a 512-bit one or both: less padding to multiply)
+
+
+def _panel_block(rows: int, widths: tuple):
+    """The codegen of a panel block: out[o_off + i * ldo + t] (+)= sum over k < K of
+    a[a_off + i * lda + k] * p[p_off + k * T + t] for i < rows, t < T = sum(widths): the
+    panel's tokens in vectors of these widths; added to what out holds if `add` is non-zero."""
+    vecs = [ir.VectorType(_f32, w) for w in widths]
+    starts = [sum(widths[:j]) for j in range(len(widths))]
+    T = sum(widths)
+
+    def codegen(context, builder, signature, args):
+        a_a, a_off, lda, p_a, p_off, K, out_a, o_off, ldo, add = args
+        sig = signature.args
+        aptr = _data(context, builder, sig[0], a_a, a_off)
+        pptr = _data(context, builder, sig[3], p_a, p_off)
+        optr = _data(context, builder, sig[6], out_a, o_off)
+        fmas = [builder.module.declare_intrinsic(f"llvm.fma.v{v.count}f32",
+                                                 fnty=ir.FunctionType(v, [v] * 3)) for v in vecs]
+        outs = [[builder.bitcast(builder.gep(optr, [builder.add(builder.mul(_const(i), ldo),
+                                                                _const(t))]),
+                                 v.as_pointer()) for v, t in zip(vecs, starts)] for i in range(rows)]
+        accs = [[cgutils.alloca_once_value(builder, ir.Constant(v, [0.0] * v.count))
+                 for v in vecs] for _ in range(rows)]
+        with builder.if_then(builder.icmp_signed("!=", add, ir.Constant(add.type, 0))):
+            for i in range(rows):
+                for j in range(len(vecs)):
+                    builder.store(builder.load(outs[i][j], align=4), accs[i][j])
+        arows = [builder.gep(aptr, [builder.mul(_const(i), lda)]) for i in range(rows)]
+        with cgutils.for_range(builder, K) as loop:
+            step = builder.gep(pptr, [builder.mul(loop.index, _const(T))])
+            xs = [builder.load(builder.bitcast(builder.gep(step, [_const(t)]), v.as_pointer()),
+                               align=4) for v, t in zip(vecs, starts)]
+            for i in range(rows):
+                w = builder.load(builder.gep(arows[i], [loop.index]))
+                for j, v in enumerate(vecs):
+                    builder.store(builder.call(fmas[j], [_splat(builder, w, v.count), xs[j],
+                                                         builder.load(accs[i][j])]), accs[i][j])
+        for i in range(rows):
+            for j in range(len(vecs)):
+                builder.store(builder.load(accs[i][j]), outs[i][j], align=4)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def _panel_signature(a, p, out, add):
+    if not all(isinstance(t, types.Array) and t.dtype == types.float32 for t in (a, p, out)):
+        return None
+    ip = types.intp
+    return types.void(a, ip, ip, p, ip, ip, out, ip, ip, add)
+
+
+def _panel_intrinsic(rows: int, widths: tuple):
+    def typer(typingctx, a, a_off, lda, p, p_off, K, out, o_off, ldo, add):
+        sig = _panel_signature(a, p, out, add)
+        return None if sig is None else (sig, _panel_block(rows, widths))
+
+    typer.__name__ = f"panel_block_{rows}x{'_'.join(map(str, widths))}"
+    typer.__doc__ = f"_panel_block({rows}, {widths})"
+    return intrinsic(typer)
+
+
+# The panels: 2 * PANEL_LANES tokens, then a last one of 8, 16 or 24 (AVX-512) or 8 (AVX2);
+# PANEL_ROWS rows a block, the rows left over (M % PANEL_ROWS) one at a time.
+_L = PANEL_LANES
+panel_block = _panel_intrinsic(PANEL_ROWS, (_L, _L))
+panel_row = _panel_intrinsic(1, (_L, _L))
+panel_block_8 = _panel_intrinsic(PANEL_ROWS, (8,))
+panel_row_8 = _panel_intrinsic(1, (8,))
+panel_block_16 = _panel_intrinsic(PANEL_ROWS, (16,))
+panel_row_16 = _panel_intrinsic(1, (16,))
+panel_block_24 = _panel_intrinsic(PANEL_ROWS, (16, 8))
+panel_row_24 = _panel_intrinsic(1, (16, 8))
+
+
 def _prefetch(builder, ptr, locality: int | None = None) -> None:
     """Ask for the cache line at ptr (to read): a hint, never a fault. locality 3 brings it into
     every cache level (x86 prefetcht0), 2 into L2 and L3 (prefetcht1; ATTENTION_LOCALITY); by
