@@ -27,8 +27,7 @@ from .simd import (HAVE_AVX2, HAVE_AVX512, HAVE_SIMD, KERNELS, MAX_GROUP, MXFP4_
                    exp_shifted_sum, float32_bits,
                    kv_float, max_nan, mxfp4_block_decode_simd, mxfp4_matvec_rows, pointer_to,
                    mxfp4_matvec_rows_two, mxfp4_q8_row_dots, mxfp4_q8_tile_dots, mxfp4_row_dots,
-                   panel_block, panel_block_8, panel_block_16, panel_block_24, panel_row,
-                   panel_row_8, panel_row_16, panel_row_24,
+                   panel_block, panel_block_8, panel_block_16, panel_block_24,
                    q8_row_dot, q8_row_dots, q8_row_pair_dots, qk8_scores, weighted_rows64,
                    xor_lines)
 
@@ -1104,29 +1103,19 @@ def pack_panels(x, p):
 def _panel_rows(fa, a_off, lda, rows, p, off, kc, fo, o_off, N, add, width):
     """rows rows of a against the panel of `width` tokens at p[off]: blocks of PANEL_ROWS, the
     leftover rows one at a time (the intrinsic for that width)."""
-    whole = rows - rows % PANEL_ROWS
-    for i in range(0, rows, PANEL_ROWS):
+    i = 0
+    while i < rows:
+        block = PANEL_ROWS if rows - i >= PANEL_ROWS else 1
         a_i, o_i = a_off + i * lda, o_off + i * N
-        if i < whole:
-            if width == 2 * PANEL_LANES:
-                panel_block(fa, a_i, lda, p, off, kc, fo, o_i, N, add)
-            elif width == 8:
-                panel_block_8(fa, a_i, lda, p, off, kc, fo, o_i, N, add)
-            elif width == 16:
-                panel_block_16(fa, a_i, lda, p, off, kc, fo, o_i, N, add)
-            else:
-                panel_block_24(fa, a_i, lda, p, off, kc, fo, o_i, N, add)
+        if width == 2 * PANEL_LANES:
+            panel_block(block, fa, a_i, lda, p, off, kc, fo, o_i, N, add)
+        elif width == 8:
+            panel_block_8(block, fa, a_i, lda, p, off, kc, fo, o_i, N, add)
+        elif width == 16:
+            panel_block_16(block, fa, a_i, lda, p, off, kc, fo, o_i, N, add)
         else:
-            for r in range(i, rows):
-                a_r, o_r = a_off + r * lda, o_off + r * N
-                if width == 2 * PANEL_LANES:
-                    panel_row(fa, a_r, lda, p, off, kc, fo, o_r, N, add)
-                elif width == 8:
-                    panel_row_8(fa, a_r, lda, p, off, kc, fo, o_r, N, add)
-                elif width == 16:
-                    panel_row_16(fa, a_r, lda, p, off, kc, fo, o_r, N, add)
-                else:
-                    panel_row_24(fa, a_r, lda, p, off, kc, fo, o_r, N, add)
+            panel_block_24(block, fa, a_i, lda, p, off, kc, fo, o_i, N, add)
+        i += block
 
 
 @jit()

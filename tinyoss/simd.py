@@ -1548,20 +1548,16 @@ PANEL_STEP = 8  # tokens are padded to a multiple of this (with AVX-512 the last
 # 8, 16 or 24 of them, in a 256-bit vector, a 512-bit one or both: less padding to multiply)
 
 
-def _panel_block(rows: int, widths: tuple):
+def _panel_block(widths: tuple):
     """The codegen of a panel block: out[o_off + i * ldo + t] (+)= sum over k < K of
-    a[a_off + i * lda + k] * p[p_off + k * T + t] for i < rows, t < T = sum(widths): the
-    panel's tokens in vectors of these widths; added to what out holds if `add` is non-zero."""
+    a[a_off + i * lda + k] * p[p_off + k * T + t] for i < rows (PANEL_ROWS, else 1), t < T =
+    sum(widths): the panel's tokens in vectors of these widths; added to what out holds if
+    `add` is non-zero."""
     vecs = [ir.VectorType(_f32, w) for w in widths]
     starts = [sum(widths[:j]) for j in range(len(widths))]
     T = sum(widths)
 
-    def codegen(context, builder, signature, args):
-        a_a, a_off, lda, p_a, p_off, K, out_a, o_off, ldo, add = args
-        sig = signature.args
-        aptr = _data(context, builder, sig[0], a_a, a_off)
-        pptr = _data(context, builder, sig[3], p_a, p_off)
-        optr = _data(context, builder, sig[6], out_a, o_off)
+    def block(builder, rows, aptr, lda, pptr, K, optr, ldo, add):
         fmas = [builder.module.declare_intrinsic(f"llvm.fma.v{v.count}f32",
                                                  fnty=ir.FunctionType(v, [v] * 3)) for v in vecs]
         outs = [[builder.bitcast(builder.gep(optr, [builder.add(builder.mul(_const(i), ldo),
@@ -1586,39 +1582,42 @@ def _panel_block(rows: int, widths: tuple):
         for i in range(rows):
             for j in range(len(vecs)):
                 builder.store(builder.load(accs[i][j]), outs[i][j], align=4)
+
+    def codegen(context, builder, signature, args):
+        rows, a_a, a_off, lda, p_a, p_off, K, out_a, o_off, ldo, add = args
+        sig = signature.args
+        ptrs = (_data(context, builder, sig[1], a_a, a_off), lda,
+                _data(context, builder, sig[4], p_a, p_off), K,
+                _data(context, builder, sig[7], out_a, o_off), ldo, add)
+        whole = builder.icmp_signed("==", rows, ir.Constant(rows.type, PANEL_ROWS))
+        with builder.if_else(whole) as (six, one):
+            with six:
+                block(builder, PANEL_ROWS, *ptrs)
+            with one:
+                block(builder, 1, *ptrs)
         return context.get_dummy_value()
 
     return codegen
 
 
-def _panel_signature(a, p, out, add):
-    if not all(isinstance(t, types.Array) and t.dtype == types.float32 for t in (a, p, out)):
-        return None
-    ip = types.intp
-    return types.void(a, ip, ip, p, ip, ip, out, ip, ip, add)
+def _panel_intrinsic(widths: tuple):
+    def typer(typingctx, rows, a, a_off, lda, p, p_off, K, out, o_off, ldo, add):
+        if not all(isinstance(t, types.Array) and t.dtype == types.float32 for t in (a, p, out)):
+            return None
+        ip = types.intp
+        return types.void(ip, a, ip, ip, p, ip, ip, out, ip, ip, add), _panel_block(widths)
 
-
-def _panel_intrinsic(rows: int, widths: tuple):
-    def typer(typingctx, a, a_off, lda, p, p_off, K, out, o_off, ldo, add):
-        sig = _panel_signature(a, p, out, add)
-        return None if sig is None else (sig, _panel_block(rows, widths))
-
-    typer.__name__ = f"panel_block_{rows}x{'_'.join(map(str, widths))}"
-    typer.__doc__ = f"_panel_block({rows}, {widths})"
+    typer.__name__ = f"panel_block_{'_'.join(map(str, widths))}"
+    typer.__doc__ = (f"rows (PANEL_ROWS or 1) rows of a against a panel of {sum(widths)} tokens "
+                     f"(vectors of {widths}): see _panel_block.")
     return intrinsic(typer)
 
 
-# The panels: 2 * PANEL_LANES tokens, then a last one of 8, 16 or 24 (AVX-512) or 8 (AVX2);
-# PANEL_ROWS rows a block, the rows left over (M % PANEL_ROWS) one at a time.
-_L = PANEL_LANES
-panel_block = _panel_intrinsic(PANEL_ROWS, (_L, _L))
-panel_row = _panel_intrinsic(1, (_L, _L))
-panel_block_8 = _panel_intrinsic(PANEL_ROWS, (8,))
-panel_row_8 = _panel_intrinsic(1, (8,))
-panel_block_16 = _panel_intrinsic(PANEL_ROWS, (16,))
-panel_row_16 = _panel_intrinsic(1, (16,))
-panel_block_24 = _panel_intrinsic(PANEL_ROWS, (16, 8))
-panel_row_24 = _panel_intrinsic(1, (16, 8))
+# The panels: 2 * PANEL_LANES tokens, then a last one of 8, 16 or 24 (AVX-512) or 8 (AVX2)
+panel_block = _panel_intrinsic((PANEL_LANES, PANEL_LANES))
+panel_block_8 = _panel_intrinsic((8,))
+panel_block_16 = _panel_intrinsic((16,))
+panel_block_24 = _panel_intrinsic((16, 8))
 
 
 def _prefetch(builder, ptr, locality: int | None = None) -> None:
