@@ -23,7 +23,8 @@ from .simd import (HAVE_AVX2, HAVE_AVX512, HAVE_SIMD, KERNELS, MAX_GROUP, MXFP4_
                    MXFP4_PAIR_ORDER, MXFP4_Q8_GROUP, MXFP4_Q8_ROWS, MXFP4_QUAD_ORDER, MXFP4_ROWS,
                    Q8_OFFSETS,
                    Q8_TILE_ROWS, Q8_TILE_TOKENS, QK_DIM, QK_HEADS, VALUE_QUERIES, X8_TILES,
-                   BF16_SPLIT_ORDER, PANEL_LANES, PANEL_ROWS, PANEL_STEP, as_float32, bf16_row_dots, bf16_split_row_dots,
+                   BF16_SPLIT_ORDER, PANEL_LANES, PANEL_ROWS, PANEL_STEP, as_float32,
+                   bf16_row_dots, bf16_split_row_dots,
                    exp_shifted_sum, float32_bits,
                    kv_float, max_nan, mxfp4_block_decode_simd, mxfp4_matvec_rows, pointer_to,
                    mxfp4_matvec_rows_two, mxfp4_q8_row_dots, mxfp4_q8_tile_dots, mxfp4_row_dots,
@@ -1069,7 +1070,7 @@ def f32_q8w_matmul(q, s, xs, bias, out):
 # --- prefill's float32 matmul on our own register blocks (simd.panel_block) -------------------
 PANEL_K = 128  # steps of k a pass: a panel's 128 x 32 tokens (16 KB) stay in L1 for every row
 PANEL_M = 192  # rows a pass: their 128 columns (96 KB) stay in L2 for every panel
-# (one thread, Zen 4, [512, 2880] @ [2880, n], two threads at once: 16-192 rows x 128-512 k
+# (Zen 4, [512, 2880] @ [2880, n], two threads at once: 16-192 rows x 128-512 k
 # measured 84-105 GFLOP/s for n = 16-128; 512 k and 48 rows 74-93)
 
 

@@ -1539,7 +1539,7 @@ def weighted_rows64(typingctx, g, w, w_off, w_stride, w_qstride, rows, r_off, co
 # (x packed by kernels.pack_panels: for each step k the tokens side by side), every product an
 # FMA into an accumulator that stays in a register for the whole run of k. For the few to a
 # hundred tokens an expert sees in a prefill, numpy's OpenBLAS took [512, 2880] @ [2880, n] at
-# 40-86 GFLOP/s where this runs 75-110 (one thread, Zen 4; benchmarks/ in PERFORMANCE.md).
+# 49-86 GFLOP/s where this runs 81-103 (one thread, Zen 4: benchmarks/panel_rates.py).
 
 PANEL_LANES = 16 if HAVE_AVX512 else 8  # tokens in a vector; NEON and others: LLVM splits
 PANEL_ROWS = 6  # rows of A a block: 6 x 2 accumulators + 2 token vectors + a broadcast fit
@@ -1560,9 +1560,11 @@ def _panel_block(widths: tuple):
     def block(builder, rows, aptr, lda, pptr, K, optr, ldo, add):
         fmas = [builder.module.declare_intrinsic(f"llvm.fma.v{v.count}f32",
                                                  fnty=ir.FunctionType(v, [v] * 3)) for v in vecs]
-        outs = [[builder.bitcast(builder.gep(optr, [builder.add(builder.mul(_const(i), ldo),
-                                                                _const(t))]),
-                                 v.as_pointer()) for v, t in zip(vecs, starts)] for i in range(rows)]
+        def out_at(i, t, v):  # out row i, token t, as a vector pointer
+            return builder.bitcast(builder.gep(optr, [builder.add(builder.mul(_const(i), ldo),
+                                                                  _const(t))]), v.as_pointer())
+
+        outs = [[out_at(i, t, v) for v, t in zip(vecs, starts)] for i in range(rows)]
         accs = [[cgutils.alloca_once_value(builder, ir.Constant(v, [0.0] * v.count))
                  for v in vecs] for _ in range(rows)]
         with builder.if_then(builder.icmp_signed("!=", add, ir.Constant(add.type, 0))):
